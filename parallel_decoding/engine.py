@@ -1,0 +1,316 @@
+"""Normal decoding and three-stage parallel decoding of one answer, on a stock Hugging Face causal LM.
+
+Both modes share one prefill, one decode step and one sampler (``model_io``), so the comparison between them
+measures the method and nothing else. A parallel run loops over ``####`` blocks:
+
+1. skeleton: sequential decoding with :class:`SkeletonLogitsProcessor` until the block's ``####%%%%``;
+2. branches: the cache is cut back to the text before the block's first ``####`` and every title is decoded
+   as a branch in one sequence (:func:`decode_branches_cached`);
+3. merge: the branches, in title order, and the closing ``####%%%%`` are prefilled on top of the cached prefix
+   and sequential decoding goes on with the processor still active, so a later block runs 1-3 again.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .branches import decode_branches_cached
+from .model_io import (
+    Sampler,
+    StageTimer,
+    check_model,
+    context_length,
+    crop_cache,
+    decode_step,
+    new_cache,
+    prefill,
+)
+from .skeleton import MarkerVocab, SkeletonLogitsProcessor, parse_skeleton
+
+DEFAULT_MAX_NEW_TOKENS = 512
+MAX_BRANCHES = 64  # branches beyond this many in one block are dropped (and the result says so)
+MAX_BLOCKS = 8  # '####' blocks decoded in parallel per answer; later ones are decoded sequentially
+
+
+@dataclass
+class GenerationConfig:
+    """The decoding settings shared by normal decoding and every parallel stage."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.sampler = Sampler(self.do_sample, self.temperature, self.top_p, self.top_k)
+
+
+def _generation_config(gen: dict) -> GenerationConfig:
+    unknown = set(gen) - {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k"}
+    if unknown:
+        raise TypeError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
+    return GenerationConfig(**gen)
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The user message wrapped in the tokenizer's chat template (raw text if it has none)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding on some releases
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def stop_token_ids(model, tokenizer) -> frozenset[int]:
+    """EOS ids from the generation config and the tokenizer, plus ``<|im_end|>`` where the vocabulary has one."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return frozenset(ids)
+
+
+@functools.lru_cache(maxsize=8)
+def marker_vocab(tokenizer) -> MarkerVocab:
+    return MarkerVocab.from_tokenizer(tokenizer)
+
+
+class Sequence:
+    """The prompt and the answer tokens so far, in a CPU buffer the logits processor reads without a device sync."""
+
+    def __init__(self, prompt_ids: list[int], capacity: int):
+        self.prompt_len = len(prompt_ids)
+        self.buffer = torch.zeros((1, capacity), dtype=torch.long)
+        self.buffer[0, : self.prompt_len] = torch.tensor(prompt_ids)
+        self.length = self.prompt_len
+
+    def _reserve(self, needed: int) -> None:
+        if needed > self.buffer.shape[1]:  # merged branches can outgrow the sequential budget
+            grown = torch.zeros((1, max(needed, 2 * self.buffer.shape[1])), dtype=torch.long)
+            grown[:, : self.length] = self.buffer[:, : self.length]
+            self.buffer = grown
+
+    def append(self, token: int) -> None:
+        self._reserve(self.length + 1)
+        self.buffer[0, self.length] = token
+        self.length += 1
+
+    def truncate(self, answer_len: int) -> None:
+        self.length = self.prompt_len + answer_len
+
+    def extend(self, tokens: list[int]) -> None:
+        self._reserve(self.length + len(tokens))
+        self.buffer[0, self.length : self.length + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        self.length += len(tokens)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.buffer[:, : self.length]  # (1, L)
+
+    @property
+    def answer(self) -> list[int]:
+        return self.buffer[0, self.prompt_len : self.length].tolist()
+
+
+def decode_sequential(model, cache, seq: Sequence, logits, budget: int, config, stop_ids, processor=None, block_end=None):
+    """Decode one token at a time from ``logits`` (next-token logits after the cache) for at most ``budget`` tokens.
+
+    Returns why it stopped: ``"eos"``, ``"block_end"`` (``%%%%`` after ``####``, only with ``block_end`` given) or
+    ``"budget"``. The stopping token is appended to ``seq`` except for EOS; the cache holds every appended token but
+    the last one, whose logits were never needed.
+    """
+    for step in range(budget):
+        scores = processor(seq.ids, logits) if processor is not None else logits
+        token = config.sampler(scores)  # (1,)
+        t = int(token)  # the one host sync of the step
+        if t in stop_ids:
+            return "eos"
+        previous = int(seq.buffer[0, seq.length - 1])
+        seq.append(t)
+        if block_end is not None and block_end(previous, t):
+            return "block_end"
+        if step + 1 < budget:
+            logits = decode_step(model, cache, token)
+    return "budget"
+
+
+def _start(model, tokenizer, prompt: str, gen: dict):
+    check_model(model)
+    config = _generation_config(gen)
+    prompt_ids = chat_prompt_ids(tokenizer, prompt)
+    limit = context_length(model)
+    if len(prompt_ids) >= limit:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+    budget = min(config.max_new_tokens, limit - len(prompt_ids))
+    return config, prompt_ids, budget
+
+
+@torch.inference_mode()
+def normal_decode(model, tokenizer, prompt: str, **gen) -> dict:
+    """Sequential decoding of the answer to ``prompt`` (the user message). Greedy unless ``do_sample``."""
+    config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
+    stop_ids = stop_token_ids(model, tokenizer)
+    timer = StageTimer(model.device)
+    cache = new_cache(model)
+    seq = Sequence(prompt_ids, len(prompt_ids) + budget)
+    logits = prefill(model, cache, prompt_ids)
+    decode_sequential(model, cache, seq, logits, budget, config, stop_ids)
+    timer.lap("decode")
+    answer = seq.answer
+    return {
+        "response": tokenizer.decode(answer, skip_special_tokens=True),
+        "time": timer.get("decode"),
+        "length": len(answer),
+        "prompt_tokens": len(prompt_ids),
+    }
+
+
+@torch.inference_mode()
+def parallel_decode(
+    model, tokenizer, prompt: str, max_branches: int = MAX_BRANCHES, max_blocks: int = MAX_BLOCKS, **gen
+) -> dict:
+    """Three-stage parallel decoding of the answer to ``prompt``; same settings as :func:`normal_decode`.
+
+    ``max_branches`` caps the branches of one block (the first ones are kept), ``max_blocks`` the blocks decoded in
+    parallel; ``caps`` in the result lists every cap that was hit. When the model writes no closed ``####`` block
+    the answer is decoded sequentially and ``fallback`` says why.
+    """
+    if max_branches < 1 or max_blocks < 0:
+        raise ValueError(f"max_branches must be >= 1 and max_blocks >= 0, got {max_branches} and {max_blocks}")
+    config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
+    stop_ids = stop_token_ids(model, tokenizer)
+    markers = marker_vocab(tokenizer)
+    limit = context_length(model)
+    timer = StageTimer(model.device)
+
+    cache = new_cache(model)
+    # Room for the answer plus one skeleton of titles and ellipses on top of it.
+    seq = Sequence(prompt_ids, len(prompt_ids) + budget)
+    processor = SkeletonLogitsProcessor(prompt_length=len(prompt_ids), markers=markers)
+    logits = prefill(model, cache, prompt_ids)
+    skeletons: list[str] = []
+    branches: list[dict] = []
+    caps: list[str] = []
+    fallback = None
+    blocks = 0
+    block_search_from = 0  # answer index after the last merged block
+
+    while True:
+        remaining = budget - (seq.length - seq.prompt_len)
+        if remaining <= 0:
+            break
+        parallel = blocks < max_blocks
+        segment_start = seq.length - seq.prompt_len
+        stop = decode_sequential(
+            model, cache, seq, logits, remaining, config, stop_ids,
+            processor=processor if parallel else None,
+            block_end=markers.is_block_end if parallel else None,
+        )
+        answer = seq.answer
+        # A sequential segment is stage 1 when it wrote a skeleton (or came before any block), else stage 3.
+        segment_stage = "stage1" if stop == "block_end" or blocks == 0 else "stage3"
+        if stop != "block_end":
+            open_block = _first_branch_marker(answer, block_search_from, markers) if parallel else None
+            if open_block is not None:
+                # A skeleton that never closed is titles and ellipses, not an answer: go back to where it
+                # started and let the model write that part sequentially, as normal decoding would.
+                fallback = "the model opened a #### block but did not close it with ####%%%%; decoded sequentially"
+                logits = _rewind(model, cache, seq, open_block)
+                decode_sequential(model, cache, seq, logits, budget - open_block, config, stop_ids)
+            timer.lap(segment_stage)
+            break
+        timer.lap(segment_stage)
+        block = parse_skeleton(answer[block_search_from:], markers, tokenizer)
+        block_start = block_search_from + block.start
+        skeletons.append(tokenizer.decode(answer[segment_start:], skip_special_tokens=True))
+        if len(block.branch_prefixes) > max_branches:
+            caps.append(f"block {blocks}: {len(block.branch_prefixes)} branches, kept the first {max_branches}")
+            block.branch_prefixes = block.branch_prefixes[:max_branches]
+            block.titles = block.titles[:max_branches]
+
+        merged: list[int] = []
+        if block.branch_prefixes:
+            prefix_len = seq.prompt_len + block_start
+            longest_prefix = max(len(p) for p in block.branch_prefixes)
+            branch_budget = min(budget - block_start, limit - prefix_len - longest_prefix)
+            results = decode_branches_cached(
+                model, cache, prefix_len, block.branch_prefixes, max(branch_budget, 1),
+                stop_token_ids=stop_ids | markers.branch_ids, sampler=config.sampler,
+            )
+            for title, prefix, result in zip(block.titles, block.branch_prefixes, results):
+                merged += prefix + result.tokens
+                branches.append({
+                    "title": title,
+                    "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
+                    "block": blocks,
+                    "tokens": len(result.tokens),
+                    "stop": result.stop,
+                })
+                if result.stop == "cap":
+                    caps.append(f"block {blocks}: branch {title!r} reached its token cap ({branch_budget})")
+            timer.lap("stage2")
+        blocks += 1
+        if blocks == max_blocks:
+            caps.append(f"{max_blocks} blocks decoded in parallel; later blocks are decoded sequentially")
+
+        # Merge: the branches in title order and the closing marker replace the skeleton.
+        merged += block.closing
+        seq.truncate(block_start)
+        seq.extend(merged)
+        processor.state.reset()
+        crop_cache(cache, seq.prompt_len + block_start)
+        block_search_from = block_start + len(merged)
+        if seq.length >= limit:
+            caps.append(f"the merged answer fills the model's context ({limit} tokens); decoding stopped")
+            timer.lap("stage3")
+            break
+        logits = prefill(model, cache, merged)
+        timer.lap("stage3")
+
+    if not branches and fallback is None:
+        fallback = "the model wrote no ####Title: block; decoded sequentially"
+    answer = seq.answer
+    return {
+        "response": tokenizer.decode(answer, skip_special_tokens=True),
+        "time": timer.total,
+        "length": len(answer),
+        "prompt_tokens": len(prompt_ids),
+        "num_para": len(branches),
+        "num_blocks": blocks,
+        "stage1_response": "\n".join(skeletons),
+        "branches": branches,
+        "stage1_time": timer.get("stage1"),
+        "stage2_time": timer.get("stage2"),
+        "stage3_time": timer.get("stage3"),
+        "fallback": fallback,
+        "caps": caps,
+    }
+
+
+def _first_branch_marker(answer: list[int], start: int, markers: MarkerVocab) -> int | None:
+    for i in range(start, len(answer)):
+        if markers.is_branch(answer[i]):
+            return i
+    return None
+
+
+def _rewind(model, cache, seq: Sequence, answer_len: int) -> torch.Tensor:
+    """Cut the answer back to ``answer_len`` tokens; returns the next-token logits there."""
+    seq.truncate(answer_len)
+    crop_cache(cache, seq.length - 1)
+    return prefill(model, cache, [int(seq.buffer[0, seq.length - 1])])

@@ -1,0 +1,228 @@
+"""Stage 1: the skeleton processor and the skeleton parser.
+
+The format prompt asks the model to write each independent step as ``####Title:`` and to close the block with
+``####%%%%``. While the skeleton is generated, :class:`SkeletonLogitsProcessor` lets the model write only the titles:
+once a title's colon is written it forces the ellipsis, a newline and the next ``####``, so the model chooses between
+another title and ``%%%%``. :func:`parse_skeleton` turns the generated tokens back into branch prefixes.
+
+Everything works on token ids looked up from the tokenizer; no id is hard-coded, so the same code serves the real
+Qwen2 vocabulary (where ``:\\n`` and ``：`` are single tokens) and the project's tiny tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+BRANCH_MARKER = "####"
+BLOCK_END_MARKER = "%%%%"
+ELLIPSIS = "......"
+COLONS = (":", "：")
+
+
+def _token_texts(tokenizer) -> list[str]:
+    """Decoded text of every token id (byte-level pieces decode to '\\ufffd' and never match a marker)."""
+    size = len(tokenizer)
+    return tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False)
+
+
+def _encode_exact(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids or tokenizer.decode(ids) != text:
+        raise ValueError(f"the tokenizer cannot encode the marker {text!r} losslessly")
+    return ids
+
+
+@dataclass(frozen=True)
+class MarkerVocab:
+    """Token ids of the branch-format markers in one tokenizer.
+
+    ``branch_ids``: every token whose text contains ``####`` (``####``, `` ####``, ``####\\n``, longer runs).
+    ``block_end_ids``: every token whose text contains ``%%%%``.
+    ``hash_start_ids``: tokens starting with ``#``; forbidden right after a marker so ``####`` is never doubled.
+    ``colon_ids``: tokens that end a title: their text, right-stripped, ends with ``:`` or ``：`` (``:``, ``:\\n``, ``]:``).
+    ``forced_after_colon``: the ellipsis, a newline and the next ``####``, as token ids.
+    """
+
+    branch_ids: frozenset[int]
+    block_end_ids: frozenset[int]
+    hash_start_ids: frozenset[int]
+    colon_ids: frozenset[int]
+    marker_id_list: tuple[int, ...]
+    forced_after_colon: tuple[int, ...]
+    vocab_size: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "MarkerVocab":
+        texts = _token_texts(tokenizer)
+        branch = frozenset(i for i, t in enumerate(texts) if BRANCH_MARKER in t)
+        block_end = frozenset(i for i, t in enumerate(texts) if BLOCK_END_MARKER in t)
+        hash_start = frozenset(i for i, t in enumerate(texts) if t.lstrip(" ").startswith("#"))
+        colon = frozenset(i for i, t in enumerate(texts) if t.rstrip().endswith(COLONS) and i not in branch)
+        forced = _encode_exact(tokenizer, ELLIPSIS) + _encode_exact(tokenizer, "\n") + _encode_exact(tokenizer, BRANCH_MARKER)
+        if not branch or not block_end:
+            raise ValueError("the tokenizer has no token containing '####' or '%%%%'")
+        return cls(
+            branch_ids=branch,
+            block_end_ids=block_end,
+            hash_start_ids=hash_start,
+            colon_ids=colon,
+            marker_id_list=tuple(sorted(branch | block_end)),
+            forced_after_colon=tuple(forced),
+            vocab_size=len(texts),
+        )
+
+    def is_branch(self, token_id: int) -> bool:
+        return token_id in self.branch_ids and token_id not in self.block_end_ids
+
+    def is_block_end(self, previous_id: int | None, token_id: int) -> bool:
+        """``%%%%`` written right after ``####`` closes the block."""
+        return token_id in self.block_end_ids and previous_id is not None and previous_id in self.branch_ids
+
+
+class SkeletonState:
+    """Incremental state of the skeleton grammar over a growing token list.
+
+    Tracks where the last ``####`` is and how many forced tokens followed its title's colon. ``update`` consumes
+    only the tokens appended since the last call, so a step costs O(1) whatever the answer's length.
+    """
+
+    def __init__(self, markers: MarkerVocab, start: int):
+        self.markers = markers
+        self.start = start  # index of the first generated token in the token list
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen = self.start
+        self.last_token: int | None = None
+        self.in_title = False  # after a '####', before its colon
+        self.forced_done: int | None = None  # forced tokens written after the colon, None if no colon yet
+
+    def update(self, tokens: list[int] | torch.Tensor) -> None:
+        n = len(tokens)
+        if n < self.seen:  # the sequence was cut back (new block, fallback): read it again from the start
+            self.reset()
+        for i in range(self.seen, n):
+            self._push(int(tokens[i]))
+        self.seen = n
+
+    def _push(self, token: int) -> None:
+        m = self.markers
+        if self.forced_done is not None:
+            self.forced_done += 1
+            if self.forced_done >= len(m.forced_after_colon):  # the forced '####' opened the next title
+                self.forced_done = None
+                self.in_title = True
+        elif m.is_branch(token):
+            self.in_title = True
+        elif self.in_title and token in m.block_end_ids:
+            self.in_title = False
+        elif self.in_title and token in m.colon_ids:
+            self.in_title = False
+            self.forced_done = 0
+        self.last_token = token
+
+    def forced_token(self) -> int | None:
+        if self.forced_done is None:
+            return None
+        return self.markers.forced_after_colon[self.forced_done]
+
+    def at_start(self) -> bool:
+        return self.seen == self.start
+
+
+class SkeletonLogitsProcessor(LogitsProcessor):
+    """Lets the model write only branch titles inside a ``####`` block.
+
+    Rules, applied to the scores of the next token:
+    - no marker (``####`` or ``%%%%``) as the first generated token: a block needs a lead-in sentence, the shared
+      prefix every branch sees;
+    - no ``#`` token right after ``####`` (no ``########``);
+    - after the colon that ends a title (``:``, ``:\\n``, ``：``): force ``......``, a newline and ``####``.
+
+    ``prompt_length`` is the number of prompt tokens at the start of ``input_ids``. Works with
+    ``model.generate(logits_processor=[...])`` (batch size 1) and with the engine's own loop, which hands it a CPU
+    tensor so reading the history never syncs the device.
+    """
+
+    def __init__(self, tokenizer=None, prompt_length: int = 0, markers: MarkerVocab | None = None):
+        if prompt_length < 0:
+            raise ValueError(f"prompt_length must be >= 0, got {prompt_length}")
+        if markers is None:
+            if tokenizer is None:
+                raise ValueError("SkeletonLogitsProcessor needs a tokenizer or a MarkerVocab")
+            markers = MarkerVocab.from_tokenizer(tokenizer)
+        self.markers = markers
+        self.state = SkeletonState(markers, prompt_length)
+        self._marker_index = torch.tensor(markers.marker_id_list, dtype=torch.long)
+        self._hash_index = torch.tensor(sorted(markers.hash_start_ids), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"SkeletonLogitsProcessor supports batch size 1, got {input_ids.shape[0]}")
+        self.state.update(input_ids[0])
+        forced = self.state.forced_token()
+        if forced is not None:
+            out = torch.full_like(scores, float("-inf"))
+            out[:, forced] = 0.0
+            return out
+        if self.state.at_start():
+            return self._forbid(scores, self._marker_index)
+        if self.state.last_token is not None and self.state.last_token in self.markers.branch_ids:
+            return self._forbid(scores, self._hash_index)
+        return scores
+
+    @staticmethod
+    def _forbid(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        index = index[index < scores.shape[-1]].to(scores.device)
+        return scores.index_fill(-1, index, float("-inf"))
+
+
+@dataclass
+class SkeletonBlock:
+    """One parsed ``####`` block of generated tokens (indices relative to the list given to :func:`parse_skeleton`)."""
+
+    start: int  # index of the block's first '####' token: everything before it is the shared prefix
+    end: int  # index just past the closing '%%%%' token
+    titles: list[str]
+    branch_prefixes: list[list[int]]  # per title: '####' + title tokens + the colon token
+    closing: list[int]  # the '####' '%%%%' tokens that close the block
+
+
+def parse_skeleton(tokens: list[int], markers: MarkerVocab, tokenizer) -> SkeletonBlock | None:
+    """Parse the first closed block in ``tokens`` (generated with :class:`SkeletonLogitsProcessor` active).
+
+    Returns None when no block is closed. A title that never reached its colon (the model wrote ``####`` then
+    ``%%%%``) is the closing marker, not a branch.
+    """
+    start = None
+    titles: list[str] = []
+    prefixes: list[list[int]] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if markers.is_branch(tok):
+            if start is None:
+                start = i
+            if i + 1 < len(tokens) and tokens[i + 1] in markers.block_end_ids:
+                return SkeletonBlock(start, i + 2, titles, prefixes, [tok, tokens[i + 1]])
+            j = i + 1
+            while j < len(tokens) and tokens[j] not in markers.colon_ids and not markers.is_branch(tokens[j]):
+                j += 1
+            if j < len(tokens) and tokens[j] in markers.colon_ids:
+                prefix = tokens[i : j + 1]
+                prefixes.append(prefix)
+                titles.append(_title_text(tokenizer.decode(prefix)))
+                i = j + 1
+                continue
+        i += 1
+    return None
+
+
+def _title_text(prefix_text: str) -> str:
+    text = prefix_text.strip()
+    if text.startswith(BRANCH_MARKER):
+        text = text[len(BRANCH_MARKER) :]
+    return text.rstrip().rstrip("".join(COLONS)).strip()
