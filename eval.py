@@ -16,8 +16,10 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 
 from parallel_decoding import metrics
+from parallel_decoding.judge import Judge, JudgeCancelled, JudgeError
 from parallel_decoding.metrics import MODES, is_blank
 
 # task -> (column shown to the judge as the question, column holding the reference answer)
@@ -203,23 +205,36 @@ def _store_verdict(row, mode, verdict):
     row[f"{mode}_rationale"] = verdict.rationale
 
 
+def _grade_unless_stopped(stop, judge, question, reference, answer):
+    """One verdict, or None without a request once another request has failed for good (``stop`` is set)."""
+    if stop.is_set():
+        return None
+    try:
+        return judge.grade(question, reference, answer, stop)
+    except Exception:
+        stop.set()  # set here, in the worker, so that no queued request starts after this failure
+        raise
+
+
 def judge_rows(rows, evaluated, task, judge, path, concurrency, save_every, progress=None):
     """Grade every pending answer of ``evaluated`` (a prefix of ``rows``) with ``concurrency`` requests in flight.
 
     Verdicts are written into the row dicts by this (the main) thread only, and the whole file is rewritten
     atomically after every ``save_every`` new verdicts and at the end, also when a request fails for good or on
     Ctrl-C. Returns the number of new verdicts; raises JudgeError after saving if a request failed for good (no new
-    requests are started after the first such failure).
+    request starts after the first such failure; those in flight finish and are kept).
     """
     pending = pending_judgements(evaluated, task)
     if not pending:
         return 0
     done = unsaved = 0
     first_error = None
+    stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
     try:
         futures = {
-            pool.submit(judge.grade, *judge_inputs(rows[i], task), rows[i][f"{mode}_response"]): (i, mode)
+            pool.submit(_grade_unless_stopped, stop, judge, *judge_inputs(rows[i], task),
+                        rows[i][f"{mode}_response"]): (i, mode)
             for i, mode in pending
         }
         for future in concurrent.futures.as_completed(futures):
@@ -227,13 +242,15 @@ def judge_rows(rows, evaluated, task, judge, path, concurrency, save_every, prog
                 continue
             error = future.exception()
             if error is not None:
-                if first_error is None:
+                # Keep the failure that stopped the run, not a request cancelled because of it.
+                if first_error is None or isinstance(first_error, JudgeCancelled):
                     first_error = error
-                    for other in futures:
-                        other.cancel()
+                continue
+            verdict = future.result()
+            if verdict is None:  # skipped after a failure
                 continue
             i, mode = futures[future]
-            _store_verdict(rows[i], mode, future.result())
+            _store_verdict(rows[i], mode, verdict)
             done += 1
             unsaved += 1
             if progress is not None:
@@ -242,7 +259,8 @@ def judge_rows(rows, evaluated, task, judge, path, concurrency, save_every, prog
                 save_rows(path, rows)
                 unsaved = 0
     finally:
-        # Also on Ctrl-C: drop queued requests, keep every verdict that came back.
+        # Also on Ctrl-C: no new requests, drop the queued ones, keep every verdict that came back.
+        stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
         if unsaved:
             save_rows(path, rows)
@@ -409,8 +427,6 @@ def main(argv=None):
 
     judge_model = None
     if not args.no_judge:
-        from parallel_decoding.judge import Judge, JudgeError
-
         judge = Judge(args.model_name, api_key, base_url, timeout=args.timeout, max_retries=args.max_retries,
                       backoff_base=args.backoff_base, backoff_max=args.backoff_max,
                       max_tokens=args.judge_max_tokens)

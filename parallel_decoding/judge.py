@@ -157,6 +157,10 @@ class JudgeError(RuntimeError):
     """A grading request failed for good (non-retryable error, or retries exhausted). The message is key-free."""
 
 
+class JudgeCancelled(JudgeError):
+    """The caller's stop event was set before the next attempt."""
+
+
 @dataclasses.dataclass
 class Verdict:
     score: float | None  # None: no parseable score after the parse retry
@@ -185,7 +189,7 @@ class Judge:
     """Grades answers with one chat-completions request each; safe to call from several threads."""
 
     def __init__(self, model_name, api_key, base_url=None, *, timeout=120.0, max_retries=5, backoff_base=1.0,
-                 backoff_max=60.0, parse_retries=1, max_tokens=512, temperature=0.0, sleep=time.sleep):
+                 backoff_max=60.0, parse_retries=1, max_tokens=512, temperature=0.0):
         if not api_key:
             raise ValueError("the judge needs an API key (--api_key or OPENAI_API_KEY)")
         if max_retries < 0 or parse_retries < 0 or backoff_base < 0 or backoff_max < 0 or timeout <= 0:
@@ -198,7 +202,6 @@ class Judge:
         self.parse_retries = parse_retries
         self.max_tokens = max_tokens
         self.temperature = temperature
-        self._sleep = sleep
         # max_retries=0: retries are ours (request()), so that backoff and what counts as transient are explicit.
         self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
 
@@ -216,9 +219,14 @@ class Judge:
             delay = max(delay, retry_after)
         return min(delay, self.backoff_max)
 
-    def request(self, messages):
-        """The text of one chat completion, retrying transient failures with exponential backoff."""
+    def request(self, messages, stop=None):
+        """The text of one chat completion, retrying transient failures with exponential backoff.
+
+        ``stop`` (a threading.Event), when set, ends the retries early with JudgeCancelled (used on Ctrl-C and after
+        another request failed for good)."""
         for attempt in range(self.max_retries + 1):
+            if stop is not None and stop.is_set():
+                raise JudgeCancelled("judge request cancelled")
             try:
                 completion = self.client.chat.completions.create(
                     model=self.model_name, messages=messages, temperature=self.temperature,
@@ -231,19 +239,23 @@ class Judge:
                     raise JudgeError(
                         f"judge request failed after {attempt + 1} attempts: {self.scrub(_describe(error))}"
                     ) from None
-                self._sleep(self.backoff_delay(attempt, error))
+                delay = self.backoff_delay(attempt, error)
+                if stop is not None:
+                    stop.wait(delay)
+                else:
+                    time.sleep(delay)
                 continue
             if not completion.choices:
                 return ""
             return completion.choices[0].message.content or ""
         raise AssertionError("unreachable")
 
-    def grade(self, question, reference, answer):
+    def grade(self, question, reference, answer, stop=None):
         """A :class:`Verdict` for one answer. An unparseable verdict is asked for again ``parse_retries`` times,
-        then returned with ``score=None``."""
+        then returned with ``score=None``. ``stop``: see :meth:`request`."""
         messages = build_messages(question, reference, answer)
         for _ in range(self.parse_retries + 1):
-            text = self.scrub(self.request(messages))
+            text = self.scrub(self.request(messages, stop))
             score = parse_score(text)
             if score is not None:
                 return Verdict(score=score, rationale=parse_rationale(text), raw=text)

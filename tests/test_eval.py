@@ -1,0 +1,651 @@
+"""eval.py, parallel_decoding.judge and parallel_decoding.metrics.
+
+The judge tests talk to a real HTTP server on 127.0.0.1 (ephemeral port, http.server in a thread) that speaks the
+OpenAI chat-completions API and is scripted per test, through the real ``openai`` client. No other network.
+"""
+
+import http.server
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import eval as eval_cli
+from parallel_decoding import judge as judge_mod
+from parallel_decoding import metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+KEY = "sk-test-SECRET-key-0123456789abcdef"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A scripted OpenAI-compatible server
+
+
+def completion(content, status=200, headers=None, delay=0.0):
+    body = {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "judge-test",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    return status, body, headers or {}, delay
+
+
+def error_reply(status, message="scripted failure", headers=None, delay=0.0):
+    return status, {"error": {"message": message, "type": "server_error", "code": None}}, headers or {}, delay
+
+
+class JudgeServer:
+    """``respond(index, request_body, request_headers) -> (status, body, headers, delay)``; records every request
+    (header names lower-cased)."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.requests = []  # (arrival time, body, headers)
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length))
+                request_headers = {name.lower(): value for name, value in self.headers.items()}
+                with server.lock:
+                    index = len(server.requests)
+                    server.requests.append((time.monotonic(), body, request_headers))
+                status, reply, headers, delay = server.respond(index, body, request_headers)
+                if delay:
+                    time.sleep(delay)
+                data = json.dumps(reply).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.httpd.handle_error = lambda request, address: None
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    @property
+    def count(self):
+        with self.lock:
+            return len(self.requests)
+
+    def user_messages(self):
+        with self.lock:
+            return [body["messages"][-1]["content"] for _, body, _ in self.requests]
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def answer_section(user_message):
+    """The graded answer inside a judge prompt (English or Chinese)."""
+    for marker in ("[Assistant's answer]", "【助手的回答】"):
+        if marker in user_message:
+            return user_message.split(marker, 1)[1]
+    raise AssertionError("no answer section in the judge prompt")
+
+
+def grade_by_mode(index, body, headers):
+    """Parallel answers get 3, normal answers 4 (the test rows mark their answers)."""
+    answer = answer_section(body["messages"][-1]["content"])
+    if "PARALLEL" in answer:
+        return completion("Rationale: covers most points.\nScore: 3")
+    return completion("Rationale: complete and correct.\nScore: 4")
+
+
+@pytest.fixture(autouse=True)
+def no_openai_env(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Result files
+
+
+def planning_rows(n, chinese=()):
+    rows = []
+    for i in range(n):
+        zh = i in chinese
+        rows.append({
+            "task": f"请分析方案{i}的成本、风险和收益。" if zh else f"Analyse plan {i}: cost, risk and benefit.",
+            "answer": f"reference analysis {i}",
+            "normal_response": f"NORMAL answer {i}",
+            "normal_time": 2.0 + i, "normal_length": 100 + i,
+            "parallel_response": f"####Cost: ...\n####Risk: ...\n####%%%%\nPARALLEL answer {i}",
+            "parallel_time": 1.0 + i, "parallel_length": 90 + i,
+            "fallback": None, "error": None,
+        })
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def judge_args(path, server, task="planning", *extra):
+    return ["--df_path", str(path), "--task", task, "--api_key", KEY, "--base_url", server.url,
+            "--model_name", "judge-test", "--backoff_base", "0.01", *extra]
+
+
+def assert_key_nowhere(folder, *texts):
+    for file in pathlib.Path(folder).rglob("*"):
+        if file.is_file():
+            assert KEY.encode() not in file.read_bytes(), f"API key written to {file}"
+    for text in texts:
+        assert KEY not in text
+
+
+def make_judge(server, **kwargs):
+    kwargs.setdefault("backoff_base", 0.01)
+    return judge_mod.Judge("judge-test", KEY, server.url, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Judge: scoring, retries, parsing
+
+
+def test_judge_scores_rows_and_stores_them(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(3, chinese={1}))
+    with JudgeServer(grade_by_mode) as server:
+        assert eval_cli.main(judge_args(path, server, "planning", "--concurrency", "3")) == 0
+        messages = server.user_messages()
+        auth = {headers.get("authorization") for _, _, headers in server.requests}
+        models = {body["model"] for _, body, _ in server.requests}
+    assert len(messages) == 6  # one request per answer
+    assert auth == {f"Bearer {KEY}"} and models == {"judge-test"}
+    # Chinese prompt exactly for the Chinese row's two answers, with question and reference inside.
+    chinese = [m for m in messages if "评分标准" in m]
+    assert len(chinese) == 2 and all("方案1" in m and "reference analysis 1" in m for m in chinese)
+    assert all("Analyse plan" in m for m in messages if m not in chinese)
+
+    rows = read_jsonl(path)
+    assert [r["normal_score"] for r in rows] == [4, 4, 4]
+    assert [r["parallel_score"] for r in rows] == [3, 3, 3]
+    assert rows[0]["normal_rationale"] == "complete and correct."
+    assert rows[0]["parallel_rationale"] == "covers most points."
+    assert rows[0]["task"] == planning_rows(1)[0]["task"]  # dataset columns kept
+
+    summary = json.loads((tmp_path / "plan.summary.json").read_text())
+    assert summary["normal_score"] == 4.0 and summary["parallel_score"] == 3.0
+    assert summary["judged_rows"] == 3 and summary["judge_model"] == "judge-test"
+    assert (tmp_path / "plan.summary.md").read_text().count("judge score") == 1
+    assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr()
+    assert "judge score (1-5, mean)" in out.out
+    assert_key_nowhere(tmp_path, out.out, out.err)
+
+
+def test_server_error_then_success(tmp_path):
+    def respond(index, body, headers):
+        return error_reply(500) if index == 0 else completion("Rationale: fine.\nScore: 5")
+
+    with JudgeServer(respond) as server:
+        verdict = make_judge(server).grade("q", "ref", "ans")
+        assert server.count == 2
+    assert verdict.score == 5 and verdict.rationale == "fine."
+
+
+def test_rate_limit_backs_off_exponentially():
+    def respond(index, body, headers):
+        return error_reply(429, "slow down") if index < 2 else completion("Score: 2")
+
+    with JudgeServer(respond) as server:
+        verdict = make_judge(server, backoff_base=0.15).grade("q", "ref", "ans")
+        times = [t for t, _, _ in server.requests]
+    assert verdict.score == 2 and len(times) == 3
+    assert times[1] - times[0] >= 0.15  # base
+    assert times[2] - times[1] >= 0.30  # base * 2
+
+
+def test_rate_limit_honours_retry_after():
+    def respond(index, body, headers):
+        return error_reply(429, headers={"Retry-After": "0.4"}) if index == 0 else completion("Score: 4")
+
+    with JudgeServer(respond) as server:
+        assert make_judge(server, backoff_base=0.001).grade("q", "ref", "ans").score == 4
+        times = [t for t, _, _ in server.requests]
+    assert times[1] - times[0] >= 0.4
+
+
+def test_timeout_is_retried():
+    def respond(index, body, headers):
+        return completion("Score: 3", delay=1.5) if index == 0 else completion("Score: 3")
+
+    with JudgeServer(respond) as server:
+        assert make_judge(server, timeout=0.3).grade("q", "ref", "ans").score == 3
+        assert server.count == 2
+
+
+def test_retries_exhausted_raises():
+    with JudgeServer(lambda i, b, h: error_reply(503)) as server:
+        with pytest.raises(judge_mod.JudgeError, match=r"after 3 attempts: InternalServerError \(HTTP 503\)"):
+            make_judge(server, max_retries=2).grade("q", "ref", "ans")
+        assert server.count == 3
+
+
+def test_non_retryable_error_fails_at_once_without_the_key():
+    # A server that echoes the credentials in its error body must not get the key into our messages.
+    def respond(index, body, headers):
+        return error_reply(401, f"invalid key {headers.get('authorization')}")
+
+    with JudgeServer(respond) as server:
+        with pytest.raises(judge_mod.JudgeError) as info:
+            make_judge(server).grade("q", "ref", "ans")
+        assert server.count == 1
+    assert "HTTP 401" in str(info.value) and KEY not in str(info.value) and "***" in str(info.value)
+
+
+def test_cli_judge_failure_saves_and_hides_key(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(2))
+    with JudgeServer(lambda i, b, h: error_reply(401, f"bad {h.get('authorization')}")) as server:
+        assert eval_cli.main(judge_args(path, server, "planning", "--concurrency", "1")) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "rerun" in err
+    assert not (tmp_path / "plan.summary.json").exists()
+    assert_key_nowhere(tmp_path, err)
+
+
+def test_garbage_verdict_retried_then_missing(tmp_path, capsys):
+    def respond(index, body, headers):
+        answer = answer_section(body["messages"][-1]["content"])
+        if "answer 0" in answer and "PARALLEL" in answer:
+            return completion("I would rather talk about turtles. Score: excellent!")
+        return completion("Rationale: ok.\nScore: 5")
+
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(2))
+    with JudgeServer(respond) as server:
+        assert eval_cli.main(judge_args(path, server, "planning", "--concurrency", "1")) == 0
+        assert server.count == 4 + 1  # the garbage verdict asked twice
+    rows = read_jsonl(path)
+    assert rows[0]["parallel_score"] is None
+    assert rows[0]["parallel_rationale"].startswith("unparseable verdict: I would rather talk about turtles")
+    assert [rows[0]["normal_score"], rows[1]["normal_score"], rows[1]["parallel_score"]] == [5, 5, 5]
+    summary = json.loads((tmp_path / "plan.summary.json").read_text())
+    assert summary["parallel_score"] == 5.0  # missing is not 0: mean over the one parsed verdict
+    assert summary["parallel_scored"] == 1 and summary["normal_scored"] == 2 and summary["judged_rows"] == 1
+
+
+def test_resume_after_server_dies_asks_only_for_missing(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(5))
+    healthy_requests = 5
+
+    def dying(index, body, headers):
+        return grade_by_mode(index, body, headers) if index < healthy_requests else error_reply(502)
+
+    with JudgeServer(dying) as server:
+        args = judge_args(path, server, "planning", "--concurrency", "1", "--save_every", "2", "--max_retries", "1")
+        assert eval_cli.main(args) == 1
+        assert server.count == healthy_requests + 2  # the failing answer: 1 try + 1 retry, then stop
+    rows = read_jsonl(path)
+    scored = sum(r.get(f"{m}_score") is not None for r in rows for m in metrics.MODES)
+    assert scored == healthy_requests  # nothing lost, though the last save point was passed
+    assert not (tmp_path / "plan.summary.json").exists()
+
+    with JudgeServer(grade_by_mode) as server:
+        assert eval_cli.main(judge_args(path, server, "planning", "--concurrency", "2")) == 0
+        assert server.count == 10 - healthy_requests  # only the missing answers
+    rows = read_jsonl(path)
+    assert [(r["normal_score"], r["parallel_score"]) for r in rows] == [(4, 3)] * 5
+
+    with JudgeServer(grade_by_mode) as server:  # everything judged: no request at all
+        assert eval_cli.main(judge_args(path, server, "planning")) == 0
+        assert server.count == 0
+        assert eval_cli.main(judge_args(path, server, "planning", "--rejudge", "--max_rows", "2")) == 0
+        assert server.count == 4
+
+
+def test_max_rows_limits_judging_and_summary(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(4))
+    with JudgeServer(grade_by_mode) as server:
+        assert eval_cli.main(judge_args(path, server, "planning", "--max_rows", "2")) == 0
+        assert server.count == 4
+    rows = read_jsonl(path)
+    assert len(rows) == 4 and "normal_score" not in rows[2]
+    summary = json.loads((tmp_path / "plan.summary.json").read_text())
+    assert summary["rows"] == 2 and summary["judged_rows"] == 2
+
+
+def test_cli_end_to_end_subprocess_with_env_key(tmp_path):
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(3, chinese={2}))
+    with JudgeServer(grade_by_mode) as server:
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": server.url}
+        proc = subprocess.run(
+            [sys.executable, "eval.py", "--df_path", str(path), "--task", "planning", "--model_name", "judge-test"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert server.count == 6
+    assert "speedup" in proc.stdout and "judge score" in proc.stdout
+    summary = json.loads((tmp_path / "plan.summary.json").read_text())
+    assert summary["normal_score"] == 4.0 and summary["parallel_score"] == 3.0
+    assert {"plan.jsonl", "plan.summary.json", "plan.summary.md", "plan.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert_key_nowhere(tmp_path, proc.stdout, proc.stderr)
+
+
+def test_killed_run_keeps_saved_verdicts_and_resumes(tmp_path):
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(3))
+    release = threading.Event()
+
+    def stalls_after_three(index, body, headers):
+        if index >= 3:
+            release.wait(20)  # hold the request until the client is killed
+        return grade_by_mode(index, body, headers)
+
+    with JudgeServer(stalls_after_three) as server:
+        env = {**os.environ, "OPENAI_API_KEY": KEY}
+        proc = subprocess.Popen(
+            [sys.executable, "eval.py", "--df_path", str(path), "--task", "planning", "--base_url", server.url,
+             "--concurrency", "1", "--save_every", "1"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                saved = sum(r.get(f"{m}_score") is not None for r in read_jsonl(path) for m in metrics.MODES)
+                if saved == 3 and server.count == 4:
+                    break
+                time.sleep(0.05)
+            assert saved == 3
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            release.set()
+            if proc.poll() is None:
+                proc.kill()
+    rows = read_jsonl(path)  # still a complete, valid file
+    assert len(rows) == 3
+    with JudgeServer(grade_by_mode) as server:
+        assert eval_cli.main(judge_args(path, server, "planning")) == 0
+        assert server.count == 3
+    assert all(r["normal_score"] == 4 and r["parallel_score"] == 3 for r in read_jsonl(path))
+
+
+def test_ctrl_c_saves_every_verdict_received(tmp_path):
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(3))
+    release = threading.Event()
+
+    def stalls_after_three(index, body, headers):
+        if index >= 3:
+            release.wait(20)
+        return grade_by_mode(index, body, headers)
+
+    with JudgeServer(stalls_after_three) as server:
+        env = {**os.environ, "OPENAI_API_KEY": KEY}
+        proc = subprocess.Popen(
+            [sys.executable, "eval.py", "--df_path", str(path), "--task", "planning", "--base_url", server.url,
+             "--concurrency", "1", "--save_every", "100"],  # no periodic save before the interrupt
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while server.count < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.count == 4
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            release.set()  # let the request in flight finish so the process can exit
+            out, err = proc.communicate(timeout=30)
+        finally:
+            release.set()
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 130, err
+        assert "interrupted; the verdicts received so far are saved" in err
+        assert server.count == 4  # the queued answers were never sent
+    rows = read_jsonl(path)
+    assert sum(r.get(f"{m}_score") is not None for r in rows for m in metrics.MODES) == 3
+    assert_key_nowhere(tmp_path, out, err)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Verdict parsing
+
+
+@pytest.mark.parametrize("text, score", [
+    ("Rationale: fine.\nScore: 4", 4),
+    ("**Score:** 5/5", 5),
+    ("理由：基本正确。\n评分：3", 3),
+    ("分数: 2 分", 2),
+    ('{"rationale": "ok", "score": 4}', 4),
+    ("```json\n{\"score\": 1, \"rationale\": \"wrong\"}\n```", 1),
+    ("My verdict: [[2]]", 2),
+    ("I'd give it 4 out of 5.", 4),
+    ("Score: 2 at first glance... on reflection, Score: 3", 3),
+    ("Score: 4.5", 4.5),
+    ("Score: 7", None),
+    ("Score: 0", None),
+    ("I like turtles", None),
+    ("", None),
+    (None, None),
+])
+def test_parse_score(text, score):
+    assert judge_mod.parse_score(text) == score
+
+
+def test_parse_rationale():
+    assert judge_mod.parse_rationale("Rationale: short and right.\nScore: 5") == "short and right."
+    assert judge_mod.parse_rationale("理由：正确。\n评分：5") == "正确。"
+    assert judge_mod.parse_rationale("Clear answer.\nScore: 4") == "Clear answer."
+
+
+def test_prompt_language_follows_question():
+    en = judge_mod.build_messages("Which city?", "Paris", "Paris")
+    zh = judge_mod.build_messages("哪个城市？", "巴黎", "巴黎")
+    assert "Score: <an integer from 1 to 5>" in en[1]["content"] and "[Question]\nWhich city?" in en[1]["content"]
+    assert "评分：<1 到 5 的整数>" in zh[1]["content"] and "【问题】\n哪个城市？" in zh[1]["content"]
+
+
+def test_client_does_not_retry_by_itself():
+    judge = judge_mod.Judge("m", KEY, "http://127.0.0.1:9/v1")
+    assert judge.client.max_retries == 0
+
+
+def test_backoff_delay_grows_and_is_capped():
+    judge = judge_mod.Judge("m", KEY, "http://127.0.0.1:9/v1", backoff_base=1.0, backoff_max=5.0)
+    assert 1.0 <= judge.backoff_delay(0) <= 1.25
+    assert 4.0 <= judge.backoff_delay(2) <= 5.0
+    assert judge.backoff_delay(10) == 5.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Speed arithmetic (--no_judge), on a file shaped like the reference's
+
+
+def reference_retrieval_rows():
+    # Hand-picked numbers: tokens/s normal 20, 30, 10 -> mean 20; parallel 40, 50, 30 -> mean 40; speedup 2.0;
+    # time ratios 10/4 = 2.5, 5/5 = 1.0, 8/2 = 4.0 -> mean 2.5; mean times 23/3 and 11/3.
+    return [
+        {"prompt": "Which student has a GPA between 3.5 and 3.6?", "gold_keys": "Fatima Larsen", "gold_values": "3.59",
+         "normal_response": "Checking each...\nFinal answer: Fatima Larsen", "normal_time": 10.0, "normal_length": 200,
+         "parallel_response": "####A: ...\n####%%%%\nFinal answer: **Fatima Larsen.**", "parallel_time": 4.0,
+         "parallel_length": 160},
+        {"prompt": "Which student has a GPA between 2.0 and 2.1?", "gold_keys": "Uma Jensen", "gold_values": "2.06",
+         "normal_response": "Final answer: Paula Singh", "normal_time": 5.0, "normal_length": 150,
+         "parallel_response": "final answer: uma jensen", "parallel_time": 5.0, "parallel_length": 250},
+        {"prompt": "Which student has a GPA between 3.7 and 3.9?", "gold_keys": "Farah Romano", "gold_values": "3.80",
+         "normal_response": "It is Farah Romano", "normal_time": 8.0, "normal_length": 80,
+         "parallel_response": "Final answer: Farah Romano\nFinal answer: Uma Jensen", "parallel_time": 2.0,
+         "parallel_length": 60},
+    ]
+
+
+def test_no_judge_reference_speed_arithmetic(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "ref.jsonl", reference_retrieval_rows())
+    before = path.read_bytes()
+    assert eval_cli.main(["--df_path", str(path), "--task", "retrieval", "--no_judge"]) == 0
+    assert path.read_bytes() == before  # --no_judge never rewrites the results
+    s = json.loads((tmp_path / "ref.summary.json").read_text())
+    assert s["rows"] == 3 and s["speed_rows"] == 3 and s["error_rows"] == 0 and s["fallback_rows"] == 0
+    assert s["normal_time"] == pytest.approx(23 / 3) and s["parallel_time"] == pytest.approx(11 / 3)
+    assert s["normal_length"] == pytest.approx(430 / 3) and s["parallel_length"] == pytest.approx(470 / 3)
+    assert s["normal_speed"] == pytest.approx(20.0) and s["parallel_speed"] == pytest.approx(40.0)
+    assert s["speedup"] == pytest.approx(2.0) and s["time_ratio"] == pytest.approx(2.5)
+    # EM: normal right on row 1 only ("It is Farah Romano" is the last line, not the name); parallel right on 1, 2
+    # (row 3's LAST final answer is the wrong name).
+    assert s["normal_accuracy"] == pytest.approx(1 / 3) and s["parallel_accuracy"] == pytest.approx(2 / 3)
+    assert "normal_score" not in s and "normal_f1" not in s
+    out = capsys.readouterr().out
+    assert "speedup (mean parallel tokens/s / mean normal tokens/s): 2.00x" in out
+    assert "mean per-row time ratio (normal_time / parallel_time): 2.50x" in out
+    assert (tmp_path / "ref.png").exists() and (tmp_path / "ref.summary.md").exists()
+
+
+def test_error_rows_leave_the_means_and_fallbacks_are_counted(tmp_path):
+    rows = reference_retrieval_rows()
+    rows[0].update(fallback="no parallel block", error=None)
+    rows[1].update(fallback=None, error="CUDA out of memory", normal_time=0.5, parallel_time=None)
+    rows[2].update(fallback="", error="")
+    s = metrics.speed_summary(rows)
+    assert (s["rows"], s["speed_rows"], s["error_rows"], s["fallback_rows"]) == (3, 2, 1, 1)
+    assert s["normal_speed"] == pytest.approx(15.0) and s["parallel_speed"] == pytest.approx(35.0)
+    assert s["speedup"] == pytest.approx(35 / 15) and s["time_ratio"] == pytest.approx((2.5 + 4.0) / 2)
+    assert metrics.answer_metrics(rows, "retrieval")["normal_metric_rows"] == 2
+
+
+def test_qa_metrics_on_longbench_rows(tmp_path):
+    rows = [
+        {"input": "Who directed X?", "context": "...", "answers": ["John Smith"], "_id": "a",
+         "normal_response": "Final answer: John Smith.", "normal_time": 1.0, "normal_length": 10,
+         "parallel_response": "Final answer: Smith", "parallel_time": 1.0, "parallel_length": 10},
+        {"input": "Where was Y born?", "context": "...", "answers": ["Paris", "Paris, France"], "_id": "b",
+         "normal_response": "Final answer: the city of Lyon", "normal_time": 1.0, "normal_length": 10,
+         "parallel_response": "Final answer: Paris, France", "parallel_time": 1.0, "parallel_length": 10},
+    ]
+    m = metrics.answer_metrics(rows, "multi-document-qa")
+    assert m["normal_accuracy"] == 0.5 and m["parallel_accuracy"] == 0.5
+    assert m["normal_f1"] == pytest.approx((1.0 + 0.0) / 2)
+    assert m["parallel_f1"] == pytest.approx((2 / 3 + 1.0) / 2)  # "smith" vs "john smith": P 1, R 1/2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Final answer, EM, F1
+
+
+@pytest.mark.parametrize("response, final", [
+    ("reasoning\nFinal answer: Alice Smith", "Alice Smith"),
+    ("Final answer: Bob\nmore text\nFINAL ANSWER: Alice", "Alice"),
+    ("**Final answer:** `Alice`", "Alice"),
+    ("Final Answer:\n\n  Alice Smith  \n", "Alice Smith"),
+    ("推理……\n最终答案：张三", "张三"),
+    ("first line\nthe last line\n\n", "the last line"),
+    ("Final answer:", ""),
+    ("", ""),
+    (None, ""),
+])
+def test_extract_final_answer(response, final):
+    assert metrics.extract_final_answer(response) == final
+
+
+def test_normalize_and_em():
+    assert metrics.normalize_answer("  The  Eiffel-Tower!! ") == "eiffel tower"
+    assert metrics.normalize_answer("An apple, a day.") == "apple day"
+    assert metrics.normalize_answer("“北京”。") == "北京"
+    assert metrics.exact_match("the Beatles", "Beatles") == 1.0
+    assert metrics.exact_match("Beatles band", "Beatles") == 0.0
+
+
+def test_token_f1():
+    assert metrics.token_f1("the cat sat", "a cat sat down") == pytest.approx(0.8)  # P 2/2, R 2/3
+    assert metrics.token_f1("dog", "cat") == 0.0
+    assert metrics.token_f1("", "cat") == 0.0
+    assert metrics.token_f1("", "") == 1.0
+    assert metrics.token_f1("北京大学", "北京") == pytest.approx(2 / 3)  # Chinese characters are tokens
+
+
+def test_retrieval_exact_match():
+    assert metrics.retrieval_exact_match("Final answer: fatima larsen.", "Fatima Larsen") == 1.0
+    assert metrics.retrieval_exact_match("Final answer: Fatima", "Fatima Larsen") == 0.0
+    assert metrics.retrieval_exact_match("Final answer: Bo Li and Ann Wu", ["Ann Wu", "Bo Li"]) == 1.0
+    assert metrics.retrieval_exact_match("Final answer: Bo Li", ["Ann Wu", "Bo Li"]) == 0.0
+    assert metrics.retrieval_exact_match("Final answer: Bo Li", ["Bo Li"]) == 1.0
+    with pytest.raises(ValueError, match="no gold_keys"):
+        metrics.retrieval_exact_match("x", None)
+
+
+def test_qa_scores_take_the_best_answer():
+    assert metrics.qa_scores("Final answer: Paris", ["Lyon", "paris"]) == (1.0, 1.0)
+    em, f1 = metrics.qa_scores("Final answer: New York City", "York")
+    assert em == 0.0 and f1 == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def run_bad(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        raise SystemExit(eval_cli.main(argv))
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("eval.py: error: "), err
+    return err
+
+
+def test_bad_inputs(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", planning_rows(2))
+    assert "no such file" in run_bad(capsys, ["--df_path", str(tmp_path / "nope.jsonl"), "--task", "planning",
+                                              "--no_judge"])
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps(planning_rows(1)[0]) + "\n{not json\n")
+    err = run_bad(capsys, ["--df_path", str(bad_json), "--task", "planning", "--no_judge"])
+    assert f"{bad_json} line 2: not valid JSON" in err
+    array = tmp_path / "array.jsonl"
+    array.write_text("[1, 2]\n")
+    assert "line 1: expected a JSON object, got list" in run_bad(
+        capsys, ["--df_path", str(array), "--task", "planning", "--no_judge"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "no rows" in run_bad(capsys, ["--df_path", str(empty), "--task", "planning", "--no_judge"])
+    # planning rows have no gold_keys/prompt
+    assert f"{good} line 1: missing column(s) prompt, gold_keys needed by --task retrieval" in run_bad(
+        capsys, ["--df_path", str(good), "--task", "retrieval", "--no_judge"])
+    partial = write_jsonl(tmp_path / "partial.jsonl",
+                          [{k: v for k, v in r.items() if k != "parallel_time"} for r in planning_rows(1)])
+    assert "missing column(s) parallel_time" in run_bad(
+        capsys, ["--df_path", str(partial), "--task", "planning", "--no_judge"])
+    dataset = write_jsonl(tmp_path / "dataset.jsonl", [{"task": "t", "answer": "a"}])
+    assert "is this a results file?" in run_bad(capsys, ["--df_path", str(dataset), "--task", "planning",
+                                                         "--no_judge"])
+    assert "invalid choice: 'translation'" in run_bad(capsys, ["--df_path", str(good), "--task", "translation"])
+    assert "the judge needs an API key" in run_bad(capsys, ["--df_path", str(good), "--task", "planning"])
+    assert "--concurrency must be >= 1" in run_bad(
+        capsys, ["--df_path", str(good), "--task", "planning", "--no_judge", "--concurrency", "0"])
+    # nothing written beside the inputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["good.jsonl", "bad.jsonl", "array.jsonl", "empty.jsonl", "partial.jsonl", "dataset.jsonl"])
