@@ -1,0 +1,362 @@
+"""Run normal and parallel decoding over a task's dataset and write one result row per dataset row.
+
+    python generate.py --task retrieval                       # the embedded tiny model, data/retrieval_4.jsonl
+    python generate.py --model_path Qwen/Qwen2.5-7B-Instruct --task planning --attn_implementation sdpa
+
+Output: <output_dir>/<basename of model_path>/<stem of dataset file>.jsonl, one JSON object per dataset row: the
+row's own columns, then the columns in RESULT_COLUMNS. The file is rewritten atomically after every row, so an
+interrupted run leaves a valid file; a rerun resumes (rows already written without an error are skipped) unless
+--overwrite is given. See docs/generate.md.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from parallel_decoding.tasks import TASKS, DatasetError, build_prompt, default_data_path, get_task, load_dataset
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
+MODES = ("normal", "parallel")
+RESULT_COLUMNS = (
+    "full_prompt",
+    "normal_response", "normal_time", "normal_length", "normal_speed",
+    "parallel_response", "parallel_time", "parallel_length", "parallel_speed",
+    "num_parallel_branches", "stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time",
+    "fallback", "error",
+)
+WARMUP_NEW_TOKENS = 16  # the untimed warm-up only has to touch every code path (and compile kernels), not finish
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name": left to from_pretrained, not checked on disk
+
+
+class UsageError(Exception):
+    """Bad input detected before anything is written: printed as one line, exit code 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineArgumentParser(description="Normal vs parallel decoding over a task dataset.")
+    p.add_argument("--model_path", default=None,
+                   help=f"local model directory or hub id (default: the embedded {DEFAULT_MODEL_PATH.name})")
+    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--data_path", default=None, help="dataset file of the task's format (default: data/<task file>)")
+    p.add_argument("--max_samples", type=int, default=None, help="use the first N rows of the dataset")
+    p.add_argument("--output_dir", default="results")
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (both modes)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; each row uses seed + its row index")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--modes", default="both", choices=["normal", "parallel", "both"])
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output file and start again")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the model repo")
+    args = p.parse_args(argv)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UsageError(f"--max_samples must be >= 1, got {args.max_samples}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+# --- inputs and the output file ---------------------------------------------------------------------------------
+
+def resolve_model_path(model_path) -> str:
+    """A local directory, or a hub id (org/name) when no such local path exists; anything else is an error."""
+    if model_path is None:
+        if not DEFAULT_MODEL_PATH.is_dir():
+            raise UsageError(f"the embedded default model {DEFAULT_MODEL_PATH} is missing; pass --model_path")
+        return str(DEFAULT_MODEL_PATH)
+    if os.path.isdir(model_path):
+        return model_path
+    if os.path.exists(model_path):
+        raise UsageError(f"--model_path {model_path} is a file, not a model directory")
+    if HUB_ID.match(model_path) and not model_path.startswith("."):
+        return model_path
+    raise UsageError(f"--model_path {model_path} does not exist")
+
+
+def output_path(output_dir: str, model_path: str, data_path: str) -> Path:
+    model_name = os.path.basename(os.path.normpath(model_path))
+    return Path(output_dir) / model_name / f"{Path(data_path).stem}.jsonl"
+
+
+def row_key(row: dict) -> str:
+    """Identity of a dataset row, used to recognise it in an existing output file."""
+    return json.dumps({k: v for k, v in row.items() if k not in RESULT_COLUMNS}, sort_keys=True, ensure_ascii=False)
+
+
+def read_finished(path: Path) -> list:
+    """Result rows of an earlier run that finished without an error; a torn last line (a crash) is dropped."""
+    if not path.exists():
+        return []
+    finished = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(lines):
+                continue  # the row in flight when the previous run died
+            raise UsageError(f"{path}:{lineno}: existing output does not parse; pass --overwrite to start again")
+        if isinstance(row, dict) and row.get("error") is None and "normal_response" in row:
+            finished.append(row)
+    return finished
+
+
+def write_rows_atomic(path: Path, rows: list) -> None:
+    """Write all rows to a temporary file beside `path`, then rename it over `path` (readers never see half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --- model ------------------------------------------------------------------------------------------------------
+
+def attention_backends(attn_implementation: str) -> dict:
+    """Attention implementation per mode. With flash_attention_2 the parallel stage needs the project's branch-aware
+    Triton kernel; normal decoding uses stock flash-attn when installed, else the same kernel in causal mode."""
+    if attn_implementation != "flash_attention_2":
+        return {"normal": attn_implementation, "parallel": attn_implementation}
+    try:
+        from flash_attn_branch.hf import register
+    except ImportError as e:
+        raise UsageError(f"--attn_implementation flash_attention_2 needs the project's kernel package "
+                         f"(pip install -e flash-attention): {e}") from None
+    branch_kernel = register()
+    stock = importlib.util.find_spec("flash_attn") is not None
+    return {"normal": "flash_attention_2" if stock else branch_kernel, "parallel": branch_kernel}
+
+
+def describe_attention(requested: str, backends: dict) -> str:
+    if requested != "flash_attention_2":
+        return f"attention: {requested} for both modes"
+    if backends["normal"] == "flash_attention_2":
+        normal = "stock flash-attn (flash_attn package)"
+    else:
+        normal = f"the project's Triton kernel ({backends['normal']}) in causal mode, flash_attn not installed"
+    return (f"attention: parallel stage uses the project's branch-aware Triton kernel ({backends['parallel']}); "
+            f"normal decoding uses {normal}")
+
+
+def set_attention(model, attn_implementation: str) -> None:
+    if getattr(model.config, "_attn_implementation", None) != attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+
+
+def load_model(args, model_path: str, attn_implementation: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, ImportError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load model {model_path}: {first_line}") from None
+    model.to(device).eval()
+    return model, tokenizer, device, dtype
+
+
+def usable_context(model, max_new_tokens: int):
+    """Longest prompt (tokens) that leaves room for max_new_tokens; None if the config states no limit."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return None if limit is None else limit - max_new_tokens
+
+
+# --- decoding ---------------------------------------------------------------------------------------------------
+
+def gen_kwargs(args, max_new_tokens: int) -> dict:
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": args.do_sample}
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    return kwargs
+
+
+def speed(length, seconds):
+    return length / seconds if length is not None and seconds else None
+
+
+def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backends: dict, gen: dict) -> dict:
+    """Decode one row in each mode (normal first); a mode that raises is recorded in `error`, the other still runs."""
+    import torch
+
+    from parallel_decoding import normal_decode, parallel_decode
+
+    result = dict(row)
+    result.update({column: None for column in RESULT_COLUMNS})
+    result["full_prompt"] = full_prompt
+    errors = []
+    for mode in modes:
+        decode = normal_decode if mode == "normal" else parallel_decode
+        set_attention(model, backends[mode])
+        try:
+            out = decode(model, tokenizer, full_prompt, **gen)
+        except (ValueError, RuntimeError) as e:  # too-long prompt, CUDA out of memory (a RuntimeError), kernel errors
+            errors.append(f"{mode}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            if isinstance(e, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            continue
+        result[f"{mode}_response"] = out["response"]
+        result[f"{mode}_time"] = out["time"]
+        result[f"{mode}_length"] = out["length"]
+        result[f"{mode}_speed"] = speed(out["length"], out["time"])
+        if mode == "parallel":
+            result["num_parallel_branches"] = out["num_para"]
+            result["stage1_response"] = out["stage1_response"]
+            result["branches"] = out["branches"]
+            for stage in ("stage1_time", "stage2_time", "stage3_time", "fallback"):
+                result[stage] = out[stage]
+    result["error"] = "; ".join(errors) if errors else None
+    return result
+
+
+def warm_up(model, tokenizer, prompts: list, modes: tuple, backends: dict, gen: dict, log) -> None:
+    """One untimed generation per mode before the first timed row (allocator, kernels, Triton compilation)."""
+    from parallel_decoding import normal_decode, parallel_decode
+
+    warm_gen = dict(gen, max_new_tokens=min(gen["max_new_tokens"], WARMUP_NEW_TOKENS))
+    for mode in modes:
+        decode = normal_decode if mode == "normal" else parallel_decode
+        set_attention(model, backends[mode])
+        for prompt in prompts:
+            try:
+                decode(model, tokenizer, prompt, **warm_gen)
+                break
+            except (ValueError, RuntimeError) as e:
+                log(f"warm-up ({mode}) skipped a prompt: {type(e).__name__}: {e}")
+
+
+def mean_speedup(rows: list):
+    ratios = [r["parallel_speed"] / r["normal_speed"] for r in rows
+              if r.get("parallel_speed") and r.get("normal_speed")]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def main(argv=None) -> int:
+    def log(message):
+        print(f"generate: {message}", file=sys.stderr, flush=True)
+
+    try:
+        args = parse_args(argv)
+        data_path = args.data_path or str(default_data_path(args.task))
+        rows = load_dataset(args.task, data_path)
+        model_path = resolve_model_path(args.model_path)
+        out_path = output_path(args.output_dir, model_path, data_path)
+        if args.max_samples is not None:
+            rows = rows[: args.max_samples]
+        finished = [] if args.overwrite else read_finished(out_path)
+        modes = MODES if args.modes == "both" else (args.modes,)
+        backends = attention_backends(args.attn_implementation)
+        log(describe_attention(args.attn_implementation, backends))
+        model, tokenizer, device, dtype = load_model(args, model_path, backends[modes[0]])
+    except (UsageError, DatasetError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+    from tqdm import tqdm
+
+    from parallel_decoding import chat_prompt_ids
+
+    log(f"model {model_path} on {device} ({str(dtype).replace('torch.', '')}); task {args.task}; "
+        f"{len(rows)} rows from {data_path}; output {out_path}")
+
+    # Rows already done (earlier run) are kept in their place; the rest run in dataset order.
+    done_keys = Counter(row_key(r) for r in finished)
+    by_key = {}
+    for r in finished:
+        by_key.setdefault(row_key(r), []).append(r)
+    results = [None] * len(rows)
+    pending = []
+    for i, row in enumerate(rows):
+        key = row_key(row)
+        if done_keys[key] > 0:
+            done_keys[key] -= 1
+            results[i] = by_key[key].pop(0)
+        else:
+            pending.append(i)
+    if finished:
+        log(f"resuming: {len(rows) - len(pending)} rows already done")
+
+    prompts = {i: build_prompt(args.task, rows[i]) for i in pending}
+    limit = usable_context(model, args.max_new_tokens)
+    if get_task(args.task).skip_too_long and limit is not None:
+        too_long = [i for i in pending if len(chat_prompt_ids(tokenizer, prompts[i])) > limit]
+        if too_long:
+            log(f"skipped {len(too_long)} rows whose prompt exceeds the usable context of {limit} tokens "
+                f"(max positions minus --max_new_tokens {args.max_new_tokens})")
+        pending = [i for i in pending if i not in set(too_long)]
+        skipped = set(too_long)
+    else:
+        skipped = set()
+
+    def write():
+        write_rows_atomic(out_path, [r for i, r in enumerate(results) if r is not None and i not in skipped])
+
+    if not pending:
+        write()  # drops a torn last line or stale errored rows of an earlier run
+        log(f"nothing to do: all {len(rows) - len(skipped)} rows are in {out_path}")
+        return 0
+
+    gen = gen_kwargs(args, args.max_new_tokens)
+    warm_up(model, tokenizer, [prompts[i] for i in pending[:3]], modes, backends, gen, log)
+
+    errors = 0
+    bar = tqdm(total=len(rows) - len(skipped), initial=len(rows) - len(skipped) - len(pending), desc=args.task,
+               unit="row", dynamic_ncols=True)
+    for i in pending:
+        if args.do_sample:
+            torch.manual_seed(args.seed + i)
+        results[i] = run_row(model, tokenizer, rows[i], prompts[i], modes, backends, gen)
+        write()
+        if results[i]["error"]:
+            errors += 1
+            bar.write(f"row {i}: {results[i]['error']}")
+        speedup = mean_speedup([r for r in results if r is not None])
+        if speedup is not None:
+            bar.set_postfix(speedup=f"{speedup:.2f}x")
+        bar.update(1)
+    bar.close()
+    speedup = mean_speedup([r for r in results if r is not None])
+    summary = f"wrote {len(rows) - len(skipped)} rows to {out_path} ({errors} with errors this run)"
+    if speedup is not None:
+        summary += f"; mean speedup {speedup:.2f}x"
+    log(summary)
+    return 1 if errors == len(pending) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
