@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessorList
 
 from .branches import decode_branches_cached
 from .model_io import (
@@ -161,15 +162,18 @@ def _start(model, tokenizer, prompt: str, gen: dict):
 
 
 @torch.inference_mode()
-def normal_decode(model, tokenizer, prompt: str, **gen) -> dict:
-    """Sequential decoding of the answer to ``prompt`` (the user message). Greedy unless ``do_sample``."""
+def normal_decode(model, tokenizer, prompt: str, logits_processor=None, **gen) -> dict:
+    """Sequential decoding of the answer to ``prompt`` (the user message). Greedy unless ``do_sample``.
+
+    ``logits_processor``: optional extra :class:`~transformers.LogitsProcessorList`, applied at every step.
+    """
     config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
     stop_ids = stop_token_ids(model, tokenizer)
     timer = StageTimer(model.device)
     cache = new_cache(model)
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
     logits = prefill(model, cache, prompt_ids)
-    decode_sequential(model, cache, seq, logits, budget, config, stop_ids)
+    decode_sequential(model, cache, seq, logits, budget, config, stop_ids, processor=logits_processor)
     timer.lap("decode")
     answer = seq.answer
     return {
@@ -182,16 +186,30 @@ def normal_decode(model, tokenizer, prompt: str, **gen) -> dict:
 
 @torch.inference_mode()
 def parallel_decode(
-    model, tokenizer, prompt: str, max_branches: int = MAX_BRANCHES, max_blocks: int = MAX_BLOCKS, **gen
+    model,
+    tokenizer,
+    prompt: str,
+    max_branches: int = MAX_BRANCHES,
+    max_blocks: int = MAX_BLOCKS,
+    max_branch_tokens: int | None = None,
+    logits_processor=None,
+    **gen,
 ) -> dict:
     """Three-stage parallel decoding of the answer to ``prompt``; same settings as :func:`normal_decode`.
 
+    ``logits_processor`` (optional) applies to the sequential parts (stages 1 and 3), after the skeleton processor;
+    branches decode free.
+
     ``max_branches`` caps the branches of one block (the first ones are kept), ``max_blocks`` the blocks decoded in
-    parallel; ``caps`` in the result lists every cap that was hit. When the model writes no closed ``####`` block
+    parallel, ``max_branch_tokens`` the tokens of one branch (default: what is left of ``max_new_tokens``);
+    ``caps`` in the result lists every cap that was hit. When the model writes no closed ``####`` block
     the answer is decoded sequentially and ``fallback`` says why.
     """
-    if max_branches < 1 or max_blocks < 0:
-        raise ValueError(f"max_branches must be >= 1 and max_blocks >= 0, got {max_branches} and {max_blocks}")
+    if max_branches < 1 or max_blocks < 0 or (max_branch_tokens is not None and max_branch_tokens < 1):
+        raise ValueError(
+            f"max_branches and max_branch_tokens must be >= 1 and max_blocks >= 0, "
+            f"got {max_branches}, {max_branch_tokens} and {max_blocks}"
+        )
     config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
     stop_ids = stop_token_ids(model, tokenizer)
     markers = marker_vocab(tokenizer)
@@ -201,7 +219,9 @@ def parallel_decode(
     cache = new_cache(model)
     # Room for the answer plus one skeleton of titles and ellipses on top of it.
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
-    processor = SkeletonLogitsProcessor(prompt_length=len(prompt_ids), markers=markers)
+    skeleton = SkeletonLogitsProcessor(prompt_length=len(prompt_ids), markers=markers)
+    processor = LogitsProcessorList([skeleton, *(logits_processor or [])])
+    sequential_processor = LogitsProcessorList(logits_processor or [])
     logits = prefill(model, cache, prompt_ids)
     skeletons: list[str] = []
     branches: list[dict] = []
@@ -218,7 +238,7 @@ def parallel_decode(
         segment_start = seq.length - seq.prompt_len
         stop = decode_sequential(
             model, cache, seq, logits, remaining, config, stop_ids,
-            processor=processor if parallel else None,
+            processor=processor if parallel else sequential_processor,
             block_end=markers.is_block_end if parallel else None,
         )
         answer = seq.answer
@@ -231,7 +251,9 @@ def parallel_decode(
                 # started and let the model write that part sequentially, as normal decoding would.
                 fallback = "the model opened a #### block but did not close it with ####%%%%; decoded sequentially"
                 logits = _rewind(model, cache, seq, open_block)
-                decode_sequential(model, cache, seq, logits, budget - open_block, config, stop_ids)
+                decode_sequential(
+                    model, cache, seq, logits, budget - open_block, config, stop_ids, processor=sequential_processor
+                )
             timer.lap(segment_stage)
             break
         timer.lap(segment_stage)
@@ -248,6 +270,8 @@ def parallel_decode(
             prefix_len = seq.prompt_len + block_start
             longest_prefix = max(len(p) for p in block.branch_prefixes)
             branch_budget = min(budget - block_start, limit - prefix_len - longest_prefix)
+            if max_branch_tokens is not None:
+                branch_budget = min(branch_budget, max_branch_tokens)
             results = decode_branches_cached(
                 model, cache, prefix_len, block.branch_prefixes, max(branch_budget, 1),
                 stop_token_ids=stop_ids | markers.branch_ids, sampler=config.sampler,
@@ -272,7 +296,7 @@ def parallel_decode(
         merged += block.closing
         seq.truncate(block_start)
         seq.extend(merged)
-        processor.state.reset()
+        skeleton.state.reset()
         crop_cache(cache, seq.prompt_len + block_start)
         block_search_from = block_start + len(merged)
         if seq.length >= limit:
