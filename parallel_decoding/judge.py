@@ -245,9 +245,7 @@ class Judge:
                 else:
                     time.sleep(delay)
                 continue
-            if not completion.choices:
-                return ""
-            return completion.choices[0].message.content or ""
+            return _reply_text(completion)
         raise AssertionError("unreachable")
 
     def grade(self, question, reference, answer, stop=None):
@@ -259,7 +257,17 @@ class Judge:
             score = parse_score(text)
             if score is not None:
                 return Verdict(score=score, rationale=parse_rationale(text), raw=text)
-        return Verdict(score=None, rationale=f"unparseable verdict: {text.strip()}", raw=text)
+        return Verdict(score=None, rationale=f"unparseable verdict: {text.strip() or '(empty reply)'}", raw=text)
+
+
+def _reply_text(completion):
+    """The first choice's text; "" for a reply without one (a malformed body from a non-OpenAI server included)."""
+    choices = getattr(completion, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        return ""
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    return content if isinstance(content, str) else ""
 
 
 def _describe(error):
