@@ -25,7 +25,11 @@ COLONS = (":", "：")
 def _token_texts(tokenizer) -> list[str]:
     """Decoded text of every token id (byte-level pieces decode to '\\ufffd' and never match a marker)."""
     size = len(tokenizer)
-    return tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False)
+    single = [[i] for i in range(size)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer decodes the whole vocabulary in one batched call
+        return backend.decode_batch(single, skip_special_tokens=False)
+    return tokenizer.batch_decode(single, skip_special_tokens=False)
 
 
 def _encode_exact(tokenizer, text: str) -> list[int]:
