@@ -375,6 +375,7 @@ def plot_summary(rows, summary, png_path):
             ax.bar([g + (k - 0.5) * width for g in grid], counts, width=width,
                    label=f"{mode} (mean {_fmt(summary.get(f'{mode}_score'), 2)})")
         ax.set_xticks(grid)
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("judge score")
         ax.set_ylabel("answers")
         ax.set_title("judge score distribution")
