@@ -235,3 +235,29 @@ def test_cpu_tensors_need_the_interpreter():
     with pytest.raises(ValueError, match=r"the Triton kernel needs CUDA tensors \(set TRITON_INTERPRET=1"):
         check_varlen_args(*(args[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                                               "max_seqlen_k", "q_branch", "k_branch")), interpreted=False)
+
+
+def test_bench_code_path_on_the_interpreter():
+    """The GPU benchmark's checks and table, at toy sizes, with a dummy timer (nothing is timed here)."""
+    from flash_attn_branch import bench
+
+    args = bench.parse_args(["--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "32", "--branch-tokens", "6",
+                             "--dtype", "fp16"])
+    shapes = [bench.Shape("decode", 3, 40, 3, title_len=2), bench.Shape("tree", 6, 30, 3, title_len=2),
+              bench.Shape("causal", 12, 12, 0)]
+    q_branch, k_branch = bench.branch_layout(shapes[0], args.branch_tokens, "cpu")
+    assert q_branch.tolist() == [0, 1, 2] and k_branch[:22].eq(-1).all() and k_branch.numel() == 40
+    rows = [bench.bench_shape(shape, args, torch.device("cpu"), time_fn=lambda fn: (fn(), 1.0)[1]) for shape in shapes]
+    assert [row["ok"] for row in rows] == [True, True, True]
+    table = bench.format_table(rows, "header")
+    assert table.splitlines()[2].startswith("| shape | q | k | splits | kernel ms |")
+    assert len(table.splitlines()) == 4 + len(shapes)
+
+
+def test_bench_without_cuda_exits_with_code_2(capsys):
+    from flash_attn_branch import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -1,12 +1,14 @@
 """transformers integration: run a stock decoder's attention through the branch-aware kernel.
 
     from flash_attn_branch.hf import register
-    name = register()                        # "branch_flash"
+    name = register()                        # "branch_attention"
     model.set_attn_implementation(name)      # or from_pretrained(..., attn_implementation=name)
     model(input_ids, position_ids=..., cache=..., q_branch=q_ids, k_branch=k_ids)
 
 transformers forwards extra keyword arguments of `model(...)` down to the attention function, so the branch ids
 reach the kernel without a 4D mask.  The registered mask function returns None: no mask is ever built.
+The name must not contain "flash": transformers treats any such name as a FlashAttention / hub-kernel request
+(`is_flash_attention_requested`) and tries to import it.
 Without `q_branch`/`k_branch` the backend is plain causal attention (bottom-right aligned, i.e. the queries are the
 last tokens of the keys, which holds for a DynamicCache; a StaticCache's padded key buffer is not supported).
 """
@@ -17,7 +19,7 @@ import torch
 
 from .interface import flash_attn_varlen_func
 
-DEFAULT_NAME = "branch_flash"
+DEFAULT_NAME = "branch_attention"
 
 
 @lru_cache(maxsize=16)
@@ -28,15 +30,15 @@ def _cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
 
 def _branch_ids(name: str, ids, length: int, device: torch.device) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"branch_flash attention: {name} must be a torch.Tensor, got {type(ids).__name__}")
+        raise TypeError(f"branch attention: {name} must be a torch.Tensor, got {type(ids).__name__}")
     ids = ids.reshape(-1)
     if ids.numel() != length:
-        raise ValueError(f"branch_flash attention: {name} has {ids.numel()} ids but this layer sees {length} "
+        raise ValueError(f"branch attention: {name} has {ids.numel()} ids but this layer sees {length} "
                          f"{'queries' if name == 'q_branch' else 'keys (cache included)'}")
     return ids.to(device=device, dtype=torch.int32)
 
 
-def branch_flash_attention_forward(
+def branch_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -52,22 +54,22 @@ def branch_flash_attention_forward(
     (attn_output (B, Tq, Hq, D), None), the layout transformers' attention functions return.
     """
     if dropout and module.training:
-        raise NotImplementedError("branch_flash attention: attention dropout is not supported (inference kernel)")
+        raise NotImplementedError("branch attention: attention dropout is not supported (inference kernel)")
     if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("branch_flash attention: sliding-window layers are not supported")
+        raise NotImplementedError("branch attention: sliding-window layers are not supported")
     if kwargs.get("softcap") is not None:
-        raise NotImplementedError("branch_flash attention: logit softcapping is not supported")
+        raise NotImplementedError("branch attention: logit softcapping is not supported")
     if attention_mask is not None:
-        raise ValueError("branch_flash attention: got a materialized attention mask; pass branch ids as q_branch/"
-                         "k_branch instead of a 4D mask (the branch_flash mask function never builds one)")
+        raise ValueError("branch attention: got a materialized attention mask; pass branch ids as q_branch/"
+                         "k_branch instead of a 4D mask (this backend's mask function never builds one)")
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     q_branch, k_branch = kwargs.get("q_branch"), kwargs.get("k_branch")
     if (q_branch is None) != (k_branch is None):
-        raise ValueError("branch_flash attention: pass both q_branch and k_branch, or neither")
+        raise ValueError("branch attention: pass both q_branch and k_branch, or neither")
     if q_branch is not None:
         if batch != 1:
-            raise ValueError(f"branch_flash attention: branch ids need batch size 1, got {batch}")
+            raise ValueError(f"branch attention: branch ids need batch size 1, got {batch}")
         q_branch = _branch_ids("q_branch", q_branch, q_len, query.device)
         k_branch = _branch_ids("k_branch", k_branch, k_len, query.device)
 
@@ -84,7 +86,7 @@ def branch_flash_attention_forward(
     return out.view(batch, q_len, num_heads, head_dim), None  # (B, Tq, Hq, D)
 
 
-def branch_flash_mask(
+def branch_attention_mask(
     batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
     attention_mask: torch.Tensor | None = None, **kwargs,
 ) -> None:
@@ -93,15 +95,18 @@ def branch_flash_mask(
     A 2D padding mask with zeros cannot be honoured (the kernel has no padding input) and raises.
     """
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise ValueError("branch_flash attention: padded batches are not supported; the 2D attention_mask has zeros")
+        raise ValueError("branch attention: padded batches are not supported; the 2D attention_mask has zeros")
     return None
 
 
 def register(name: str = DEFAULT_NAME) -> str:
     """Register the attention and mask functions under `name` with transformers; returns `name`."""
+    if "flash" in name:
+        raise ValueError(f"register: name {name!r} contains 'flash', which transformers reserves for FlashAttention "
+                         "and hub kernels (it would try to import it); pick another name")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(name, branch_flash_attention_forward)
-    AttentionMaskInterface.register(name, branch_flash_mask)
+    AttentionInterface.register(name, branch_attention_forward)
+    AttentionMaskInterface.register(name, branch_attention_mask)
     return name
