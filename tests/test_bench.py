@@ -1,0 +1,88 @@
+"""The benchmark CLI at a tiny shape: the JSON summary on its last line and the sweep's files (not the speed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from parallel_decoding import bench
+from parallel_decoding.configs import MODEL_CONFIGS, qwen2_config
+
+TINY = ["--config", "tiny", "--prefix_len", "12", "--branch_len", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+REQUIRED = {
+    "speedup", "efficiency", "sequential_tokens_per_s", "parallel_tokens_per_s", "peak_memory_mb",
+    "sequential_ms_per_step", "parallel_ms_per_step", "sequential_weight_gb_per_s", "parallel_weight_gb_per_s",
+    "num_branches", "branch_len", "prefix_len", "attn_implementation", "dtype", "device", "device_name", "results",
+}
+
+
+def last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_single_run_reports_json_fields(capsys):
+    assert bench.main(TINY + ["--num_branches", "3", "--attn_implementation", "eager", "sdpa"]) == 0
+    summary = last_json(capsys)
+    assert REQUIRED <= summary.keys()
+    assert summary["num_branches"] == 3 and summary["attn_implementation"] == "eager"
+    assert [r["attn_implementation"] for r in summary["results"]] == ["eager", "sdpa"]
+    for row in summary["results"]:
+        assert row["speedup"] > 0 and row["efficiency"] == pytest.approx(row["speedup"] / 3)
+        assert row["sequential_tokens_per_s"] == pytest.approx(3 * 3 / row["sequential_s"])
+        assert row["peak_memory_mb"] > 0  # CPU: process peak RSS
+        assert row["token_agreement"] == 1.0  # fp32: both modes decode the same greedy tokens
+
+
+def test_sweep_writes_csv_and_png(tmp_path, capsys):
+    assert bench.main(TINY + ["--sweep", "--out_dir", str(tmp_path), "--attn_implementation", "sdpa"]) == 0
+    summary = last_json(capsys)
+    assert REQUIRED <= summary.keys()
+    with open(summary["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["num_branches"]) for r in rows] == list(bench.SWEEP_BRANCHES)
+    assert {"speedup", "efficiency", "attn_implementation"} <= rows[0].keys()
+    png = open(summary["png"], "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sequential_baseline_matches_engine_tokens():
+    model = bench.random_model("tiny", torch.device("cpu"), torch.float32, "eager", seed=1)
+    cache = bench.new_cache(model)
+    bench.prefill(model, cache, list(range(10, 20)))
+    titles = [[5, 6], [7], [8, 9, 10]]
+    one_by_one = bench.decode_branches_one_by_one(model, cache, 10, titles, 4)
+    together = bench.decode_branches_together(model, cache, 10, titles, 4)
+    assert one_by_one == together and all(len(t) == 4 for t in together)
+
+
+def test_random_model_is_finite_real_shape():
+    model = bench.random_model("tiny", torch.device("cpu"), torch.bfloat16, "sdpa", seed=0)
+    assert model.dtype == torch.bfloat16
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tie_word_embeddings honoured
+    # tied: the one matrix is read by the LM head and counted once
+    assert bench.weight_bytes(model) == sum(p.numel() * 2 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, params", [("qwen2.5-0.5b", 494_032_768), ("qwen2.5-7b", 7_615_616_512)])
+def test_configs_have_the_released_parameter_counts(name, params):
+    config = qwen2_config(name)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    attention = h * h + h + 2 * (h * kv + kv) + h * h  # q (with bias), k, v (with bias), o
+    per_layer = attention + 3 * h * i + 2 * h
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    assert layers * per_layer + embeddings + h == params
+    assert config.vocab_size == MODEL_CONFIGS[name]["vocab_size"]
+
+
+def test_bad_flags_fail_with_one_line(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--num_branches", "0"])
+    assert "--num_branches must be >= 1" in capsys.readouterr().err
+    assert bench.main(TINY + ["--prefix_len", "5000"]) == 2
+    assert "exceeds the model's context" in capsys.readouterr().err
