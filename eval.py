@@ -139,10 +139,6 @@ def validate_rows(rows, line_numbers, path, task):
         raise InputError(f"{path}: missing column(s) {', '.join(wanted)}; is this a results file?")
 
 
-def _json_default(value):
-    raise TypeError(f"cannot store {type(value).__name__} in JSON")
-
-
 def write_text_atomic(path, text):
     """Write ``text`` to ``path`` via a temp file in the same folder and os.replace: readers (and a crash) see either
     the old file or the new one, never half of it."""
@@ -163,10 +159,8 @@ def write_text_atomic(path, text):
 
 
 def save_rows(path, rows):
-    lines = []
-    for row in rows:
-        lines.append(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-    write_text_atomic(path, "".join(lines))
+    """Rewrite the results file (all rows, in order) atomically."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
