@@ -1,18 +1,33 @@
-"""Parallel decoding of independent reasoning branches inside one sequence."""
+"""Parallel decoding of independent reasoning branches inside one sequence.
 
-from .branches import branch_mask, decode_branches, decode_branches_reference
-from .engine import GenerationConfig, chat_prompt_ids, normal_decode, parallel_decode
-from .skeleton import MarkerVocab, SkeletonLogitsProcessor, parse_skeleton
+Names are imported on first use (PEP 562), so the CPU-only parts (metrics, tasks, eval) load without torch.
+"""
 
-__all__ = [
-    "GenerationConfig",
-    "MarkerVocab",
-    "SkeletonLogitsProcessor",
-    "branch_mask",
-    "chat_prompt_ids",
-    "decode_branches",
-    "decode_branches_reference",
-    "normal_decode",
-    "parallel_decode",
-    "parse_skeleton",
-]
+import importlib
+
+_EXPORTS = {
+    "GenerationConfig": "engine",
+    "chat_prompt_ids": "engine",
+    "normal_decode": "engine",
+    "parallel_decode": "engine",
+    "branch_mask": "branches",
+    "decode_branches": "branches",
+    "decode_branches_reference": "branches",
+    "MarkerVocab": "skeleton",
+    "SkeletonLogitsProcessor": "skeleton",
+    "parse_skeleton": "skeleton",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'parallel_decoding' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -70,6 +70,10 @@ def tiny_decoder(family: str = "qwen2", vocab_size: int = 256, attn_implementati
     settings.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**settings)).eval()
+    if attn_implementation == "branch_flash":  # the project's Triton kernel (pip install ./flash-attention)
+        from flash_attn_branch.hf import register
+
+        register()
     model.set_attn_implementation(attn_implementation)
     # Random init gives near-uniform logits; a larger output scale makes greedy choices far from ties.
     with torch.no_grad():

@@ -24,7 +24,7 @@ class ForwardCounter:
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "branch_flash"])
 def test_branches_equal_each_branch_decoded_alone(family, attn):
     model = tiny_decoder(family, attn_implementation=attn)
     prefix = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(1))
