@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-BRANCH_KERNEL = "branch_flash"  # attention implementation name the project's Triton kernel registers
+BRANCH_KERNEL = "branch_attention"  # name flash_attn_branch.hf.register() uses (transformers reserves "flash")
 
 
 @functools.lru_cache(maxsize=None)

@@ -70,7 +70,7 @@ def tiny_decoder(family: str = "qwen2", vocab_size: int = 256, attn_implementati
     settings.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**settings)).eval()
-    if attn_implementation == "branch_flash":  # the project's Triton kernel (pip install ./flash-attention)
+    if attn_implementation == "branch_attention":  # the project's Triton kernel (pip install ./flash-attention)
         from flash_attn_branch.hf import register
 
         register()
