@@ -344,7 +344,7 @@ def main(argv=None) -> int:
         write()
         if results[i]["error"]:
             errors += 1
-            bar.write(f"row {i}: {results[i]['error']}")
+            bar.write(f"row {i}: {results[i]['error']}", file=sys.stderr)
         speedup = mean_speedup([r for r in results if r is not None])
         if speedup is not None:
             bar.set_postfix(speedup=f"{speedup:.2f}x")

@@ -1,0 +1,238 @@
+"""generate.py end to end on a tiny random Qwen2 with its own small BPE tokenizer (built once per module).
+
+The CLI runs as a subprocess once per task; resume, skipping, run-time errors and bad input run `generate.main`
+in-process (same code path after argv parsing, without paying an interpreter start per case).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import generate
+from parallel_decoding.tasks import build_prompt, default_data_path, load_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW_TOKENS = 16
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _train_tokenizer():
+    """A 512-token byte-level BPE trained on a few rows of the project's data, markers as whole tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = []
+    for task in ("retrieval", "multi-document-qa", "planning"):
+        corpus += default_data_path(task).read_text(encoding="utf-8").splitlines()[:5]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_tokens(["####", "%%%%", "......"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _save_model(tokenizer, path: Path, max_position_embeddings: int) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _save_model(_train_tokenizer(), tmp_path_factory.mktemp("models") / "tiny-qwen2", max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    """The tokenizer as generate.py loads it (AutoTokenizer may pick a model-specific class from config.json)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _read(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _args(model_dir, out_dir, *extra):
+    return ["--model_path", str(model_dir), "--output_dir", str(out_dir), "--max_new_tokens", str(MAX_NEW_TOKENS),
+            *extra]
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["retrieval", "multi-document-qa", "planning"])
+def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--task", task, "--max_samples", "2",
+                           *_args(model_dir, tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data_path = default_data_path(task)
+    out = tmp_path / "tiny-qwen2" / f"{data_path.stem}.jsonl"
+    rows, dataset = _read(out), load_dataset(task, data_path)[:2]
+    assert len(rows) == 2
+    for row, source in zip(rows, dataset):
+        assert list(row) == list(source) + list(generate.RESULT_COLUMNS)
+        assert {k: row[k] for k in source} == source
+        assert row["full_prompt"] == build_prompt(task, source)
+        assert row["error"] is None
+        for mode in ("normal", "parallel"):
+            assert isinstance(row[f"{mode}_response"], str)
+            assert 1 <= row[f"{mode}_length"] <= MAX_NEW_TOKENS
+            assert row[f"{mode}_speed"] == pytest.approx(row[f"{mode}_length"] / row[f"{mode}_time"])
+        assert row["num_parallel_branches"] == len(row["branches"])
+        assert row["parallel_time"] == pytest.approx(row["stage1_time"] + row["stage2_time"] + row["stage3_time"])
+        assert row["num_parallel_branches"] > 0 or row["fallback"]
+    assert "generate: attention: sdpa for both modes" in proc.stderr
+    assert f"wrote 2 rows to {out}" in proc.stderr
+
+
+def test_default_embedded_model_writes_branches(tmp_path):
+    if not generate.DEFAULT_MODEL_PATH.is_dir():
+        pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
+    assert generate.main(["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "96",
+                          "--output_dir", str(tmp_path)]) == 0
+    (row,) = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
+    assert row["num_parallel_branches"] == 4 and row["fallback"] is None
+    assert [b["title"].strip() for b in row["branches"]] == [s["name"] for s in row["students"]]
+
+
+# --- resume, overwrite, modes ---------------------------------------------------------------------------------
+
+def test_resume_after_a_crash_keeps_finished_rows(tmp_path, model_dir, capsys):
+    args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "2")
+    assert generate.main(args) == 0
+    out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
+    first_run = _read(out)
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][: len(lines[1]) // 2], encoding="utf-8")  # killed while writing row 1
+    capsys.readouterr()
+
+    assert generate.main(args) == 0
+    assert "resuming: 1 rows already done" in capsys.readouterr().err
+    resumed = _read(out)
+    assert resumed[0] == first_run[0]  # not decoded again (its timings would differ)
+    assert [r["_id"] for r in resumed] == [r["_id"] for r in first_run]
+
+    assert generate.main(args) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert _read(out) == resumed
+
+    assert generate.main([*args, "--overwrite", "--modes", "normal"]) == 0
+    rerun = _read(out)
+    assert rerun[0]["normal_time"] != first_run[0]["normal_time"]
+    assert all(r["parallel_response"] is None and r["normal_response"] is not None for r in rerun)
+
+
+# --- too-long prompts ------------------------------------------------------------------------------------------
+
+def _short_context_model(model_dir: Path, tmp_path: Path, max_position_embeddings: int) -> Path:
+    path = tmp_path / "short-context"
+    shutil.copytree(model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = max_position_embeddings
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_multi_doc_rows_longer_than_the_context_are_skipped(tmp_path, model_dir, tokenizer, capsys):
+    from parallel_decoding import chat_prompt_ids
+
+    rows = load_dataset("multi-document-qa", default_data_path("multi-document-qa"))[:4]
+    lengths = [len(chat_prompt_ids(tokenizer, build_prompt("multi-document-qa", r))) for r in rows]
+    usable = sorted(lengths)[1]  # two or three rows fit, the others do not
+    short = _short_context_model(model_dir, tmp_path, usable + MAX_NEW_TOKENS)
+    args = _args(short, tmp_path, "--task", "multi-document-qa", "--max_samples", "4", "--modes", "normal")
+    assert generate.main(args) == 0
+    too_long = sum(n > usable for n in lengths)
+    assert f"skipped {too_long} rows whose prompt exceeds the usable context of {usable} tokens" in capsys.readouterr().err
+    kept = _read(tmp_path / "short-context" / "multi_document_qa.jsonl")
+    assert [r["_id"] for r in kept] == [r["_id"] for r, n in zip(rows, lengths) if n <= usable]
+
+
+def test_row_errors_are_recorded_and_the_run_goes_on(tmp_path, model_dir, capsys):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "word " * 400}) + "\n" +
+                    json.dumps({"prompt": "Bye"}) + "\n")
+    short = _short_context_model(model_dir, tmp_path, 600)
+    assert generate.main(_args(short, tmp_path, "--task", "retrieval", "--data_path", str(data))) == 0
+    rows = _read(tmp_path / "short-context" / "mixed.jsonl")
+    assert [r["error"] is None for r in rows] == [True, False, True]
+    assert rows[1]["error"].startswith("normal: ValueError: the prompt has ")
+    assert "; parallel: ValueError: the prompt has " in rows[1]["error"]
+    assert rows[1]["normal_response"] is None and rows[2]["normal_response"] is not None
+    assert "row 1: normal: ValueError" in capsys.readouterr().err
+
+
+# --- bad input: one line, exit 2, nothing written over ---------------------------------------------------------
+
+@pytest.fixture
+def sentinel(tmp_path):
+    """An existing output file (of model 'tiny-qwen2' on retrieval_4) that a failing run must leave alone."""
+    path = tmp_path / "out" / "tiny-qwen2" / "retrieval_4.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("earlier results\n")
+    return path
+
+
+def _bad_input(capsys, argv) -> str:
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("generate.py: error: ")
+    return err
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
+    out = ["--output_dir", str(tmp_path / "out")]
+    base = ["--model_path", str(model_dir), "--task", "retrieval", *out]
+    err = _bad_input(capsys, ["--model_path", str(tmp_path / "tiny-qwen2"), "--task", "retrieval", *out])
+    assert f"--model_path {tmp_path / 'tiny-qwen2'} does not exist" in err
+    assert "invalid choice: 'summarize'" in _bad_input(capsys, ["--model_path", str(model_dir), "--task", "summarize"])
+    assert "cannot read dataset" in _bad_input(capsys, [*base, "--data_path", str(tmp_path / "none.jsonl")])
+    broken = tmp_path / "retrieval_4.jsonl"
+    broken.write_text('{"prompt": "a"}\n{"prompt": "b",\n')
+    assert f"{broken}:2: invalid JSON" in _bad_input(capsys, [*base, "--data_path", str(broken)])
+    broken.write_text('{"prompt": "a"}\n{"question": "b"}\n')
+    assert f"{broken}:2: row has no 'prompt' field" in _bad_input(capsys, [*base, "--data_path", str(broken)])
+    assert "--max_samples must be >= 1" in _bad_input(capsys, [*base, "--max_samples", "0"])
+    assert sentinel.read_text() == "earlier results\n"
+
+
+def test_missing_default_model_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "DEFAULT_MODEL_PATH", tmp_path / "models" / "tiny-qwen2-retrieval")
+    err = _bad_input(capsys, ["--task", "retrieval", "--output_dir", str(tmp_path)])
+    assert "the embedded default model" in err and "pass --model_path" in err
+
+
+def test_unknown_task_from_the_shell_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--task", "summarize"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("generate.py: error: argument --task: invalid choice: 'summarize' (choose from ")
+
+
+def test_output_path_naming():
+    assert generate.output_path("results", "/m/Qwen2.5-7B-Instruct/", "data/retrieval_4.jsonl") == \
+        Path("results/Qwen2.5-7B-Instruct/retrieval_4.jsonl")
+    assert generate.output_path("r", "Qwen/Qwen2.5-0.5B-Instruct", "/x/2wikimqa.jsonl") == \
+        Path("r/Qwen2.5-0.5B-Instruct/2wikimqa.jsonl")
