@@ -162,6 +162,7 @@ class SkeletonLogitsProcessor(LogitsProcessor):
         self.state = SkeletonState(markers, prompt_length)
         self._marker_index = torch.tensor(markers.marker_id_list, dtype=torch.long)
         self._hash_index = torch.tensor(sorted(markers.hash_start_ids), dtype=torch.long)
+        self._on_device: dict = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[0] != 1:
@@ -178,10 +179,11 @@ class SkeletonLogitsProcessor(LogitsProcessor):
             return self._forbid(scores, self._hash_index)
         return scores
 
-    @staticmethod
-    def _forbid(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        index = index[index < scores.shape[-1]].to(scores.device)
-        return scores.index_fill(-1, index, float("-inf"))
+    def _forbid(self, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        key = (id(index), scores.device, scores.shape[-1])
+        if key not in self._on_device:  # copied to the device once, not at every step
+            self._on_device[key] = index[index < scores.shape[-1]].to(scores.device)
+        return scores.index_fill(-1, self._on_device[key], float("-inf"))
 
 
 @dataclass
