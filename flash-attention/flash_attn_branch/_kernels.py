@@ -11,7 +11,8 @@ Forward kernel, one program per (query tile, sequence x KV head, key split):
   - visibility: causal (bottom-right aligned: query i of a sequence with Lq queries and Lk keys sits at key index
     Lk - Lq + i) and, with HAS_BRANCH, key j visible to query i iff k_branch[j] == -1 or k_branch[j] == q_branch[i].
   - key blocks after the tile's causal horizon are never visited (loop bound); with SKIP_BRANCH_BLOCKS a block whose
-    keys are neither shared nor in the tile's [min, max] query-branch range is skipped before K/V are loaded.
+    keys are neither shared nor in the tile's [min, max] query-branch range is not read (its K/V loads are masked
+    off; its scores are all -inf, so the online-softmax state passes through it unchanged).
   - SPLIT (flash-decoding): the key range is cut into `num_splits` chunks run by different programs, each writing a
     normalized fp32 partial output and its base-2 log-sum-exp; `_combine_splits_kernel` merges them.  Decode has
     few query tiles, so without splitting most of the GPU would idle on long contexts.
@@ -25,19 +26,22 @@ from ._mode import interpreter_enabled
 # The mode these kernels were decorated in (compiled for the GPU, or run by the CPU interpreter).
 INTERPRETED = interpreter_enabled()
 
-_INT32_MAX = 2147483647
-_INT32_MIN = -2147483648
+_INT32_MAX = tl.constexpr(2147483647)
+_INT32_MIN = tl.constexpr(-2147483648)
 
 
 @triton.jit
 def _attend_key_block(
-    acc, m_i, l_i, q, q_idx, q_branch, k_base, v_base, k_branch, cols, col_valid,
+    acc, m_i, l_i, q, q_idx, q_branch, k_base, v_base, k_branch, cols, col_valid, load_valid,
     offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
     CAUSAL: tl.constexpr, HAS_BRANCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
-    """One step of the online softmax over the key block `cols`; returns the updated (acc, m_i, l_i)."""
-    kv_mask = col_valid[:, None] & d_valid[None, :]
+    """One step of the online softmax over the key block `cols`; returns the updated (acc, m_i, l_i).
+
+    Keys outside `load_valid` are not read (zeros); they must be invisible to every row of the tile.
+    """
+    kv_mask = load_valid[:, None] & d_valid[None, :]
     k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     if DOT_IN_FP32:
@@ -73,9 +77,17 @@ def _key_block_step(
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BRANCH: tl.constexpr, SKIP_BRANCH_BLOCKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
-    """Key block [start_n, start_n + BLOCK_N) of the loop: skip it if no query of the tile can see it, else attend."""
+    """Key block [start_n, start_n + BLOCK_N) of the loop.
+
+    A block that no query of the tile can see (no shared key, branch ids outside the tile's query-branch range) is
+    not read: its K/V loads are masked off, so no memory traffic.  The block is skipped by masking rather than by
+    an `if` around the loads because Triton does not software-pipeline loads under a data-dependent branch (checked
+    on the sm_90 TTGIR: the `if` version had no async copies and spilled registers).
+    """
     cols = start_n + offs_n
     col_valid = cols < hi
+    k_branch = cols  # placeholder, only read when HAS_BRANCH
+    block_visible = col_valid
     if HAS_BRANCH:
         k_branch = tl.load(KBranch + k_start + cols, mask=col_valid, other=-1)
         if SKIP_BRANCH_BLOCKS:
@@ -85,22 +97,11 @@ def _key_block_step(
             k_branch_max = tl.max(tl.where(is_private, k_branch, _INT32_MIN), 0)
             has_shared = tl.max(is_shared.to(tl.int32), 0) > 0
             overlaps = (k_branch_min <= q_branch_max) & (k_branch_max >= q_branch_min)
-            if has_shared | overlaps:
-                acc, m_i, l_i = _attend_key_block(
-                    acc, m_i, l_i, q, q_idx, q_branch, k_base, v_base, k_branch, cols, col_valid,
-                    offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
-                    CAUSAL, HAS_BRANCH, DOT_PRECISION, DOT_IN_FP32)
-        else:
-            acc, m_i, l_i = _attend_key_block(
-                acc, m_i, l_i, q, q_idx, q_branch, k_base, v_base, k_branch, cols, col_valid,
-                offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
-                CAUSAL, HAS_BRANCH, DOT_PRECISION, DOT_IN_FP32)
-    else:
-        acc, m_i, l_i = _attend_key_block(
-            acc, m_i, l_i, q, q_idx, q_branch, k_base, v_base, cols, cols, col_valid,
-            offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
-            CAUSAL, HAS_BRANCH, DOT_PRECISION, DOT_IN_FP32)
-    return acc, m_i, l_i
+            block_visible = col_valid & (has_shared | overlaps)
+    return _attend_key_block(
+        acc, m_i, l_i, q, q_idx, q_branch, k_base, v_base, k_branch, cols, col_valid, block_visible,
+        offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
+        CAUSAL, HAS_BRANCH, DOT_PRECISION, DOT_IN_FP32)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .interface import _flash_attn_varlen_forward, pick_launch_config
+from .interface import _flash_attn_varlen_forward, gpu_info, pick_launch_config
 from .layout import branch_ids_for_engine_layout
 from .reference import branch_visibility_mask, flash_attn_varlen_reference
 
@@ -107,8 +107,8 @@ def bench_shape(shape: Shape, args, device, time_fn) -> dict:
     sdpa_err = (sdpa_mask()[0].transpose(0, 1).double() - exact).abs().max().item()
     tolerance = TOLERANCE_FACTOR * sdpa_err + ULP[dtype] * max(1.0, exact.abs().max().item())
     del exact
-    config = pick_launch_config(q.device, 1, args.num_kv_heads, group, args.head_dim, shape.q_len, shape.k_len,
-                                interpreted=device.type != "cuda")
+    config = pick_launch_config(1, args.num_kv_heads, group, args.head_dim, shape.q_len, shape.k_len,
+                                gpu_info(device) if device.type == "cuda" else None)
     row = {
         "shape": shape.name, "q": shape.q_len, "k": shape.k_len, "branches": shape.num_branches,
         "splits": config.num_splits, "kernel_err": kernel_err, "sdpa_err": sdpa_err, "ok": kernel_err <= tolerance,
