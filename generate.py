@@ -142,18 +142,35 @@ def write_rows_atomic(path: Path, rows: list) -> None:
 
 # --- model ------------------------------------------------------------------------------------------------------
 
-def attention_backends(attn_implementation: str) -> dict:
+def register_branch_kernel() -> str:
+    """Register the project's Triton kernel with transformers; returns the attention name the engine looks for."""
+    try:
+        from flash_attn_branch.hf import register
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT / "flash-attention"))  # not pip-installed: the working tree's copy
+        try:
+            from flash_attn_branch.hf import register
+        except ImportError as e:
+            raise UsageError(f"--attn_implementation flash_attention_2 needs the project's kernel package "
+                             f"flash_attn_branch (pip install -e flash-attention): {e}") from None
+    from parallel_decoding.model_io import BRANCH_KERNEL
+
+    name = register()
+    if name != BRANCH_KERNEL:
+        raise UsageError(f"the kernel registers as {name!r} but the engine looks for {BRANCH_KERNEL!r}")
+    return name
+
+
+def attention_backends(attn_implementation: str, device) -> dict:
     """Attention implementation per mode. With flash_attention_2 the parallel stage needs the project's branch-aware
     Triton kernel; normal decoding uses stock flash-attn when installed, else the same kernel in causal mode."""
     if attn_implementation != "flash_attention_2":
         return {"normal": attn_implementation, "parallel": attn_implementation}
-    try:
-        from flash_attn_branch.hf import register
-    except ImportError as e:
-        raise UsageError(f"--attn_implementation flash_attention_2 needs the project's kernel package "
-                         f"(pip install -e flash-attention): {e}") from None
-    branch_kernel = register()
-    stock = importlib.util.find_spec("flash_attn") is not None
+    branch_kernel = register_branch_kernel()
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("--attn_implementation flash_attention_2 runs Triton kernels: it needs a CUDA device "
+                         "(or TRITON_INTERPRET=1 on a CPU, for correctness checks only)")
+    stock = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     return {"normal": "flash_attention_2" if stock else branch_kernel, "parallel": branch_kernel}
 
 
@@ -173,12 +190,22 @@ def set_attention(model, attn_implementation: str) -> None:
         model.set_attn_implementation(attn_implementation)
 
 
-def load_model(args, model_path: str, attn_implementation: str):
+def choose_device(args):
     import torch
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def load_model(args, model_path: str, attn_implementation: str, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation,
@@ -187,7 +214,7 @@ def load_model(args, model_path: str, attn_implementation: str):
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot load model {model_path}: {first_line}") from None
     model.to(device).eval()
-    return model, tokenizer, device, dtype
+    return model, tokenizer
 
 
 def usable_context(model, max_new_tokens: int):
@@ -279,9 +306,10 @@ def main(argv=None) -> int:
             rows = rows[: args.max_samples]
         finished = [] if args.overwrite else read_finished(out_path)
         modes = MODES if args.modes == "both" else (args.modes,)
-        backends = attention_backends(args.attn_implementation)
+        device, dtype = choose_device(args)
+        backends = attention_backends(args.attn_implementation, device)
         log(describe_attention(args.attn_implementation, backends))
-        model, tokenizer, device, dtype = load_model(args, model_path, backends[modes[0]])
+        model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype)
     except (UsageError, DatasetError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2

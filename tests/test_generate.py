@@ -236,3 +236,34 @@ def test_output_path_naming():
         Path("results/Qwen2.5-7B-Instruct/retrieval_4.jsonl")
     assert generate.output_path("r", "Qwen/Qwen2.5-0.5B-Instruct", "/x/2wikimqa.jsonl") == \
         Path("r/Qwen2.5-0.5B-Instruct/2wikimqa.jsonl")
+
+
+# --- attention backends ----------------------------------------------------------------------------------------
+
+def test_flash_attention_backends_per_mode(monkeypatch):
+    import torch
+
+    from parallel_decoding.model_io import BRANCH_KERNEL
+
+    cpu = torch.device("cpu")
+    assert generate.attention_backends("sdpa", cpu) == {"normal": "sdpa", "parallel": "sdpa"}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(generate.UsageError, match="needs a CUDA device"):
+        generate.attention_backends("flash_attention_2", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends = generate.attention_backends("flash_attention_2", cpu)
+    assert backends == {"normal": BRANCH_KERNEL, "parallel": BRANCH_KERNEL}  # no stock flash-attn on a CPU
+    assert "normal decoding uses the project's Triton kernel" in generate.describe_attention("flash_attention_2",
+                                                                                            backends)
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="the Triton kernel needs a CUDA device")
+def test_cli_flash_attention_on_gpu(tmp_path, model_dir):
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--task", "retrieval", "--max_samples", "2",
+                           "--attn_implementation", "flash_attention_2", *_args(model_dir, tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr
+    assert "parallel stage uses the project's branch-aware Triton kernel" in proc.stderr
+    rows = _read(tmp_path / "tiny-qwen2" / "retrieval_4.jsonl")
+    assert len(rows) == 2 and all(r["error"] is None and r["parallel_length"] >= 1 for r in rows)
