@@ -16,7 +16,6 @@ import os
 import re
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 from parallel_decoding.tasks import TASKS, DatasetError, build_prompt, default_data_path, get_task, load_dataset
@@ -103,11 +102,11 @@ def row_key(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k not in RESULT_COLUMNS}, sort_keys=True, ensure_ascii=False)
 
 
-def read_finished(path: Path) -> list:
-    """Result rows of an earlier run that finished without an error; a torn last line (a crash) is dropped."""
+def read_existing(path: Path) -> list:
+    """Result rows of an earlier run; a torn last line is dropped, anything else that does not parse is an error."""
     if not path.exists():
         return []
-    finished = []
+    existing = []
     lines = path.read_text(encoding="utf-8").splitlines()
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -115,12 +114,29 @@ def read_finished(path: Path) -> list:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if lineno == len(lines):
-                continue  # the row in flight when the previous run died
+            if lineno == len(lines) and line.startswith("{"):
+                continue  # a result row cut short (the writer is atomic, but a copy or a full disk can tear it)
             raise UsageError(f"{path}:{lineno}: existing output does not parse; pass --overwrite to start again")
-        if isinstance(row, dict) and row.get("error") is None and "normal_response" in row:
-            finished.append(row)
-    return finished
+        if not isinstance(row, dict) or "full_prompt" not in row:
+            raise UsageError(f"{path}:{lineno}: existing output is not a generate.py result; pass --overwrite")
+        existing.append(row)
+    return existing
+
+
+def match_existing(rows: list, existing: list) -> tuple:
+    """Place earlier result rows at the index of the dataset row they were made from.
+
+    Returns (results, unmatched): results[i] is the earlier result of rows[i] or None; unmatched are earlier rows
+    that belong to no dataset row (kept in the file, never silently dropped)."""
+    by_key = {}
+    for result in existing:
+        by_key.setdefault(row_key(result), []).append(result)
+    results = []
+    for row in rows:
+        earlier = by_key.get(row_key(row))
+        results.append(earlier.pop(0) if earlier else None)
+    unmatched = [r for group in by_key.values() for r in group]
+    return results, unmatched
 
 
 def write_rows_atomic(path: Path, rows: list) -> None:
@@ -302,9 +318,7 @@ def main(argv=None) -> int:
         rows = load_dataset(args.task, data_path)
         model_path = resolve_model_path(args.model_path)
         out_path = output_path(args.output_dir, model_path, data_path)
-        if args.max_samples is not None:
-            rows = rows[: args.max_samples]
-        finished = [] if args.overwrite else read_finished(out_path)
+        existing = [] if args.overwrite else read_existing(out_path)
         modes = MODES if args.modes == "both" else (args.modes,)
         device, dtype = choose_device(args)
         backends = attention_backends(args.attn_implementation, device)
@@ -320,66 +334,64 @@ def main(argv=None) -> int:
     from parallel_decoding import chat_prompt_ids
 
     log(f"model {model_path} on {device} ({str(dtype).replace('torch.', '')}); task {args.task}; "
-        f"{len(rows)} rows from {data_path}; output {out_path}")
+        f"{len(rows)} rows in {data_path}; output {out_path}")
 
-    # Rows already done (earlier run) are kept in their place; the rest run in dataset order.
-    done_keys = Counter(row_key(r) for r in finished)
-    by_key = {}
-    for r in finished:
-        by_key.setdefault(row_key(r), []).append(r)
-    results = [None] * len(rows)
-    pending = []
-    for i, row in enumerate(rows):
-        key = row_key(row)
-        if done_keys[key] > 0:
-            done_keys[key] -= 1
-            results[i] = by_key[key].pop(0)
-        else:
-            pending.append(i)
-    if finished:
-        log(f"resuming: {len(rows) - len(pending)} rows already done")
+    # Earlier results stay in the file (in dataset order, also beyond --max_samples); selected rows that have none,
+    # or whose earlier run recorded an error, are decoded now.
+    results, unmatched = match_existing(rows, existing)
+    if unmatched:
+        log(f"{len(unmatched)} rows of {out_path} match no row of {data_path}; they are kept at the end")
+    selected = range(len(rows) if args.max_samples is None else min(args.max_samples, len(rows)))
+    pending = [i for i in selected if results[i] is None or results[i].get("error") is not None]
+    if len(pending) < len(selected):
+        log(f"resuming: {len(selected) - len(pending)} rows already done")
 
     prompts = {i: build_prompt(args.task, rows[i]) for i in pending}
     limit = usable_context(model, args.max_new_tokens)
+    skipped = []
     if get_task(args.task).skip_too_long and limit is not None:
-        too_long = [i for i in pending if len(chat_prompt_ids(tokenizer, prompts[i])) > limit]
-        if too_long:
-            log(f"skipped {len(too_long)} rows whose prompt exceeds the usable context of {limit} tokens "
+        skipped = [i for i in pending if len(chat_prompt_ids(tokenizer, prompts[i])) > limit]
+        if skipped:
+            log(f"skipped {len(skipped)} rows whose prompt exceeds the usable context of {limit} tokens "
                 f"(max positions minus --max_new_tokens {args.max_new_tokens})")
-        pending = [i for i in pending if i not in set(too_long)]
-        skipped = set(too_long)
-    else:
-        skipped = set()
+            pending = [i for i in pending if i not in set(skipped)]
+            for i in skipped:
+                results[i] = None  # an earlier errored attempt of a row that cannot run is not kept either
 
     def write():
-        write_rows_atomic(out_path, [r for i, r in enumerate(results) if r is not None and i not in skipped])
+        write_rows_atomic(out_path, [r for r in results if r is not None] + unmatched)
 
     if not pending:
-        write()  # drops a torn last line or stale errored rows of an earlier run
-        log(f"nothing to do: all {len(rows) - len(skipped)} rows are in {out_path}")
+        write()  # drops a torn last line of an earlier run
+        log(f"nothing to do: {len(selected) - len(skipped)} rows are in {out_path}")
         return 0
 
     gen = gen_kwargs(args, args.max_new_tokens)
     warm_up(model, tokenizer, [prompts[i] for i in pending[:3]], modes, backends, gen, log)
 
     errors = 0
-    bar = tqdm(total=len(rows) - len(skipped), initial=len(rows) - len(skipped) - len(pending), desc=args.task,
-               unit="row", dynamic_ncols=True)
-    for i in pending:
-        if args.do_sample:
-            torch.manual_seed(args.seed + i)
-        results[i] = run_row(model, tokenizer, rows[i], prompts[i], modes, backends, gen)
-        write()
-        if results[i]["error"]:
-            errors += 1
-            bar.write(f"row {i}: {results[i]['error']}", file=sys.stderr)
-        speedup = mean_speedup([r for r in results if r is not None])
-        if speedup is not None:
-            bar.set_postfix(speedup=f"{speedup:.2f}x")
-        bar.update(1)
+    total = len(selected) - len(skipped)
+    bar = tqdm(total=total, initial=total - len(pending), desc=args.task, unit="row", dynamic_ncols=True)
+    try:
+        for i in pending:
+            if args.do_sample:
+                torch.manual_seed(args.seed + i)
+            results[i] = run_row(model, tokenizer, rows[i], prompts[i], modes, backends, gen)
+            write()
+            if results[i]["error"]:
+                errors += 1
+                bar.write(f"row {i}: {results[i]['error']}", file=sys.stderr)
+            speedup = mean_speedup([results[j] for j in selected if results[j] is not None])
+            if speedup is not None:
+                bar.set_postfix(speedup=f"{speedup:.2f}x")
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        log(f"interrupted: {out_path} holds every finished row; run the same command again to resume")
+        return 130
     bar.close()
-    speedup = mean_speedup([r for r in results if r is not None])
-    summary = f"wrote {len(rows) - len(skipped)} rows to {out_path} ({errors} with errors this run)"
+    speedup = mean_speedup([results[j] for j in selected if results[j] is not None])
+    summary = f"{total} rows in {out_path} ({errors} with errors this run)"
     if speedup is not None:
         summary += f"; mean speedup {speedup:.2f}x"
     log(summary)

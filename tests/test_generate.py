@@ -103,7 +103,7 @@ def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
         assert row["parallel_time"] == pytest.approx(row["stage1_time"] + row["stage2_time"] + row["stage3_time"])
         assert row["num_parallel_branches"] > 0 or row["fallback"]
     assert "generate: attention: sdpa for both modes" in proc.stderr
-    assert f"wrote 2 rows to {out}" in proc.stderr
+    assert f"2 rows in {out} (0 with errors this run)" in proc.stderr
 
 
 def test_default_embedded_model_writes_branches(tmp_path):
@@ -136,6 +136,16 @@ def test_resume_after_a_crash_keeps_finished_rows(tmp_path, model_dir, capsys):
     assert generate.main(args) == 0
     assert "nothing to do" in capsys.readouterr().err
     assert _read(out) == resumed
+
+    assert generate.main([*args[:-1], "1"]) == 0  # --max_samples 1 leaves the other finished row in the file
+    assert _read(out) == resumed
+
+    failed = dict(resumed[1], error="normal: RuntimeError: CUDA out of memory")
+    out.write_text(json.dumps(resumed[0]) + "\n" + json.dumps(failed) + "\n", encoding="utf-8")
+    assert generate.main(args) == 0  # a row whose earlier run failed is decoded again
+    retried = _read(out)
+    assert retried[0] == resumed[0] and retried[1]["error"] is None
+    assert retried[1]["normal_time"] != resumed[1]["normal_time"]
 
     assert generate.main([*args, "--overwrite", "--modes", "normal"]) == 0
     rerun = _read(out)
@@ -214,7 +224,25 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     broken.write_text('{"prompt": "a"}\n{"question": "b"}\n')
     assert f"{broken}:2: row has no 'prompt' field" in _bad_input(capsys, [*base, "--data_path", str(broken)])
     assert "--max_samples must be >= 1" in _bad_input(capsys, [*base, "--max_samples", "0"])
+    assert f"{sentinel}:1: existing output does not parse; pass --overwrite" in _bad_input(capsys, base)
     assert sentinel.read_text() == "earlier results\n"
+
+
+def test_ctrl_c_leaves_finished_rows_and_exits_130(tmp_path, model_dir, monkeypatch, capsys):
+    real_run_row, calls = generate.run_row, []
+
+    def interrupted_on_second_row(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_row(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "run_row", interrupted_on_second_row)
+    argv = _args(model_dir, tmp_path, "--task", "planning", "--max_samples", "3", "--modes", "normal")
+    assert generate.main(argv) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    (row,) = _read(tmp_path / "tiny-qwen2" / "planning.jsonl")
+    assert row["_id"] == load_dataset("planning", default_data_path("planning"))[0]["_id"]
 
 
 def test_missing_default_model_is_named(tmp_path, monkeypatch, capsys):
