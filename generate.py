@@ -30,8 +30,13 @@ RESULT_COLUMNS = (
     "num_parallel_branches", "stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time",
     "fallback", "error",
 )
-WARMUP_NEW_TOKENS = 16  # the untimed warm-up only has to touch every code path (and compile kernels), not finish
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name": left to from_pretrained, not checked on disk
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line of the message`, for logs and the `error` column."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 class UsageError(Exception):
@@ -227,8 +232,7 @@ def load_model(args, model_path: str, attn_implementation: str, device, dtype):
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation,
                                                      trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, ImportError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load model {model_path}: {first_line}") from None
+        raise UsageError(f"cannot load model {model_path}: {one_line(e)}") from None
     model.to(device).eval()
     return model, tokenizer
 
@@ -268,7 +272,7 @@ def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backend
         try:
             out = decode(model, tokenizer, full_prompt, **gen)
         except (ValueError, RuntimeError) as e:  # too-long prompt, CUDA out of memory (a RuntimeError), kernel errors
-            errors.append(f"{mode}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            errors.append(f"{mode}: {one_line(e)}")
             if isinstance(e, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
             continue
@@ -287,19 +291,19 @@ def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backend
 
 
 def warm_up(model, tokenizer, prompts: list, modes: tuple, backends: dict, gen: dict, log) -> None:
-    """One untimed generation per mode before the first timed row (allocator, kernels, Triton compilation)."""
+    """One untimed generation per mode, with the run's settings, before the first timed row: the allocator, cuBLAS
+    and Triton compilation of every kernel variant the answers reach (branch decoding comes late in an answer)."""
     from parallel_decoding import normal_decode, parallel_decode
 
-    warm_gen = dict(gen, max_new_tokens=min(gen["max_new_tokens"], WARMUP_NEW_TOKENS))
     for mode in modes:
         decode = normal_decode if mode == "normal" else parallel_decode
         set_attention(model, backends[mode])
         for prompt in prompts:
             try:
-                decode(model, tokenizer, prompt, **warm_gen)
+                decode(model, tokenizer, prompt, **gen)
                 break
             except (ValueError, RuntimeError) as e:
-                log(f"warm-up ({mode}) skipped a prompt: {type(e).__name__}: {e}")
+                log(f"warm-up ({mode}) skipped a prompt: {one_line(e)}")
 
 
 def mean_speedup(rows: list):

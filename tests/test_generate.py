@@ -216,6 +216,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     base = ["--model_path", str(model_dir), "--task", "retrieval", *out]
     err = _bad_input(capsys, ["--model_path", str(tmp_path / "tiny-qwen2"), "--task", "retrieval", *out])
     assert f"--model_path {tmp_path / 'tiny-qwen2'} does not exist" in err
+    empty = tmp_path / "empty-model"
+    empty.mkdir(parents=True)
+    err = _bad_input(capsys, ["--model_path", str(empty), "--task", "retrieval", *out])
+    assert err.startswith(f"generate.py: error: cannot load model {empty}: ")
     assert "invalid choice: 'summarize'" in _bad_input(capsys, ["--model_path", str(model_dir), "--task", "summarize"])
     assert "cannot read dataset" in _bad_input(capsys, [*base, "--data_path", str(tmp_path / "none.jsonl")])
     broken = tmp_path / "retrieval_4.jsonl"
