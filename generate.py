@@ -326,7 +326,6 @@ def main(argv=None) -> int:
         modes = MODES if args.modes == "both" else (args.modes,)
         device, dtype = choose_device(args)
         backends = attention_backends(args.attn_implementation, device)
-        log(describe_attention(args.attn_implementation, backends))
         model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype)
     except (UsageError, DatasetError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
@@ -337,6 +336,7 @@ def main(argv=None) -> int:
 
     from parallel_decoding import chat_prompt_ids
 
+    log(describe_attention(args.attn_implementation, backends))
     log(f"model {model_path} on {device} ({str(dtype).replace('torch.', '')}); task {args.task}; "
         f"{len(rows)} rows in {data_path}; output {out_path}")
 
