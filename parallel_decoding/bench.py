@@ -362,14 +362,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn_implementation", nargs="+", choices=ATTN_CHOICES, default=["sdpa"],
                    help="one or more; flash_attention_2 = the project's Triton kernel (CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="default bfloat16, the released checkpoints' dtype (on a CPU without AVX512-BF16/AMX "
+                        "float32 is faster)")
+    p.add_argument("--num_threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); on a busy machine 1 can beat 2")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
     p.add_argument("--sweep", action="store_true", help=f"N in {SWEEP_BRANCHES}: CSV + PNG of speedup vs N")
     p.add_argument("--out_dir", default="results/bench", help="where --sweep writes (default results/bench/)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.num_threads is not None and args.num_threads < 1:
+        p.error(f"--num_threads must be >= 1, got {args.num_threads}")
     for flag in ("prefix_len", "num_branches", "branch_len", "title_len", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -392,7 +397,9 @@ def run(args: argparse.Namespace) -> dict:
         raise BenchError(f"--device {args.device}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"--device {args.device}: CUDA is not available")
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype]
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     attns = {name: transformers_attention(name, device) for name in args.attn_implementation}
     first_attn = attns[args.attn_implementation[0]]
 

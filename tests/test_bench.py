@@ -11,7 +11,7 @@ import torch
 from parallel_decoding import bench
 from parallel_decoding.configs import MODEL_CONFIGS, qwen2_config
 
-TINY = ["--config", "tiny", "--prefix_len", "12", "--branch_len", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+TINY = ["--config", "tiny", "--prefix_len", "12", "--branch_len", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "float32"]
 REQUIRED = {
     "speedup", "efficiency", "sequential_tokens_per_s", "parallel_tokens_per_s", "peak_memory_mb",
     "sequential_ms_per_step", "parallel_ms_per_step", "sequential_weight_gb_per_s", "parallel_weight_gb_per_s",
