@@ -327,6 +327,7 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     branches = sorted({r["num_branches"] for r in rows})
@@ -337,6 +338,7 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(branches, [str(n) for n in branches])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("branches N")
     ax.set_ylabel("speedup (sequential time / one-sequence time)")
     ax.set_title(title, fontsize=9)
@@ -387,7 +389,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]} ({len(names)} cores)" if names else f"{platform.machine()} CPU"
 
 
 def run(args: argparse.Namespace) -> dict:

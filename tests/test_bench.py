@@ -86,3 +86,15 @@ def test_bad_flags_fail_with_one_line(capsys):
     assert "--num_branches must be >= 1" in capsys.readouterr().err
     assert bench.main(TINY + ["--prefix_len", "5000"]) == 2
     assert "exceeds the model's context" in capsys.readouterr().err
+
+
+def test_model_path_loads_a_checkpoint(tmp_path, capsys):
+    model = bench.random_model("tiny", torch.device("cpu"), torch.float32, "sdpa", seed=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    args = ["--model_path", str(tmp_path / "ckpt"), "--prefix_len", "8", "--branch_len", "2", "--num_branches", "2",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "float32"]
+    assert bench.main(args) == 0
+    summary = last_json(capsys)
+    assert summary["model"] == str(tmp_path / "ckpt") and summary["token_agreement"] == 1.0
+    assert bench.main(["--model_path", str(tmp_path / "missing")] + args[2:]) == 2
+    assert "not a directory" in capsys.readouterr().err
