@@ -443,6 +443,13 @@ def run(args: argparse.Namespace) -> dict:
         "weight_bytes_per_pass": weight_bytes(model),
         "torch": torch.__version__,
     }
+    csv_path = png_path = None
+    if args.sweep:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"sweep_{Path(str(settings['model'])).name}_{settings['dtype']}_{device.type}_P{args.prefix_len}_L{args.branch_len}"
+        csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
+
     rows = []
     for name, attn in attns.items():
         set_attention(model, attn)
@@ -451,17 +458,14 @@ def run(args: argparse.Namespace) -> dict:
             row = {"attn_implementation": name, **row, "branch_len": args.branch_len, "prefix_len": args.prefix_len}
             rows.append(row)
             print(f"# {name} N={n}: speedup {row['speedup']:.2f}x", file=sys.stderr, flush=True)
+            if csv_path is not None:  # rewritten after every row: a run stopped by a time limit keeps what it measured
+                write_csv(rows, csv_path)
 
     headline = next((r for r in rows if r["num_branches"] == args.num_branches), rows[-1])
     summary = {**{k: v for k, v in headline.items() if not k.endswith("_times_s")}, **settings, "results": rows}
     if args.sweep:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"sweep_{Path(str(settings['model'])).name}_{settings['dtype']}_{device.type}_P{args.prefix_len}_L{args.branch_len}"
-        summary["csv"] = str(out_dir / f"{stem}.csv")
-        summary["png"] = str(out_dir / f"{stem}.png")
-        write_csv(rows, Path(summary["csv"]))
-        plot_speedup(rows, Path(summary["png"]), f"{settings['model']} {settings['dtype']} on {settings['device_name']}, "
+        summary["csv"], summary["png"] = str(csv_path), str(png_path)
+        plot_speedup(rows, png_path, f"{settings['model']} {settings['dtype']} on {settings['device_name']}, "
                      f"P={args.prefix_len}, L={args.branch_len}")
     return {"rows": rows, "summary": summary}
 
