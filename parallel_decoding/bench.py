@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from . import model_io
 from .branches import decode_branches_cached
 from .configs import MODEL_CONFIGS, qwen2_config
-from . import model_io
 from .model_io import crop_cache, decode_step, greedy, new_cache, prefill, synchronize
 
 ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2")
@@ -47,7 +47,11 @@ class BenchError(Exception):
 # --- model --------------------------------------------------------------------------------------------------------
 
 def register_branch_kernel() -> str:
-    """Register the project's Triton kernel with transformers; returns its attention name ("branch_flash")."""
+    """Register the project's Triton kernel with transformers; returns its attention name.
+
+    The name must be the one the engine looks for (``model_io.BRANCH_KERNEL``) or the engine would build a 4D mask
+    instead of passing branch ids; a mismatch is reported rather than papered over.
+    """
     try:
         from flash_attn_branch.hf import register
     except ImportError:
