@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from . import model_io
-from .branches import decode_branches_cached
+from .branches import decode_branches_cached, decode_branches_one_by_one
 from .configs import MODEL_CONFIGS, qwen2_config
-from .model_io import crop_cache, decode_step, greedy, new_cache, prefill, synchronize
+from .model_io import crop_cache, new_cache, prefill, synchronize
 
 ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -166,26 +166,6 @@ def weight_bytes(model) -> int:
 
 
 # --- the two ways of decoding N branches ----------------------------------------------------------------------------
-
-def decode_branches_one_by_one(model, cache, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int):
-    """Sequential baseline: each branch alone on the shared prefix, as normal decoding would write it.
-
-    Per branch: crop the cache to the prefix, prefill the branch's forced start (1 pass), then ``max_new_tokens - 1``
-    single-token ``decode_step`` passes (the last token's logits are never needed). Greedy, no stop tokens.
-    """
-    outputs = []
-    for branch_prefix in branch_prefixes:
-        crop_cache(cache, prefix_len)
-        logits = prefill(model, cache, branch_prefix)  # (1, V)
-        tokens = []
-        for step in range(max_new_tokens):
-            token = greedy(logits)  # (1,)
-            tokens.append(int(token))  # host sync, as normal decoding has one per step
-            if step + 1 < max_new_tokens:
-                logits = decode_step(model, cache, token)
-        outputs.append(tokens)
-    return outputs
-
 
 def decode_branches_together(model, cache, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int):
     """The engine: every branch in one sequence; without stop tokens each makes exactly ``max_new_tokens``."""

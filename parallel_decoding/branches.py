@@ -146,6 +146,12 @@ def decode_branches_cached(
     return [BranchResult(tokens=o, stop=s) for o, s in zip(outputs, stops)]
 
 
+def _id_set(token_ids: int | list[int] | set[int] | None) -> set[int]:
+    if token_ids is None:
+        return set()
+    return {token_ids} if isinstance(token_ids, int) else set(token_ids)
+
+
 def decode_branches(
     model,
     prefix_ids: torch.Tensor,
@@ -161,15 +167,35 @@ def decode_branches(
     ``eos_token_id`` / ``stop_token_ids`` (not included) or after ``max_new_tokens``. Takes about
     ``max_new_tokens + 1`` forward passes whatever the number of branches.
     """
-    if prefix_ids.dim() != 2 or prefix_ids.shape[0] != 1 or prefix_ids.shape[1] == 0:
-        raise ValueError(f"prefix_ids must be a non-empty (1, P) tensor, got shape {tuple(prefix_ids.shape)}")
-    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    cache = new_cache(model)
-    prefill(model, cache, prefix_ids[0].tolist())
-    results = decode_branches_cached(
-        model, cache, prefix_ids.shape[1], branch_prefixes, max_new_tokens, set(eos) | set(stop_token_ids), sampler
-    )
+    cache = _prefilled_cache(model, prefix_ids)
+    stops = _id_set(eos_token_id) | set(stop_token_ids)
+    results = decode_branches_cached(model, cache, prefix_ids.shape[1], branch_prefixes, max_new_tokens, stops, sampler)
     return [r.tokens for r in results]
+
+
+def decode_branches_one_by_one(
+    model, cache, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int, stop_token_ids=()
+) -> list[list[int]]:
+    """Plain reference for :func:`decode_branches_cached`: each branch alone after the cached prefix, greedy.
+
+    Per branch: crop the cache to the prefix, prefill the branch's forced start, then one ``decode_step`` per token,
+    exactly as normal decoding writes one branch after another.
+    """
+    stops = set(stop_token_ids)
+    outputs = []
+    for branch_prefix in branch_prefixes:
+        crop_cache(cache, prefix_len)
+        logits = prefill(model, cache, list(branch_prefix))  # (1, V)
+        tokens: list[int] = []
+        while len(tokens) < max_new_tokens:
+            token = greedy(logits)  # (1,)
+            if int(token) in stops:  # one host sync per step, as in normal decoding
+                break
+            tokens.append(int(token))
+            if len(tokens) < max_new_tokens:
+                logits = decode_step(model, cache, token)
+        outputs.append(tokens)
+    return outputs
 
 
 def decode_branches_reference(
@@ -180,18 +206,13 @@ def decode_branches_reference(
     eos_token_id: int | list[int] | None = None,
 ) -> list[list[int]]:
     """Plain reference for :func:`decode_branches`: each branch decoded alone, greedy, one after another."""
-    eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
-    outputs = []
-    for prefix in branch_prefixes:
-        cache = new_cache(model)
-        logits = prefill(model, cache, prefix_ids[0].tolist() + list(prefix))  # (1, V)
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens:
-            token = logits.argmax(-1)  # (1,)
-            if int(token) in eos:
-                break
-            tokens.append(int(token))
-            if len(tokens) < max_new_tokens:
-                logits = decode_step(model, cache, token)
-        outputs.append(tokens)
-    return outputs
+    cache = _prefilled_cache(model, prefix_ids)
+    return decode_branches_one_by_one(model, cache, prefix_ids.shape[1], branch_prefixes, max_new_tokens, _id_set(eos_token_id))
+
+
+def _prefilled_cache(model, prefix_ids: torch.Tensor):
+    if prefix_ids.dim() != 2 or prefix_ids.shape[0] != 1 or prefix_ids.shape[1] == 0:
+        raise ValueError(f"prefix_ids must be a non-empty (1, P) tensor, got shape {tuple(prefix_ids.shape)}")
+    cache = new_cache(model)
+    prefill(model, cache, prefix_ids[0].tolist())
+    return cache

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from parallel_decoding import bench
+from parallel_decoding.branches import decode_branches_one_by_one
 from parallel_decoding.configs import MODEL_CONFIGS, qwen2_config
 
 TINY = ["--config", "tiny", "--prefix_len", "12", "--branch_len", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "float32"]
@@ -54,7 +55,7 @@ def test_sequential_baseline_matches_engine_tokens():
     cache = bench.new_cache(model)
     bench.prefill(model, cache, list(range(10, 20)))
     titles = [[5, 6], [7], [8, 9, 10]]
-    one_by_one = bench.decode_branches_one_by_one(model, cache, 10, titles, 4)
+    one_by_one = decode_branches_one_by_one(model, cache, 10, titles, 4)
     together = bench.decode_branches_together(model, cache, 10, titles, 4)
     assert one_by_one == together and all(len(t) == 4 for t in together)
 
