@@ -258,6 +258,8 @@ def parallel_decode(
             break
         timer.lap(segment_stage)
         block = parse_skeleton(answer[block_search_from:], markers, tokenizer)
+        if block is None:  # cannot happen: block_end fired on '####' '%%%%', which always parses as a closing
+            raise RuntimeError("the skeleton's closing marker was seen but could not be parsed")
         block_start = block_search_from + block.start
         skeletons.append(tokenizer.decode(answer[segment_start:], skip_special_tokens=True))
         if len(block.branch_prefixes) > max_branches:
