@@ -1,0 +1,479 @@
+"""Train the embedded default model: a tiny stock Qwen2 that writes the branch format for the retrieval task.
+
+    python scripts/train_tiny_model.py                      # ~10 min on 2 CPU cores -> models/tiny-qwen2-retrieval
+    python scripts/train_tiny_model.py --tiny --steps 3 --output_dir /tmp/tiny   # smoke run, seconds
+
+Everything is made here from the project's own retrieval generator (``parallel_decoding.datagen.retrieval``) and
+prompt builder (``parallel_decoding.tasks.build_prompt``), so the prompts are byte for byte those ``generate.py``
+sends. Held-out evaluation rows use seed 1234; training rows use ``--data_seed`` (must differ from 1234).
+
+Steps, one small function each:
+1. rows: 4- and 10-student retrieval rows; the target answer is written by ``answer_*`` below.
+2. tokenizer: a byte-level BPE trained on those prompts and answers, with the markers ``####``, ``%%%%``, ``......``
+   and the chat tokens ``<|im_start|>``, ``<|im_end|>`` (EOS), ``<|endoftext|>`` (pad) as single tokens, and a
+   Qwen2.5-style chat template.
+3. examples: each row becomes ONE packed sequence shaped like the engine's stage 2, a tree: the shared prefix
+   (chat prompt + stem sentence) followed by several segments that each see the prefix and themselves only, with
+   positions continuing from the prefix as if alone:
+     - full:      every step in order, ``####%%%%``, ``Final answer: <name>``, ``<|im_end|>`` (normal decoding and
+                  the merged stage 3 see exactly this);
+     - skeleton:  ``####<name>:......\\n`` per student then ``####%%%%`` (stage 1: the model picks the next title or
+                  closes the block; the forced ``......``, newline and ``####`` carry no loss);
+     - branches:  ``####<name>: <step>\\n####`` for every student but the first, alone after the prefix (stage 2:
+                  a branch sees the prefix and its own title only and must stop where the next ``####`` starts).
+   One forward pass thus trains all three decoding stages on one prompt, which costs about a third of three
+   separate sequences: the prompt is most of the tokens.
+4. model: a stock ``Qwen2ForCausalLM`` (GQA, RoPE, tied embeddings), trained with fp32 AdamW and a cosine
+   schedule; the loss is taken on assistant tokens only, each token predicted from its parent in the tree.
+5. save: ``save_pretrained`` (safetensors) for model and tokenizer, ``generation_config`` with EOS ``<|im_end|>``,
+   the loss curve as ``loss.png`` and ``train_log.json``.
+
+Seeded and reproducible: the same arguments and thread count give the same losses and weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from parallel_decoding.datagen.retrieval import format_gpa, make_retrieval_rows  # noqa: E402
+from parallel_decoding.engine import chat_prompt_ids  # noqa: E402
+from parallel_decoding.tasks import build_prompt  # noqa: E402
+
+EVAL_SEED = 1234  # seed of the held-out data/retrieval_*.jsonl files; training never uses it
+DEFAULT_OUTPUT_DIR = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
+
+# --- chat tokens, markers and the answer format -----------------------------------------------------------------
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+BRANCH, BLOCK_END, ELLIPSIS = "####", "%%%%", "......"
+
+# Qwen2.5's template without its default system message (a toy model has no use for one) and without tools.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Qwen2's own pre-tokenizer split (digits one by one, letters apart from punctuation, so a title ends in a lone
+# ':' token and ' ' joins the following word). It must be exactly Qwen2's: transformers loads any qwen2 model's
+# tokenizer as Qwen2Tokenizer, which rebuilds this split (and an NFC normalizer) whatever tokenizer.json says.
+PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+STEM = "Let me check each student's GPA against the range.\n"
+
+
+def step_text(student: dict, gpa_range: list) -> str:
+    """The content of one student's step, after ``####<name>:`` (ends with the newline before the next ``####``)."""
+    lo, hi = gpa_range
+    verdict = "inside" if lo <= student["gpa"] <= hi else "outside"
+    return f" GPA {format_gpa(student['gpa'])}, {verdict} the range.\n"
+
+
+def answer_full(row: dict) -> str:
+    steps = "".join(f"{BRANCH}{s['name']}:{step_text(s, row['gpa_range'])}" for s in row["students"])
+    return f"{STEM}{steps}{BRANCH}{BLOCK_END}\nFinal answer: {row['gold_keys']}"
+
+
+# --- 1. rows --------------------------------------------------------------------------------------------------
+
+
+def make_rows(num_rows_4: int, num_rows_10: int, seed: int) -> list:
+    """Training rows, 4- and 10-student ones interleaved in a seeded order."""
+    if seed == EVAL_SEED:
+        raise ValueError(f"--data_seed {seed} is the held-out evaluation seed; pick another")
+    rows = [row for num_students, num_rows in ((4, num_rows_4), (10, num_rows_10)) if num_rows > 0
+            for row in make_retrieval_rows(num_students, num_rows, seed)]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+# --- 2. tokenizer ---------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(rows: list, vocab_size: int):
+    """Byte-level BPE on the rows' prompts and answers; returns a transformers fast tokenizer."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=True, normalized=False) for t in (ENDOFTEXT, IM_START, IM_END)]
+    markers = [AddedToken(t, special=False, normalized=False) for t in (BRANCH, BLOCK_END, ELLIPSIS)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,  # ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The markers are cut out of the training text: they become whole tokens below, and no BPE merge of '#', '%'
+    # or '.' runs should compete with them.
+    marker_split = re.compile("|".join(re.escape(m) for m in (BRANCH, BLOCK_END, ELLIPSIS)))
+    texts = [build_prompt("retrieval", r) for r in rows] + [answer_full(r) for r in rows]
+    tok.train_from_iterator((piece for text in texts for piece in marker_split.split(text) if piece), trainer)
+    tok.add_special_tokens(specials)  # registered explicitly: the trainer keeps only some of them on some releases
+    tok.add_tokens(markers)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+def check_tokenizer(tokenizer) -> None:
+    """The properties the engine relies on; raise with the offending text if one does not hold."""
+    for text in (BRANCH, BLOCK_END, ELLIPSIS, "\n", ":", IM_START, IM_END, ENDOFTEXT):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"tokenizer: {text!r} should be one token, got {tokenizer.convert_ids_to_tokens(ids)}")
+    one = {text: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))[0] for text in (BRANCH, BLOCK_END, ELLIPSIS, "\n", ":")}
+    name_ids = tokenizer.encode("\nAva Chen", add_special_tokens=False)[1:]  # a name as it starts a resume line
+    skeleton = tokenizer.encode("####Ava Chen:......\n####%%%%", add_special_tokens=False)
+    expected = [one[BRANCH], *name_ids, one[":"], one[ELLIPSIS], one["\n"], one[BRANCH], one[BLOCK_END]]
+    if skeleton != expected:
+        raise ValueError(f"tokenizer: skeleton pieces {tokenizer.convert_ids_to_tokens(skeleton)}, "
+                         f"expected {tokenizer.convert_ids_to_tokens(expected)}")
+
+
+# --- 3. examples ----------------------------------------------------------------------------------------------
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One row as a tree: ``segment`` is 0 for the shared prefix, k >= 1 for the k-th segment.
+
+    ``labels[i]`` is the token to predict from position ``parent[i]`` (-100: no loss on that prediction).
+    """
+
+    input_ids: list
+    position_ids: list
+    segment: list
+    labels: list  # labels[i]: target of token i (its own id or IGNORE); predicted from parent[i]
+    parent: list  # index of the token whose logits predict token i (-1 for the first token)
+
+
+def _encode(tokenizer, text: str) -> list:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def build_example(tokenizer, row: dict, short_prompt: bool = False) -> Example:
+    """``short_prompt``: the user message is the row's own text without the task and format instructions (the
+    curriculum's easier first phase); otherwise exactly what ``generate.py`` sends."""
+    user = row["prompt"] if short_prompt else build_prompt("retrieval", row)
+    prompt_ids = chat_prompt_ids(tokenizer, user)  # wrapped exactly as the engine wraps it
+    stem_ids = _encode(tokenizer, STEM)
+    shared = list(prompt_ids) + stem_ids
+    shared_loss = [False] * len(prompt_ids) + [True] * len(stem_ids)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+
+    segments = []  # (ids, loss mask)
+    full = answer_full(row)[len(STEM):]
+    segments.append((_encode(tokenizer, full) + [im_end], None))
+
+    skeleton_ids, skeleton_loss = [], []
+    for piece, loss in _skeleton_pieces(row):
+        ids = _encode(tokenizer, piece)
+        skeleton_ids += ids
+        skeleton_loss += [loss] * len(ids)
+    segments.append((skeleton_ids, skeleton_loss))
+
+    for student in row["students"][1:]:
+        title = _encode(tokenizer, f"{BRANCH}{student['name']}:")
+        body = _encode(tokenizer, step_text(student, row["gpa_range"]) + BRANCH)
+        segments.append((title + body, [False] * len(title) + [True] * len(body)))
+
+    input_ids, position_ids, segment, labels, parent = [], [], [], [], []
+    for i, (t, loss) in enumerate(zip(shared, shared_loss)):
+        input_ids.append(t)
+        position_ids.append(i)
+        segment.append(0)
+        labels.append(t if loss else IGNORE)
+        parent.append(i - 1)
+    prefix_len = len(shared)
+    for k, (ids, loss) in enumerate(segments, start=1):
+        loss = loss or [True] * len(ids)
+        start = len(input_ids)
+        for j, (t, on) in enumerate(zip(ids, loss)):
+            input_ids.append(t)
+            position_ids.append(prefix_len + j)
+            segment.append(k)
+            labels.append(t if on else IGNORE)
+            parent.append(prefix_len - 1 if j == 0 else start + j - 1)
+    return Example(input_ids, position_ids, segment, labels, parent)
+
+
+def _skeleton_pieces(row: dict) -> list:
+    """(text, has loss) pieces of the stage-1 skeleton after the stem; the engine forces the pieces without loss."""
+    pieces = [(BRANCH, False)]  # the first '####' is learned in the full segment
+    for student in row["students"]:
+        pieces += [(f"{student['name']}:", True), (ELLIPSIS + "\n" + BRANCH, False)]
+    pieces.append((BLOCK_END, True))
+    return pieces
+
+
+def collate(examples: list, pad_id: int, dtype: torch.dtype = torch.float32):
+    """Pad to the longest example; returns tensors and an additive tree mask (B, 1, T, T) of ``dtype``."""
+    T = max(len(e.input_ids) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # -1: padding, sees only padding
+    target_batch, target_pos, target_ids = [], [], []
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[b, :n] = torch.tensor(e.input_ids)
+        position_ids[b, :n] = torch.tensor(e.position_ids)
+        segment[b, :n] = torch.tensor(e.segment)
+        labels, parent = torch.tensor(e.labels), torch.tensor(e.parent)
+        keep = labels != IGNORE
+        target_ids.append(labels[keep])
+        target_pos.append(parent[keep])
+        target_batch.append(torch.full((int(keep.sum()),), b))
+    causal = torch.ones((T, T), dtype=torch.bool).tril()  # (T, T)
+    same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
+    shared_key = (segment == 0)[:, None, :] & (segment >= 0)[:, :, None]  # (B, T, T): real queries see the prefix
+    visible = (same | shared_key) & causal  # (B, T, T)
+    # Additive, as both eager and sdpa attention take it: 0 where visible, the dtype's minimum elsewhere.
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+    targets = (torch.cat(target_batch), torch.cat(target_pos), torch.cat(target_ids))
+    return input_ids, position_ids, mask[:, None], targets  # mask: (B, 1, T, T)
+
+
+# --- 4. model and training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSize:
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+
+
+TINY_SIZE = ModelSize(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1)
+
+
+def make_model(tokenizer, size: ModelSize):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+        pad_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
+        attn_implementation="sdpa",
+        **asdict(size),
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def tree_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy of every labelled token, predicted from its parent's hidden state."""
+    input_ids, position_ids, mask, (tb, tpos, tids) = batch
+    hidden = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask).last_hidden_state
+    logits = model.lm_head(hidden[tb, tpos])  # (N, V): only the positions that predict a label
+    return F.cross_entropy(logits.float(), tids)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(model, batches: list, pad_id: int, args) -> list:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    model.train()
+    log, start, cpu_start, window = [], time.time(), time.process_time(), []
+    for step, batch in enumerate(batches):
+        lr = lr_at(step, len(batches), args.lr, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = tree_loss(model, collate(batch, pad_id))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        window.append(loss.item())
+        log.append({"step": step + 1, "loss": loss.item(), "lr": lr, "time": time.time() - start,
+                    "cpu_time": time.process_time() - cpu_start})
+        if (step + 1) % args.log_every == 0 or step + 1 == len(batches):
+            print(f"step {step + 1:5d}/{len(batches)}  loss {sum(window) / len(window):.4f}  lr {lr:.2e}  "
+                  f"{time.time() - start:7.1f}s wall  {time.process_time() - cpu_start:7.1f}s cpu", flush=True)
+            window = []
+    model.eval()
+    return log
+
+
+def make_batches(tokenizer, rows: list, batch_size: int) -> list:
+    """Consecutive rows of the same student count form a batch (similar lengths, little padding).
+
+    Returns lists of examples; ``collate`` turns one into tensors when it is trained on (the tree masks of a
+    whole run would not fit in memory)."""
+    by_size: dict = {}
+    batches = []
+    for row in rows:
+        group = by_size.setdefault(row["num_students"], [])
+        group.append(build_example(tokenizer, row))
+        if len(group) == batch_size:
+            batches.append(group)
+            by_size[row["num_students"]] = []
+    return batches
+
+
+# --- 5. save --------------------------------------------------------------------------------------------------
+
+
+def save(model, tokenizer, log: list, args, output_dir: Path, elapsed: float) -> None:
+    from transformers import GenerationConfig
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+        do_sample=False,
+        max_new_tokens=256,
+    )
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    summary = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(elapsed, 1),
+        "torch_threads": torch.get_num_threads(),
+        "final_loss": log[-1]["loss"] if log else None,
+        "loss": [round(e["loss"], 5) for e in log],
+    }
+    (output_dir / "train_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_loss(log, output_dir / "loss.png")
+
+
+def plot_loss(log: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in log]
+    losses = [e["loss"] for e in log]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=0.8, label="loss (per step)")
+    k = max(1, len(losses) // 50)
+    if k > 1:
+        smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of last {k}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (assistant tokens)")
+    ax.set_title("tiny-qwen2-retrieval training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the row order")
+    p.add_argument("--data_seed", type=int, default=1, help=f"retrieval generator seed (not {EVAL_SEED})")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--frac_10", type=float, default=0.3, help="fraction of training rows with 10 students")
+    p.add_argument("--tokenizer_rows", type=int, default=2000, help="rows the BPE is trained on")
+    p.add_argument("--vocab_size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="smoke mode: a 1-layer width-32 model, a 512-token vocab")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "tokenizer_rows", "threads", "log_every", "warmup"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.frac_10 <= 1.0:
+        p.error(f"--frac_10 must be in [0, 1], got {args.frac_10}")
+    if args.data_seed == EVAL_SEED:
+        p.error(f"--data_seed {EVAL_SEED} is the held-out evaluation seed; pick another")
+    if args.tiny:
+        args.vocab_size = min(args.vocab_size, 512)
+        args.tokenizer_rows = min(args.tokenizer_rows, 100)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    t0 = time.time()
+
+    num_rows = args.steps * args.batch_size
+    num_10 = round(num_rows * args.frac_10)
+    rows = make_rows(num_rows - num_10 + args.batch_size, num_10 + args.batch_size, args.data_seed)
+    tokenizer = train_tokenizer(rows[: args.tokenizer_rows], args.vocab_size)
+    check_tokenizer(tokenizer)
+    batches = make_batches(tokenizer, rows, args.batch_size)[: args.steps]
+    tokens = sum(len(e.input_ids) for b in batches for e in b)
+    print(f"{len(rows)} rows, vocab {len(tokenizer)}, {len(batches)} batches, {tokens} tokens; "
+          f"data ready in {time.time() - t0:.1f}s", flush=True)
+
+    model = make_model(tokenizer, TINY_SIZE if args.tiny else ModelSize())
+    print(f"Qwen2ForCausalLM with {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    t1 = time.time()
+    log = train(model, batches, tokenizer.convert_tokens_to_ids(ENDOFTEXT), args)
+    elapsed = time.time() - t1
+    print(f"trained {len(batches)} steps in {elapsed:.1f}s; final loss {log[-1]['loss']:.4f}", flush=True)
+    save(model, tokenizer, log, args, args.output_dir, elapsed)
+    print(f"saved to {args.output_dir} (total {time.time() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

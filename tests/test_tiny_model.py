@@ -1,0 +1,204 @@
+"""The embedded default model (models/tiny-qwen2-retrieval) and its training script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "models" / "tiny-qwen2-retrieval"
+SCRIPT = REPO / "scripts" / "train_tiny_model.py"
+MAX_DIR_BYTES = 10 * 1024 * 1024
+MAX_PARAMETERS = 3_000_000
+MARKERS = ("####", "%%%%", "......")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_tiny_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+
+
+# --- the committed model ----------------------------------------------------------------------------------------
+
+
+def test_loads_as_stock_qwen2_with_gqa_and_rope(model):
+    from transformers import Qwen2ForCausalLM
+
+    assert type(model) is Qwen2ForCausalLM
+    config = model.config
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
+    assert config.max_position_embeddings >= 2048  # a 10-student prompt fits
+    assert "rotary" in type(model.model.rotary_emb).__name__.lower()
+
+
+def test_size_limits(model):
+    files = [p for p in MODEL_DIR.iterdir() if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < MAX_DIR_BYTES
+    assert (MODEL_DIR / "model.safetensors").is_file()
+    assert not list(MODEL_DIR.glob("*.bin"))
+    assert sum(p.numel() for p in model.parameters()) < MAX_PARAMETERS
+
+
+def test_markers_and_chat_tokens_are_single_tokens(tokenizer):
+    for text in MARKERS + ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "\n", ":"):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == 1, (text, tokenizer.convert_ids_to_tokens(ids))
+    # Markers are ordinary (non-special) tokens: a decoded answer keeps them.
+    ids = tokenizer.encode("####Ava Chen: GPA 3.45\n####%%%%", add_special_tokens=False)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "####Ava Chen: GPA 3.45\n####%%%%"
+
+
+def test_title_ends_in_a_lone_colon_and_space_joins_the_next_word(tokenizer):
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer.encode("####Ava Chen: GPA 3.45", add_special_tokens=False))
+    assert tokens[0] == "####" and ":" in tokens
+    after_colon = tokens[tokens.index(":") + 1]
+    assert after_colon.startswith("Ġ")  # ': ' is ':' then ' GPA', never one ': ' token
+
+
+def test_eos_pad_and_generation_config(model, tokenizer):
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert model.config.eos_token_id == im_end
+    assert model.generation_config.eos_token_id == im_end
+
+
+def test_chat_template_is_qwen25_style(tokenizer):
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which student?"}], add_generation_prompt=True, tokenize=False
+    )
+    assert text == "<|im_start|>user\nWhich student?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_writes_the_branch_format_on_a_held_out_row(model, tokenizer):
+    from parallel_decoding import parallel_decode
+    from parallel_decoding.tasks import build_prompt, load_dataset
+
+    row = load_dataset("retrieval", REPO / "data" / "retrieval_4.jsonl")[0]
+    out = parallel_decode(model, tokenizer, build_prompt("retrieval", row), max_new_tokens=200)
+    assert out["fallback"] is None
+    assert [b["title"] for b in out["branches"]] == [s["name"] for s in row["students"]]
+    assert "####%%%%" in out["response"] and "Final answer:" in out["response"]
+
+
+def test_train_log_records_a_finished_run():
+    log = json.loads((MODEL_DIR / "train_log.json").read_text())
+    assert log["final_loss"] == log["loss"][-1] and len(log["loss"]) == log["args"]["steps"]
+    assert (MODEL_DIR / "loss.png").stat().st_size > 0
+
+
+# --- the training script ----------------------------------------------------------------------------------------
+
+
+def test_tree_example_matches_the_engine_layout(script, tokenizer):
+    """The packed tree: shared prefix + full answer equals the plain chat encoding; every other segment starts at
+    the prefix's length, as the engine places branches."""
+    from parallel_decoding.engine import chat_prompt_ids
+    from parallel_decoding.tasks import build_prompt
+
+    row = script.make_rows(1, 0, 7)[0]
+    ex = script.build_example(tokenizer, row)
+    prefix_len = ex.segment.count(0)
+    sequential = chat_prompt_ids(tokenizer, build_prompt("retrieval", row))
+    sequential += tokenizer.encode(script.answer_full(row), add_special_tokens=False)
+    sequential.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert [t for t, s in zip(ex.input_ids, ex.segment) if s in (0, 1)] == sequential
+    num_segments = max(ex.segment)
+    assert num_segments == 2 + len(row["students"]) - 1  # full, skeleton, one branch per student but the first
+    for k in range(1, num_segments + 1):
+        positions = [p for p, s in zip(ex.position_ids, ex.segment) if s == k]
+        assert positions == list(range(prefix_len, prefix_len + len(positions)))
+    skeleton = tokenizer.decode([t for t, s in zip(ex.input_ids, ex.segment) if s == 2])
+    assert skeleton == "".join(f"####{s['name']}:......\n" for s in row["students"]) + "####%%%%"
+    branch = tokenizer.decode([t for t, s in zip(ex.input_ids, ex.segment) if s == 3])
+    assert branch.startswith(f"####{row['students'][1]['name']}:") and branch.endswith(".\n####")
+
+
+def test_tree_loss_equals_each_segment_decoded_alone(script, tokenizer):
+    """One packed forward pass gives the same loss as every segment run alone after the prefix (plain causal)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = script.make_model(tokenizer, script.TINY_SIZE).double().eval()  # float64: any gap is a layout bug
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # random init attends almost uniformly; sharper weights make a layout bug show
+        for p in model.parameters():
+            p.mul_(4.0)
+    examples = [script.build_example(tokenizer, r) for r in script.make_rows(2, 0, 11)]
+    with torch.no_grad():
+        tree = script.tree_loss(model, script.collate(examples, tokenizer.pad_token_id, torch.float64))
+        losses = []
+        for ex in examples:
+            prefix = [i for i, s in enumerate(ex.segment) if s == 0]
+            groups = [prefix] + [prefix + [i for i, s in enumerate(ex.segment) if s == k]
+                                 for k in range(1, max(ex.segment) + 1)]
+            for g, index in enumerate(groups):
+                logits = model(input_ids=torch.tensor([[ex.input_ids[i] for i in index]])).logits[0]
+                for j, i in enumerate(index):
+                    if ex.labels[i] != script.IGNORE and (g == 0 or ex.segment[i] != 0):
+                        losses.append(F.cross_entropy(logits[j - 1].float(), torch.tensor(ex.labels[i])))
+        reference = torch.stack(losses).mean()
+    torch.testing.assert_close(tree, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_skeleton_forced_tokens_carry_no_loss(script, tokenizer):
+    ex = script.build_example(tokenizer, script.make_rows(1, 0, 5)[0])
+    forced = {tokenizer.convert_tokens_to_ids(t) for t in ("......", "Ċ")}
+    skeleton_labels = [lab for lab, s in zip(ex.labels, ex.segment) if s == 2]
+    assert not forced & set(skeleton_labels)
+    assert tokenizer.convert_tokens_to_ids("%%%%") in skeleton_labels
+
+
+def _smoke_run(out: Path) -> dict:
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--steps", "3", "--batch_size", "2", "--log_every", "1",
+           "--output_dir", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    return json.loads((out / "train_log.json").read_text())
+
+
+def test_training_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    first, second = _smoke_run(tmp_path / "a"), _smoke_run(tmp_path / "b")
+    assert len(first["loss"]) == 3
+    assert first["loss"] == second["loss"]
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 0
+
+
+def test_refuses_the_held_out_seed(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--data_seed", "1234", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--data_seed 1234 is the held-out evaluation seed" in proc.stderr
+    assert not any(tmp_path.iterdir())
