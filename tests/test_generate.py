@@ -112,8 +112,8 @@ def test_default_embedded_model_writes_branches(tmp_path):
     assert generate.main(["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "96",
                           "--output_dir", str(tmp_path)]) == 0
     (row,) = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
-    assert row["num_parallel_branches"] == 4 and row["fallback"] is None
-    assert [b["title"].strip() for b in row["branches"]] == [s["name"] for s in row["students"]]
+    assert row["num_parallel_branches"] == len(row["students"]) == 4 and row["fallback"] is None
+    assert row["normal_response"] and row["parallel_response"].count("####") == 5  # 4 steps + ####%%%%
 
 
 # --- resume, overwrite, modes ---------------------------------------------------------------------------------
