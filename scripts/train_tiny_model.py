@@ -1,6 +1,6 @@
 """Train the embedded default model: a tiny stock Qwen2 that writes the branch format for the retrieval task.
 
-    python scripts/train_tiny_model.py                      # ~10 min on 2 CPU cores -> models/tiny-qwen2-retrieval
+    python scripts/train_tiny_model.py                      # < 20 min on 2 CPU cores -> models/tiny-qwen2-retrieval
     python scripts/train_tiny_model.py --tiny --steps 3 --output_dir /tmp/tiny   # smoke run, seconds
 
 Everything is made here from the project's own retrieval generator (``parallel_decoding.datagen.retrieval``) and
@@ -9,9 +9,9 @@ sends. Held-out evaluation rows use seed 1234; training rows use ``--data_seed``
 
 Steps, one small function each:
 1. rows: 4- and 10-student retrieval rows; the target answer is written by ``answer_*`` below.
-2. tokenizer: a byte-level BPE trained on those prompts and answers, with the markers ``####``, ``%%%%``, ``......``
-   and the chat tokens ``<|im_start|>``, ``<|im_end|>`` (EOS), ``<|endoftext|>`` (pad) as single tokens, and a
-   Qwen2.5-style chat template.
+2. tokenizer: a byte-level BPE trained on those prompts and answers, with the markers ``####``, ``%%%%``, ``......``,
+   the chat tokens ``<|im_start|>``, ``<|im_end|>`` (EOS), ``<|endoftext|>`` (pad) and every GPA (`` 3.59``) as
+   single tokens, and a Qwen2.5-style chat template.
 3. examples: each row becomes ONE packed sequence shaped like the engine's stage 2, a tree: the shared prefix
    (chat prompt + stem sentence) followed by several segments that each see the prefix and themselves only, with
    positions continuing from the prefix as if alone:
@@ -23,8 +23,10 @@ Steps, one small function each:
                   a branch sees the prefix and its own title only and must stop where the next ``####`` starts).
    One forward pass thus trains all three decoding stages on one prompt, which costs about a third of three
    separate sequences: the prompt is most of the tokens.
-4. model: a stock ``Qwen2ForCausalLM`` (GQA, RoPE, tied embeddings), trained with fp32 AdamW and a cosine
-   schedule; the loss is taken on assistant tokens only, each token predicted from its parent in the tree.
+4. model: a stock ``Qwen2ForCausalLM`` (GQA, RoPE, tied embeddings) whose first two layers start as the building
+   blocks of the prompt look-ups the answers need (``init_lookup_circuits``: previous-token, line-name and induction
+   heads), trained with fp32 AdamW and a cosine schedule; the loss is taken on assistant tokens only, each token
+   predicted from its parent in the tree.
 5. save: ``save_pretrained`` (safetensors) for model and tokenizer, ``generation_config`` with EOS ``<|im_end|>``,
    the loss curve as ``loss.png`` and ``train_log.json``.
 
@@ -49,7 +51,15 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from parallel_decoding.datagen.retrieval import format_gpa, make_retrieval_rows  # noqa: E402
+from parallel_decoding.datagen.retrieval import (  # noqa: E402
+    FIRST_NAMES,
+    GPA_MAX_HUNDREDTHS,
+    GPA_MIN_HUNDREDTHS,
+    LAST_NAMES,
+    MAX_RANGE_SLACK_HUNDREDTHS,
+    format_gpa,
+    make_retrieval_rows,
+)
 from parallel_decoding.engine import chat_prompt_ids  # noqa: E402
 from parallel_decoding.tasks import build_prompt  # noqa: E402
 
@@ -107,6 +117,19 @@ def make_rows(num_rows_4: int, num_rows_10: int, seed: int) -> list:
 # --- 2. tokenizer ---------------------------------------------------------------------------------------------
 
 
+def gpa_token_texts() -> list:
+    """' 1.85' ... ' 4.15': every GPA and range end the generator can write, each made one token.
+
+    Qwen2's split writes a number digit by digit, and any qwen2 model's tokenizer is loaded with that split; added
+    tokens are matched before it, so these stay whole. A GPA is then one token to copy out of a resume line and
+    one embedding to compare with the range's ends. Only a space-led two-decimal number matches (' 3.59' in
+    'GPA 3.59,'); other numbers keep their digits.
+    """
+    low = GPA_MIN_HUNDREDTHS - MAX_RANGE_SLACK_HUNDREDTHS
+    high = GPA_MAX_HUNDREDTHS + MAX_RANGE_SLACK_HUNDREDTHS
+    return [f" {format_gpa(v / 100)}" for v in range(low, high + 1)]
+
+
 def train_tokenizer(rows: list, vocab_size: int):
     """Byte-level BPE on the rows' prompts and answers; returns a transformers fast tokenizer."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -134,6 +157,7 @@ def train_tokenizer(rows: list, vocab_size: int):
     tok.train_from_iterator((piece for text in texts for piece in marker_split.split(text) if piece), trainer)
     tok.add_special_tokens(specials)  # registered explicitly: the trainer keeps only some of them on some releases
     tok.add_tokens(markers)
+    tok.add_tokens([AddedToken(text, special=False, normalized=False) for text in gpa_token_texts()])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
@@ -281,16 +305,18 @@ class ModelSize:
     max_position_embeddings: int = 2048
 
 
-TINY_SIZE = ModelSize(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1)
+TINY_SIZE = ModelSize(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+
+ROPE_THETA = 1e6  # Qwen2.5's; its many slow RoPE frequencies leave room for position-free content matching
 
 
-def make_model(tokenizer, size: ModelSize):
+def make_model(tokenizer, size: ModelSize, structured_init: bool = True):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        rope_theta=10000.0,
+        rope_theta=ROPE_THETA,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
@@ -298,7 +324,189 @@ def make_model(tokenizer, size: ModelSize):
         attn_implementation="sdpa",
         **asdict(size),
     )
-    return Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config)
+    if structured_init:
+        init_lookup_circuits(model, tokenizer)
+    return model
+
+
+# --- 4a. structured initialization ------------------------------------------------------------------------------
+#
+# Every answer token that depends on the row is a look-up in the prompt: the title after ``####`` is the name on
+# the resume line after the previous title's line, the GPA after `` GPA`` is the one on the title's line, the final
+# answer is the title of the step that says ``inside``. Trained from a random start, the heads these look-ups are
+# built from (previous token, "which line am I on", induction) form only after a long loss plateau: runs of 1,300
+# steps here never left it. So four heads start as those building blocks, each writing into its own slice of the
+# residual stream, and training (which changes every weight freely) wires the look-ups out of them in a few hundred
+# steps. The residual stream of width d is laid out as
+#
+#     [ token (d/2) | PREV: previous token (d/6) | LINE: most recent name (d/6) | PREV_LINE: LINE one back (d/6) ]
+#
+#   layer 0, KV head 1 -> PREV       attends to the previous token (RoPE position bias through q/k biases)
+#   layer 0, KV head 0 -> LINE       attends to the nearest name tokens (a "name" direction in their embeddings)
+#   layer 1, KV head 0 -> token      induction: query = current token, key = PREV; copies the key's token
+#   layer 1, KV head 1 -> PREV_LINE  attends to the previous token and copies its LINE
+#
+# A title's next name is then the token whose PREV is a line end and whose PREV_LINE is the previous title's LINE;
+# a GPA is the token whose PREV is `` GPA`` and whose PREV_LINE is the title's name. Token embeddings start in the
+# token slice only; names carry a shared "name" direction, a space-led first name starts equal to its line-start
+# form (" Ava" in "Final answer: Ava Chen" and "Ava" in "\nAva Chen"), GPA tokens carry their value along a
+# "magnitude" direction. The other heads and MLPs start as usual, with small output weights (GPT-2's residual
+# scaling) so they do not drown the building blocks.
+
+
+@dataclass(frozen=True)
+class ResidualLayout:
+    token: slice
+    prev: slice
+    line: slice
+    prev_line: slice
+
+    @classmethod
+    def for_width(cls, hidden_size: int) -> "ResidualLayout":
+        if hidden_size % 6:
+            raise ValueError(f"structured init needs hidden_size divisible by 6, got {hidden_size}")
+        t, c = hidden_size // 2, hidden_size // 6
+        return cls(slice(0, t), slice(t, t + c), slice(t + c, t + 2 * c), slice(t + 2 * c, hidden_size))
+
+
+def rope_position_bias(inv_freq: torch.Tensor, head_dim: int, distance: float, band: tuple, score: float):
+    """Query and key biases that make a head attend ``distance`` tokens back whatever the tokens are.
+
+    Under RoPE a constant query q and key k score a key ``d`` tokens back by
+    sum_j |q_j||k_j| cos(theta_j d - phase_j) / sqrt(head_dim); equal weights on the frequencies theta_j in
+    ``band`` and phases theta_j * distance make that ``score`` at d = distance, falling off around it."""
+    half = head_dim // 2
+    used = (inv_freq >= band[0]) & (inv_freq <= band[1])
+    if not used.any():
+        raise ValueError(f"no RoPE frequency in {band} for head_dim {head_dim}")
+    r = math.sqrt(score * math.sqrt(head_dim) / int(used.sum()))
+    k_bias = torch.zeros(head_dim)
+    k_bias[:half][used] = r
+    phase = inv_freq * distance
+    q_bias = torch.zeros(head_dim)
+    q_bias[:half][used] = (r * torch.cos(phase))[used]
+    q_bias[half:][used] = (-r * torch.sin(phase))[used]
+    return q_bias, k_bias
+
+
+def _single_token(tokenizer, text: str, after_newline: bool = False):
+    """The id of ``text`` if it is one token (read after a newline: how a resume line starts), else None."""
+    ids = tokenizer.encode(f"\n{text}" if after_newline else text, add_special_tokens=False)
+    ids = ids[1:] if after_newline else ids
+    return ids[0] if len(ids) == 1 else None
+
+
+def _name_token_ids(tokenizer) -> tuple:
+    """(line-start first names, their space-led forms, space-led last names), single tokens only.
+
+    A small vocabulary (the ``--tiny`` smoke run) splits some names; those just start without the priors."""
+    starts, spaced = [], []
+    for name in FIRST_NAMES:
+        start, space = _single_token(tokenizer, name, after_newline=True), _single_token(tokenizer, f" {name}")
+        if start is not None and space is not None:
+            starts.append(start)
+            spaced.append(space)
+    last = [i for i in (_single_token(tokenizer, f" {n}") for n in LAST_NAMES) if i is not None]
+    return starts, spaced, last
+
+
+def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float = 30.0, induction_gain: float = 2.5,
+                         copy_norm: float = 3.0, value_gain: float = 2.0) -> None:
+    """Start the four building-block heads described above (in place; see the section comment)."""
+    config = model.config
+    num_kv, group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
+    d = config.hidden_size
+    layout = ResidualLayout.for_width(d)
+    channel = layout.prev.stop - layout.prev.start
+    if config.num_hidden_layers < 2 or num_kv < 2:
+        raise ValueError("structured init needs at least 2 layers and 2 key/value heads")
+    layer0, layer1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    head_dim = layer0.head_dim
+    if channel > head_dim:
+        raise ValueError(f"structured init needs head_dim >= hidden_size / 6, got {head_dim} < {channel}")
+    half = head_dim // 2
+    inv_freq = model.model.rotary_emb.inv_freq.float()  # (head_dim / 2,)
+    token_dims = layout.token.stop
+    norm_scale = math.sqrt(d)  # RMSNorm output norm: every token vector is read at this length
+    gen = torch.Generator().manual_seed(seed)
+
+    def orthonormal_rows(rows: int, cols: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(cols, rows, generator=gen))[0].T  # (rows, cols)
+
+    def clear(attn, kv_head: int) -> tuple:
+        """Zero one KV head, its query heads and their output columns; return (kv rows, query rows, o columns)."""
+        kv_rows = slice(kv_head * head_dim, (kv_head + 1) * head_dim)
+        q_rows = slice(kv_head * group * head_dim, (kv_head + 1) * group * head_dim)
+        for proj, rows in ((attn.k_proj, kv_rows), (attn.v_proj, kv_rows), (attn.q_proj, q_rows)):
+            proj.weight[rows] = 0
+            proj.bias[rows] = 0
+        attn.o_proj.weight[:, q_rows] = 0
+        first_q = slice(q_rows.start, q_rows.start + head_dim)  # the group's first query head carries the circuit
+        return kv_rows, first_q
+
+    names, spaced_names, last_names = _name_token_ids(tokenizer)
+    gpa_ids = [_single_token(tokenizer, text) for text in gpa_token_texts()]  # added tokens: always single
+    gpa_values = torch.tensor([float(t) - 3.0 for t in gpa_token_texts()])  # centred on the middle of 2.00..4.00
+
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight  # (V, d), tied with the LM head
+        emb.normal_(0.0, 1.0 / math.sqrt(token_dims), generator=gen)  # |e| ~ 1 inside the token slice
+        emb[:, token_dims:] = 0
+        emb[spaced_names] = emb[names]
+        name_dir = torch.randn(token_dims, generator=gen)
+        name_dir /= name_dir.norm()
+        emb[names + spaced_names + last_names, :token_dims] += name_dir
+        value_dir = torch.randn(token_dims, generator=gen)
+        value_dir /= value_dir.norm()
+        emb[gpa_ids, :token_dims] += value_gain * gpa_values[:, None] * value_dir
+        small = 0.02 / math.sqrt(2 * config.num_hidden_layers)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.normal_(0.0, small, generator=gen)
+            layer.mlp.down_proj.weight.normal_(0.0, small, generator=gen)
+
+        prev_proj = orthonormal_rows(channel, token_dims)  # what PREV keeps of a token
+        line_proj = orthonormal_rows(channel, token_dims)  # what LINE keeps of a name
+        # A unit-norm token read at RMSNorm length keeps |proj| ~ norm_scale * sqrt(channel / token_dims); the
+        # writes below bring each slice back to ~1, the size of a token embedding.
+        write_gain = 1.0 / (norm_scale * math.sqrt(channel / token_dims))
+        prev_q_bias, prev_k_bias = rope_position_bias(inv_freq, head_dim, 1.0, (0.1, 1.0), 16.0)
+
+        # layer 0, KV head 1: previous token -> PREV
+        kv_rows, q_rows = clear(layer0, 1)
+        layer0.k_proj.bias[kv_rows] = prev_k_bias
+        layer0.q_proj.bias[q_rows] = prev_q_bias
+        layer0.v_proj.weight[kv_rows.start: kv_rows.start + channel, layout.token] = prev_proj
+        layer0.o_proj.weight[layout.prev, q_rows.start: q_rows.start + channel] = write_gain * torch.eye(channel)
+
+        # layer 0, KV head 0: the nearest names -> LINE. One slow RoPE pair (~0.03 rad/token) makes the score
+        # name_score * cos(0.03 d): names on the current line (d < 30) win over the previous line's.
+        kv_rows, q_rows = clear(layer0, 0)
+        pair = int(torch.argmin((inv_freq - 0.03).abs()))
+        name_read = norm_scale / math.sqrt(2.0)  # a name's embedding is ~half name direction
+        layer0.k_proj.weight[kv_rows.start + pair, layout.token] = name_dir
+        layer0.q_proj.bias[q_rows.start + pair] = name_score * math.sqrt(head_dim) / name_read
+        layer0.v_proj.weight[kv_rows.start: kv_rows.start + channel, layout.token] = line_proj
+        layer0.o_proj.weight[layout.line, q_rows.start: q_rows.start + channel] = write_gain * torch.eye(channel)
+
+        # layer 1, KV head 0: induction on the slow RoPE pairs (nearly position-free over a prompt's length)
+        kv_rows, q_rows = clear(layer1, 0)
+        slow = torch.nonzero(inv_freq <= 1.5e-3).flatten()[: channel // 2]
+        dims = torch.cat([slow, slow + half])  # (m,): both halves of each slow rotation pair
+        m = len(dims)
+        layer1.q_proj.weight[q_rows.start + dims, layout.token] = induction_gain * prev_proj[:m]
+        layer1.k_proj.weight[kv_rows.start + dims, layout.prev.start: layout.prev.start + m] = induction_gain * torch.eye(m)
+        copy_proj = orthonormal_rows(head_dim, token_dims)
+        layer1.v_proj.weight[kv_rows, layout.token] = copy_proj
+        copy_gain = copy_norm / (norm_scale * 0.6 * math.sqrt(head_dim / token_dims))  # token slice ~0.6 of the norm
+        layer1.o_proj.weight[layout.token, q_rows] = copy_gain * copy_proj.T
+
+        # layer 1, KV head 1: the previous token's LINE -> PREV_LINE
+        kv_rows, q_rows = clear(layer1, 1)
+        layer1.k_proj.bias[kv_rows] = prev_k_bias
+        layer1.q_proj.bias[q_rows] = prev_q_bias
+        layer1.v_proj.weight[kv_rows.start: kv_rows.start + channel, layout.line] = torch.eye(channel)
+        layer1.o_proj.weight[layout.prev_line, q_rows.start: q_rows.start + channel] = (2.0 / norm_scale) * torch.eye(channel)
 
 
 def tree_loss(model, batch) -> torch.Tensor:
@@ -421,18 +629,18 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the row order")
     p.add_argument("--data_seed", type=int, default=1, help=f"retrieval generator seed (not {EVAL_SEED})")
-    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--frac_10", type=float, default=0.3, help="fraction of training rows with 10 students")
+    p.add_argument("--frac_10", type=float, default=0.2, help="fraction of training rows with 10 students")
     p.add_argument("--tokenizer_rows", type=int, default=2000, help="rows the BPE is trained on")
     p.add_argument("--vocab_size", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--tiny", action="store_true", help="smoke mode: a 1-layer width-32 model, a 512-token vocab")
+    p.add_argument("--log_every", type=int, default=25)
+    p.add_argument("--tiny", action="store_true", help="smoke mode: a 2-layer width-48 model, a 512-token vocab")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "tokenizer_rows", "threads", "log_every", "warmup"):
         if getattr(args, name) < 1:

@@ -98,17 +98,30 @@ def test_chat_template_is_qwen25_style(tokenizer):
     assert text == "<|im_start|>user\nWhich student?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_writes_the_branch_format_on_a_held_out_row(model, tokenizer):
+def test_gpa_numbers_are_single_tokens(tokenizer):
+    """Every GPA the generator can write is one token, also inside a resume line, and decodes back unchanged."""
+    script = _load_script()
+    for text in script.gpa_token_texts():
+        assert len(tokenizer.encode(text, add_special_tokens=False)) == 1, text
+    line = "Ava Chen: age 21, MIT, GPA 3.59, likes chess and jazz."
+    ids = tokenizer.encode(line, add_special_tokens=False)
+    assert " 3.59" in tokenizer.convert_ids_to_tokens(ids)
+    assert tokenizer.decode(ids) == line
+
+
+def test_reads_the_prompt_on_a_held_out_row(model, tokenizer):
+    """Stage 1 titles the steps with the students' names in prompt order, and every branch states that student's
+    GPA, copied from the prompt (the row's seed was never trained on)."""
     from parallel_decoding import parallel_decode
+    from parallel_decoding.datagen.retrieval import format_gpa
     from parallel_decoding.tasks import build_prompt, load_dataset
 
     row = load_dataset("retrieval", REPO / "data" / "retrieval_4.jsonl")[0]
     out = parallel_decode(model, tokenizer, build_prompt("retrieval", row), max_new_tokens=200)
     assert out["fallback"] is None
-    # One step per student, titled like a name. The toy has not learnt to copy the right names from the prompt
-    # (docs/tiny_model.md), so the titles are not compared with the students.
-    assert len(out["branches"]) == len(row["students"])
-    assert all(len(b["title"].split()) == 2 and b["title"].istitle() for b in out["branches"])
+    assert [b["title"] for b in out["branches"]] == [s["name"] for s in row["students"]]
+    for branch, student in zip(out["branches"], row["students"]):
+        assert branch["text"].startswith(f" GPA {format_gpa(student['gpa'])},"), branch
     assert "####%%%%" in out["response"] and "Final answer:" in out["response"]
 
 
@@ -178,6 +191,61 @@ def test_skeleton_forced_tokens_carry_no_loss(script, tokenizer):
     skeleton_labels = [lab for lab, s in zip(ex.labels, ex.segment) if s == 2]
     assert not forced & set(skeleton_labels)
     assert tokenizer.convert_tokens_to_ids("%%%%") in skeleton_labels
+
+
+def _fresh_model(script, tokenizer, structured_init: bool = True):
+    torch.manual_seed(0)
+    model = script.make_model(tokenizer, script.ModelSize(), structured_init=structured_init).eval()
+    model.set_attn_implementation("eager")  # attention weights are returned by eager attention only
+    return model
+
+
+def _copy_accuracy(model, vocab_size: int, length: int = 60) -> float:
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randint(10, vocab_size, (8, length), generator=gen)  # (B, L)
+    ids = torch.cat([torch.zeros(8, 1, dtype=torch.long), first, first], dim=1)  # (B, 1 + 2L)
+    with torch.no_grad():
+        predicted = model(ids).logits[:, length + 1: -1].argmax(-1)  # (B, L - 1): predictions inside the copy
+    return (predicted == ids[:, length + 2:]).float().mean().item()
+
+
+def test_structured_init_copies_repeated_sequences(script, tokenizer):
+    """Before any training, layers 0-1 form an induction circuit: in a random token sequence shown twice, most of
+    the second copy is predicted from the first. A plain random start predicts next to none of it."""
+    structured = _copy_accuracy(_fresh_model(script, tokenizer), len(tokenizer))
+    plain = _copy_accuracy(_fresh_model(script, tokenizer, structured_init=False), len(tokenizer))
+    assert structured > 0.6 and plain < 0.05, (structured, plain)
+
+
+def test_structured_init_heads_on_a_prompt(script, tokenizer):
+    """Layer 0 starts with a previous-token head (query head 2) and a head that reads the current line's name
+    (query head 0): at every GPA of a resume line it attends to that line's first or last name."""
+    from parallel_decoding.engine import chat_prompt_ids
+    from parallel_decoding.tasks import build_prompt
+
+    model = _fresh_model(script, tokenizer)
+    row = script.make_rows(1, 0, 3)[0]
+    ids = chat_prompt_ids(tokenizer, build_prompt("retrieval", row))
+    with torch.no_grad():
+        attn = model(torch.tensor([ids]), output_attentions=True).attentions[0][0]  # (H, T, T)
+    positions = torch.arange(1, len(ids))
+    assert (attn[2, positions].argmax(-1) == positions - 1).float().mean() > 0.95
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    for student in row["students"]:
+        gpa_pos = tokens.index(" " + script.format_gpa(student["gpa"]))
+        looked_at = tokenizer.decode([ids[int(attn[0, gpa_pos].argmax())]]).strip()
+        assert looked_at in student["name"].split(), (student["name"], looked_at)
+
+
+def test_structured_init_refuses_an_unsupported_shape(script, tokenizer):
+    size = script.ModelSize(hidden_size=100, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2)
+    with pytest.raises(ValueError, match="hidden_size divisible by 6"):
+        script.make_model(tokenizer, size)
+    size = script.ModelSize(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2)
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        script.make_model(tokenizer, size)
 
 
 def _smoke_run(out: Path) -> dict:
