@@ -27,8 +27,8 @@ Steps, one small function each:
    blocks of the prompt look-ups the answers need (``init_lookup_circuits``: previous-token, line-name and induction
    heads), trained with fp32 AdamW and a cosine schedule; the loss is taken on assistant tokens only, each token
    predicted from its parent in the tree.
-5. save: ``save_pretrained`` (safetensors) for model and tokenizer, ``generation_config`` with EOS ``<|im_end|>``,
-   the loss curve as ``loss.png`` and ``train_log.json``.
+5. save: ``save_pretrained`` (safetensors, bfloat16 weights) for model and tokenizer, ``generation_config`` with
+   EOS ``<|im_end|>``, the loss curve as ``loss.png`` and ``train_log.json``.
 
 Seeded and reproducible: the same arguments and thread count give the same losses and weights.
 """
@@ -209,11 +209,9 @@ def _encode(tokenizer, text: str) -> list:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def build_example(tokenizer, row: dict, short_prompt: bool = False) -> Example:
-    """``short_prompt``: the user message is the row's own text without the task and format instructions (the
-    curriculum's easier first phase); otherwise exactly what ``generate.py`` sends."""
-    user = row["prompt"] if short_prompt else build_prompt("retrieval", row)
-    prompt_ids = chat_prompt_ids(tokenizer, user)  # wrapped exactly as the engine wraps it
+def build_example(tokenizer, row: dict) -> Example:
+    """The row as one tree (see step 3 of the module docstring); the prompt is exactly what ``generate.py`` sends."""
+    prompt_ids = chat_prompt_ids(tokenizer, build_prompt("retrieval", row))  # wrapped exactly as the engine wraps it
     stem_ids = _encode(tokenizer, STEM)
     shared = list(prompt_ids) + stem_ids
     shared_loss = [False] * len(prompt_ids) + [True] * len(stem_ids)
@@ -435,7 +433,9 @@ def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float =
         return torch.linalg.qr(torch.randn(cols, rows, generator=gen))[0].T  # (rows, cols)
 
     def clear(attn, kv_head: int) -> tuple:
-        """Zero one KV head, its query heads and their output columns; return (kv rows, query rows, o columns)."""
+        """Zero one KV head, its query heads and their output columns; return the KV head's rows (of k/v_proj) and
+        the rows of its first query head (of q_proj; the same indices are that head's o_proj columns), which
+        carries the circuit; the group's other query heads start silent and are free for training."""
         kv_rows = slice(kv_head * head_dim, (kv_head + 1) * head_dim)
         q_rows = slice(kv_head * group * head_dim, (kv_head + 1) * group * head_dim)
         for proj, rows in ((attn.k_proj, kv_rows), (attn.v_proj, kv_rows), (attn.q_proj, q_rows)):
@@ -495,7 +495,8 @@ def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float =
         dims = torch.cat([slow, slow + half])  # (m,): both halves of each slow rotation pair
         m = len(dims)
         layer1.q_proj.weight[q_rows.start + dims, layout.token] = induction_gain * prev_proj[:m]
-        layer1.k_proj.weight[kv_rows.start + dims, layout.prev.start: layout.prev.start + m] = induction_gain * torch.eye(m)
+        prev_dims = slice(layout.prev.start, layout.prev.start + m)
+        layer1.k_proj.weight[kv_rows.start + dims, prev_dims] = induction_gain * torch.eye(m)
         copy_proj = orthonormal_rows(head_dim, token_dims)
         layer1.v_proj.weight[kv_rows, layout.token] = copy_proj
         copy_gain = copy_norm / (norm_scale * 0.6 * math.sqrt(head_dim / token_dims))  # token slice ~0.6 of the norm
@@ -506,7 +507,8 @@ def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float =
         layer1.k_proj.bias[kv_rows] = prev_k_bias
         layer1.q_proj.bias[q_rows] = prev_q_bias
         layer1.v_proj.weight[kv_rows.start: kv_rows.start + channel, layout.line] = torch.eye(channel)
-        layer1.o_proj.weight[layout.prev_line, q_rows.start: q_rows.start + channel] = (2.0 / norm_scale) * torch.eye(channel)
+        line_gain = 2.0 / norm_scale  # LINE is read at about half the RMSNorm length: bring it back to ~1
+        layer1.o_proj.weight[layout.prev_line, q_rows.start: q_rows.start + channel] = line_gain * torch.eye(channel)
 
 
 def tree_loss(model, batch) -> torch.Tensor:
@@ -583,7 +585,9 @@ def save(model, tokenizer, log: list, args, output_dir: Path, elapsed: float) ->
         do_sample=False,
         max_new_tokens=256,
     )
-    model.save_pretrained(output_dir, safe_serialization=True)
+    # Stored in bfloat16: half the bytes (the repo keeps the file under 5 MiB); a loader upcasts to the dtype it
+    # asks for (generate.py uses float32 on a CPU). Training itself ran in float32.
+    model.to(torch.bfloat16).save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     summary = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
