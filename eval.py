@@ -293,6 +293,9 @@ def summary_table(summary):
         ("time (s, mean)", _fmt(summary.get("normal_time")), _fmt(summary.get("parallel_time"))),
         ("generated tokens (mean)", _fmt(summary.get("normal_length"), 1), _fmt(summary.get("parallel_length"), 1)),
         ("speed (tokens/s, mean)", _fmt(summary.get("normal_speed"), 2), _fmt(summary.get("parallel_speed"), 2)),
+        ("forward passes (mean)", _fmt(summary.get("normal_steps"), 1), _fmt(summary.get("parallel_steps"), 1)),
+        ("tokens per forward pass (mean)", _fmt(summary.get("normal_tokens_per_step"), 3),
+         _fmt(summary.get("parallel_tokens_per_step"), 3)),
     ]
     if "normal_accuracy" in summary:
         table.append(("accuracy (exact match)", _fmt(summary["normal_accuracy"]),
@@ -310,6 +313,8 @@ def summary_notes(summary):
         f"rows: {summary['rows']} ({summary['speed_rows']} timed, {summary['error_rows']} with an error - "
         f"left out of all means, {summary['fallback_rows']} fell back to normal decoding)",
         f"speedup (mean parallel tokens/s / mean normal tokens/s): {_fmt(summary['speedup'], 2)}x",
+        f"step ratio (mean parallel / mean normal tokens per forward pass, the speedup if every pass cost the "
+        f"same): {_fmt(summary.get('step_ratio'), 2)}x",
         f"mean per-row time ratio (normal_time / parallel_time): {_fmt(summary['time_ratio'], 2)}x",
     ]
     if "judged_rows" in summary:
@@ -345,7 +350,8 @@ def plot_summary(rows, summary, png_path):
     import matplotlib.ticker
 
     judged = "normal_score" in summary
-    fig, axes = plt.subplots(1, 2 if judged else 1, figsize=(12 if judged else 7, 4.5), squeeze=False)
+    panels = 3 if judged else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
     for mode, marker in zip(MODES, ("o", "s")):
         points = [(i, metrics.row_speed(r, mode)) for i, r in enumerate(rows) if is_blank(r.get("error"))]
@@ -359,8 +365,25 @@ def plot_summary(rows, summary, png_path):
     ax.set_title(f"decoding speed per row, speedup {_fmt(summary.get('speedup'), 2)}x")
     ax.grid(alpha=0.3)
     ax.legend()
+    ax = axes[0][1]
+    timed = [r for r in rows if is_blank(r.get("error"))]
+    ratios = {
+        f"wall-clock speedup (mean {_fmt(summary.get('speedup'), 2)}x)": [metrics.row_speedup(r) for r in timed],
+        f"step ratio (mean {_fmt(summary.get('step_ratio'), 2)}x)": [metrics.row_step_ratio(r) for r in timed],
+    }
+    for (label, values), marker in zip(ratios.items(), ("o", "s")):
+        points = [(i, v) for i, v in enumerate(values) if v is not None]
+        if points:
+            ax.plot(*zip(*points), marker=marker, linestyle="-", linewidth=0.8, markersize=4, label=label)
+    ax.axhline(1.0, color="k", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("row")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("parallel / normal")
+    ax.set_title("speedup per row: wall clock vs forward passes")
+    ax.grid(alpha=0.3)
+    ax.legend()
     if judged:
-        ax = axes[0][1]
+        ax = axes[0][2]
         grid = list(range(metrics.SCORE_MIN, metrics.SCORE_MAX + 1))
         width = 0.4
         for k, mode in enumerate(MODES):

@@ -25,8 +25,8 @@ DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
 MODES = ("normal", "parallel")
 RESULT_COLUMNS = (
     "full_prompt",
-    "normal_response", "normal_time", "normal_length", "normal_speed",
-    "parallel_response", "parallel_time", "parallel_length", "parallel_speed",
+    "normal_response", "normal_time", "normal_length", "normal_speed", "normal_steps",
+    "parallel_response", "parallel_time", "parallel_length", "parallel_speed", "parallel_steps",
     "num_parallel_branches", "stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time",
     "fallback", "error",
 )
@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--modes", default="both", choices=["normal", "parallel", "both"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="both modes on a static KV arena with a compiled step (CUDA graphs on GPU); auto: on, "
+                        "except with flash_attention_2 (see docs/bench.md for the CPU measurement)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output file and start again")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the model repo")
     args = p.parse_args(argv)
@@ -77,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.compile == "on" and args.attn_implementation == "flash_attention_2":
+        raise UsageError("--compile on needs --attn_implementation sdpa or eager (the fast path builds its own mask "
+                         "over the KV arena; the Triton kernel runs eagerly)")
     return args
 
 
@@ -245,6 +251,20 @@ def usable_context(model, max_new_tokens: int):
 
 # --- decoding ---------------------------------------------------------------------------------------------------
 
+def compile_setting(args, device) -> bool:
+    """--compile resolved for this run: the fast path builds its own mask, so the Triton kernel keeps the eager one."""
+    from parallel_decoding.decoders import compile_enabled
+
+    if args.attn_implementation == "flash_attention_2":
+        return False
+    return compile_enabled(args.compile, device)
+
+
+def arena_capacity(prompt_lengths: list, max_new_tokens: int) -> int:
+    """KV slots for the longest prompt plus the answer, and room for a block's branches beside its skeleton."""
+    return max(prompt_lengths) + 2 * max_new_tokens
+
+
 def gen_kwargs(args, max_new_tokens: int) -> dict:
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": args.do_sample}
     if args.do_sample:
@@ -280,6 +300,7 @@ def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backend
         result[f"{mode}_time"] = out["time"]
         result[f"{mode}_length"] = out["length"]
         result[f"{mode}_speed"] = speed(out["length"], out["time"])
+        result[f"{mode}_steps"] = out["steps"]
         if mode == "parallel":
             result["num_parallel_branches"] = out["num_para"]
             result["stage1_response"] = out["stage1_response"]
@@ -371,6 +392,17 @@ def main(argv=None) -> int:
         return 0
 
     gen = gen_kwargs(args, args.max_new_tokens)
+    gen["compile"] = compile_setting(args, device)
+    if gen["compile"]:
+        # One arena for the whole run, and every bucket compiled now: nothing compiles inside a timed row.
+        from parallel_decoding.arena import prepare_fast_decoder
+
+        capacity = arena_capacity([len(chat_prompt_ids(tokenizer, prompts[i])) for i in pending], args.max_new_tokens)
+        log(f"compile: on; KV arena of {capacity} tokens; compiling the step for every bucket (untimed)")
+        set_attention(model, backends[modes[0]])
+        prepare_fast_decoder(model, capacity, warm_up=True)
+    else:
+        log("compile: off (eager reference path)")
     warm_up(model, tokenizer, [prompts[i] for i in pending[:3]], modes, backends, gen, log)
 
     errors = 0

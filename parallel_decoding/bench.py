@@ -7,9 +7,12 @@
 Both modes start from the same prefilled prefix (prefilled once, outside the timings) and decode the same N x L
 tokens after the same random N titles, greedily, without stop tokens:
 
-(a) sequential: for each branch, crop the cache back to the prefix, prefill its title, then one ``decode_step`` per
+(a) sequential: for each branch, crop the cache back to the prefix, prefill its title, then one pass per
     token -- what normal decoding does, one branch after another. N * L forward passes.
 (b) parallel: ``decode_branches_cached``, all branches in one sequence under the tree mask. L forward passes.
+
+``--compile`` runs both modes on the fast decoder (static KV arena sized for the run, compiled step per bucket,
+every bucket compiled before the timings), so fast sequential is compared with fast parallel.
 
 Weights are random (a real shape from ``configs.py``) unless ``--model_path`` loads a checkpoint. The table goes to
 stdout; the last line is one JSON object (``speedup``, ``efficiency``, tokens/s, ``peak_memory_mb``, settings...).
@@ -30,9 +33,11 @@ from pathlib import Path
 import torch
 
 from . import model_io
+from .arena import prepare_fast_decoder
 from .branches import decode_branches_cached, decode_branches_one_by_one
 from .configs import MODEL_CONFIGS, qwen2_config
-from .model_io import crop_cache, new_cache, prefill, synchronize
+from .decoders import EagerDecoder
+from .model_io import synchronize
 
 ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,9 +172,9 @@ def weight_bytes(model) -> int:
 
 # --- the two ways of decoding N branches ----------------------------------------------------------------------------
 
-def decode_branches_together(model, cache, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int):
+def decode_branches_together(decoder, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int):
     """The engine: every branch in one sequence; without stop tokens each makes exactly ``max_new_tokens``."""
-    results = decode_branches_cached(model, cache, prefix_len, branch_prefixes, max_new_tokens, stop_token_ids=())
+    results = decode_branches_cached(decoder, prefix_len, branch_prefixes, max_new_tokens, stop_token_ids=())
     outputs = [r.tokens for r in results]
     assert all(len(o) == max_new_tokens for o in outputs), "a branch stopped early without stop tokens"
     return outputs
@@ -207,18 +212,24 @@ def time_once(fn, device: torch.device) -> tuple[float, list[list[int]]]:
 
 
 @torch.inference_mode()
-def measure(model, prefix_ids: list[int], titles: list[list[int]], branch_len: int, repeats: int, warmup: int) -> dict:
+def measure(
+    model, prefix_ids: list[int], titles: list[list[int]], branch_len: int, repeats: int, warmup: int, compile: bool = False
+) -> dict:
     """Median wall time of each mode over ``repeats`` runs, after ``warmup`` untimed runs of each.
 
     The repeats alternate a, b, a, b, ... so that load from other processes falls on both modes alike.
     """
     device = model.device
-    cache = new_cache(model)
-    prefix_logits = prefill(model, cache, prefix_ids)  # once, outside the timings; each mode crops back to it
+    prefix_len = len(prefix_ids)
+    if compile:  # an arena for the parallel layout, every bucket compiled before anything is timed
+        capacity = prefix_len + sum(len(t) for t in titles) + len(titles) * branch_len
+        decoder = prepare_fast_decoder(model, capacity, warm_up=True)
+    else:
+        decoder = EagerDecoder(model)
+    prefix_logits = decoder.forward(prefix_ids)  # once, outside the timings; each mode crops back to it
     if not bool(torch.isfinite(prefix_logits).all()):
         raise BenchError("the model's logits after the prefix are not finite (bad random init or dtype overflow)")
-    prefix_len = len(prefix_ids)
-    runs = {mode: (lambda fn=fn: fn(model, cache, prefix_len, titles, branch_len)) for mode, fn in MODES.items()}
+    runs = {mode: (lambda fn=fn: fn(decoder, prefix_len, titles, branch_len)) for mode, fn in MODES.items()}
 
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     peaks: dict[str, float | None] = {}
@@ -227,13 +238,13 @@ def measure(model, prefix_ids: list[int], titles: list[list[int]], branch_len: i
         reset_peak_memory(device)
         for _ in range(warmup):
             tokens[mode] = run()
-            crop_cache(cache, prefix_len)
+            decoder.crop(prefix_len)
         peaks[mode] = peak_memory_mb(device)
     for _ in range(repeats):
         for mode, run in runs.items():
             reset_peak_memory(device)
             seconds, tokens[mode] = time_once(run, device)
-            crop_cache(cache, prefix_len)
+            decoder.crop(prefix_len)
             peak = peak_memory_mb(device)
             peaks[mode] = peak if peaks[mode] is None else max(peaks[mode], peak)
             times[mode].append(seconds)
@@ -357,6 +368,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
     p.add_argument("--sweep", action="store_true", help=f"N in {SWEEP_BRANCHES}: CSV + PNG of speedup vs N")
     p.add_argument("--out_dir", default="results/bench", help="where --sweep writes (default results/bench/)")
+    p.add_argument("--compile", action="store_true",
+                   help="both modes on the fast decoder: static KV arena + compiled step (CUDA graphs on GPU)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.num_threads is not None and args.num_threads < 1:
@@ -424,6 +437,7 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "seed": args.seed,
+        "compile": args.compile,
         "weight_bytes_per_pass": weight_bytes(model),
         "torch": torch.__version__,
     }
@@ -438,7 +452,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, attn in attns.items():
         set_attention(model, attn)
         for n in branch_counts:
-            row = measure(model, prefix_ids, all_titles[:n], args.branch_len, args.repeats, args.warmup)
+            row = measure(model, prefix_ids, all_titles[:n], args.branch_len, args.repeats, args.warmup, args.compile)
             row = {"attn_implementation": name, **row, "branch_len": args.branch_len, "prefix_len": args.prefix_len}
             rows.append(row)
             print(f"# {name} N={n}: speedup {row['speedup']:.2f}x", file=sys.stderr, flush=True)

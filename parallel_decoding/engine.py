@@ -19,16 +19,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from .branches import decode_branches_cached
-from .model_io import (
-    Sampler,
-    StageTimer,
-    check_model,
-    context_length,
-    crop_cache,
-    decode_step,
-    new_cache,
-    prefill,
-)
+from .decoders import decoder_for
+from .model_io import Sampler, StageTimer, check_model, context_length
 from .skeleton import MarkerVocab, SkeletonLogitsProcessor, parse_skeleton
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -128,25 +120,38 @@ class Sequence:
         return self.buffer[0, self.prompt_len : self.length].tolist()
 
 
-def decode_sequential(model, cache, seq: Sequence, logits, budget: int, config, stop_ids, processor=None, block_end=None):
+def decode_sequential(
+    decoder, seq: Sequence, logits, budget: int, config, stop_ids, processor=None, block_end=None, skeleton=None
+):
     """Decode one token at a time from ``logits`` (next-token logits after the cache) for at most ``budget`` tokens.
 
     Returns why it stopped: ``"eos"``, ``"block_end"`` (``%%%%`` after ``####``, only with ``block_end`` given) or
     ``"budget"``. The stopping token is appended to ``seq`` except for EOS; the cache holds every appended token but
     the last one, whose logits were never needed.
+
+    Jump-forward: with ``skeleton`` (the :class:`SkeletonLogitsProcessor` in ``processor``) the tokens the skeleton
+    forces after a title's colon are appended without sampling and go through the model in the colon's pass, one
+    pass for ``:`` ``......`` ``\n`` ``####`` instead of four. Greedy decoding gives the same tokens either way.
     """
-    for step in range(budget):
+    written = 0
+    while written < budget:
         scores = processor(seq.ids, logits) if processor is not None else logits
-        token = config.sampler(scores)  # (1,)
-        t = int(token)  # the one host sync of the step
-        if t in stop_ids:
+        token = int(config.sampler(scores))  # the one host sync of the step
+        if token in stop_ids:
             return "eos"
         previous = int(seq.buffer[0, seq.length - 1])
-        seq.append(t)
-        if block_end is not None and block_end(previous, t):
+        seq.append(token)
+        written += 1
+        if block_end is not None and block_end(previous, token):
             return "block_end"
-        if step + 1 < budget:
-            logits = decode_step(model, cache, token)
+        pending = [token]
+        if skeleton is not None:
+            forced = skeleton.forced_tokens(seq.ids)[: budget - written]
+            seq.extend(forced)
+            written += len(forced)
+            pending += forced
+        if written < budget:
+            logits = decoder.forward(pending)  # (1, V): the logits after the last appended token
     return "budget"
 
 
@@ -161,19 +166,28 @@ def _start(model, tokenizer, prompt: str, gen: dict):
     return config, prompt_ids, budget
 
 
+def _decoder(model, compile, prompt_ids: list[int], budget: int):
+    decoder = decoder_for(model, compile)
+    if hasattr(decoder, "reserve"):  # a fixed arena: refuse the row before decoding if it cannot fit
+        decoder.reserve(len(prompt_ids) + budget, f"a prompt of {len(prompt_ids)} tokens and {budget} new tokens")
+    return decoder
+
+
 @torch.inference_mode()
-def normal_decode(model, tokenizer, prompt: str, logits_processor=None, **gen) -> dict:
+def normal_decode(model, tokenizer, prompt: str, logits_processor=None, compile=False, **gen) -> dict:
     """Sequential decoding of the answer to ``prompt`` (the user message). Greedy unless ``do_sample``.
 
     ``logits_processor``: optional extra :class:`~transformers.LogitsProcessorList`, applied at every step.
+    ``compile``: False (the eager reference), True, or "auto"/"on"/"off" (see ``decoders.compile_enabled``):
+    decode on the model's static KV arena with a compiled step; same tokens.
     """
     config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
     stop_ids = stop_token_ids(model, tokenizer)
+    decoder = _decoder(model, compile, prompt_ids, budget)
     timer = StageTimer(model.device)
-    cache = new_cache(model)
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
-    logits = prefill(model, cache, prompt_ids)
-    decode_sequential(model, cache, seq, logits, budget, config, stop_ids, processor=logits_processor)
+    logits = decoder.forward(prompt_ids)
+    decode_sequential(decoder, seq, logits, budget, config, stop_ids, processor=logits_processor)
     timer.lap("decode")
     answer = seq.answer
     return {
@@ -181,6 +195,7 @@ def normal_decode(model, tokenizer, prompt: str, logits_processor=None, **gen) -
         "time": timer.get("decode"),
         "length": len(answer),
         "prompt_tokens": len(prompt_ids),
+        "steps": decoder.steps,
     }
 
 
@@ -193,6 +208,8 @@ def parallel_decode(
     max_blocks: int = MAX_BLOCKS,
     max_branch_tokens: int | None = None,
     logits_processor=None,
+    compile=False,
+    jump_forward: bool = True,
     **gen,
 ) -> dict:
     """Three-stage parallel decoding of the answer to ``prompt``; same settings as :func:`normal_decode`.
@@ -203,7 +220,8 @@ def parallel_decode(
     ``max_branches`` caps the branches of one block (the first ones are kept), ``max_blocks`` the blocks decoded in
     parallel, ``max_branch_tokens`` the tokens of one branch (default: what is left of ``max_new_tokens``);
     ``caps`` in the result lists every cap that was hit. When the model writes no closed ``####`` block
-    the answer is decoded sequentially and ``fallback`` says why.
+    the answer is decoded sequentially and ``fallback`` says why. ``compile`` as in :func:`normal_decode`.
+    ``jump_forward=False`` spends one pass on each token the skeleton forces (same greedy answer, more passes).
     """
     if max_branches < 1 or max_blocks < 0 or (max_branch_tokens is not None and max_branch_tokens < 1):
         raise ValueError(
@@ -214,15 +232,15 @@ def parallel_decode(
     stop_ids = stop_token_ids(model, tokenizer)
     markers = marker_vocab(tokenizer)
     limit = context_length(model)
+    decoder = _decoder(model, compile, prompt_ids, budget)
     timer = StageTimer(model.device)
 
-    cache = new_cache(model)
     # Room for the answer plus one skeleton of titles and ellipses on top of it.
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
     skeleton = SkeletonLogitsProcessor(prompt_length=len(prompt_ids), markers=markers)
     processor = LogitsProcessorList([skeleton, *(logits_processor or [])])
     sequential_processor = LogitsProcessorList(logits_processor or [])
-    logits = prefill(model, cache, prompt_ids)
+    logits = decoder.forward(prompt_ids)
     skeletons: list[str] = []
     branches: list[dict] = []
     caps: list[str] = []
@@ -237,9 +255,10 @@ def parallel_decode(
         parallel = blocks < max_blocks
         segment_start = seq.length - seq.prompt_len
         stop = decode_sequential(
-            model, cache, seq, logits, remaining, config, stop_ids,
+            decoder, seq, logits, remaining, config, stop_ids,
             processor=processor if parallel else sequential_processor,
             block_end=markers.is_block_end if parallel else None,
+            skeleton=skeleton if parallel and jump_forward else None,
         )
         answer = seq.answer
         # A sequential segment is stage 1 when it wrote a skeleton (or came before any block), else stage 3.
@@ -250,10 +269,8 @@ def parallel_decode(
                 # A skeleton that never closed is titles and ellipses, not an answer: go back to where it
                 # started and let the model write that part sequentially, as normal decoding would.
                 fallback = "the model opened a #### block but did not close it with ####%%%%; decoded sequentially"
-                logits = _rewind(model, cache, seq, open_block)
-                decode_sequential(
-                    model, cache, seq, logits, budget - open_block, config, stop_ids, processor=sequential_processor
-                )
+                logits = _rewind(decoder, seq, open_block)
+                decode_sequential(decoder, seq, logits, budget - open_block, config, stop_ids, processor=sequential_processor)
             timer.lap(segment_stage)
             break
         timer.lap(segment_stage)
@@ -275,7 +292,7 @@ def parallel_decode(
             if max_branch_tokens is not None:
                 branch_budget = min(branch_budget, max_branch_tokens)
             results = decode_branches_cached(
-                model, cache, prefix_len, block.branch_prefixes, max(branch_budget, 1),
+                decoder, prefix_len, block.branch_prefixes, max(branch_budget, 1),
                 stop_token_ids=stop_ids | markers.branch_ids, sampler=config.sampler,
             )
             for title, prefix, result in zip(block.titles, block.branch_prefixes, results):
@@ -299,13 +316,13 @@ def parallel_decode(
         seq.truncate(block_start)
         seq.extend(merged)
         skeleton.state.reset()
-        crop_cache(cache, seq.prompt_len + block_start)
+        decoder.crop(seq.prompt_len + block_start)
         block_search_from = block_start + len(merged)
         if seq.length >= limit:
             caps.append(f"the merged answer fills the model's context ({limit} tokens); decoding stopped")
             timer.lap("stage3")
             break
-        logits = prefill(model, cache, merged)
+        logits = decoder.forward(merged)
         timer.lap("stage3")
 
     if not branches and fallback is None:
@@ -325,6 +342,7 @@ def parallel_decode(
         "stage3_time": timer.get("stage3"),
         "fallback": fallback,
         "caps": caps,
+        "steps": decoder.steps,
     }
 
 
@@ -335,8 +353,8 @@ def _first_branch_marker(answer: list[int], start: int, markers: MarkerVocab) ->
     return None
 
 
-def _rewind(model, cache, seq: Sequence, answer_len: int) -> torch.Tensor:
+def _rewind(decoder, seq: Sequence, answer_len: int) -> torch.Tensor:
     """Cut the answer back to ``answer_len`` tokens; returns the next-token logits there."""
     seq.truncate(answer_len)
-    crop_cache(cache, seq.length - 1)
-    return prefill(model, cache, [int(seq.buffer[0, seq.length - 1])])
+    decoder.crop(seq.length - 1)
+    return decoder.forward([int(seq.buffer[0, seq.length - 1])])

@@ -174,6 +174,26 @@ def row_speed(row, mode):
     return length / time_s
 
 
+def row_tokens_per_step(row, mode):
+    """Generated tokens per forward pass of one mode in one row (``length / steps``), or None without step counts."""
+    steps, length = as_number(row.get(f"{mode}_steps")), as_number(row.get(f"{mode}_length"))
+    if steps is None or length is None or steps <= 0:
+        return None
+    return length / steps
+
+
+def row_speedup(row):
+    """Parallel tokens/s over normal tokens/s in one row, or None."""
+    normal, parallel = row_speed(row, "normal"), row_speed(row, "parallel")
+    return parallel / normal if normal and parallel is not None else None
+
+
+def row_step_ratio(row):
+    """Parallel tokens per forward pass over normal tokens per forward pass: the speedup if a pass cost the same."""
+    normal, parallel = row_tokens_per_step(row, "normal"), row_tokens_per_step(row, "parallel")
+    return parallel / normal if normal and parallel is not None else None
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -193,7 +213,10 @@ def speed_summary(rows):
     - ``<mode>_time``: mean wall time (s); ``<mode>_length``: mean generated tokens;
     - ``<mode>_speed``: mean of per-row ``length / time`` (tokens/s);
     - ``speedup``: mean parallel tokens/s / mean normal tokens/s;
-    - ``time_ratio``: mean of per-row ``normal_time / parallel_time``.
+    - ``time_ratio``: mean of per-row ``normal_time / parallel_time``;
+    - ``<mode>_steps``: mean forward passes per row (prefills included), ``<mode>_tokens_per_step`` the mean of
+      per-row ``length / steps``, and ``step_ratio`` = mean parallel / mean normal tokens per step, the speedup's
+      hardware-independent bound (over the usable rows that have step counts; None for files without them).
     """
     modes = [m for m in MODES if any(not is_blank(r.get(f"{m}_time")) for r in rows)]
     error_rows = [r for r in rows if not is_blank(r.get("error"))]
@@ -217,6 +240,15 @@ def speed_summary(rows):
         summary["speedup"] = summary["parallel_speed"] / summary["normal_speed"]
     else:
         summary["speedup"] = None
+    stepped = [r for r in usable if all(row_tokens_per_step(r, m) is not None for m in modes)]
+    for mode in MODES:
+        present = mode in modes and bool(stepped)
+        summary[f"{mode}_steps"] = _mean(as_number(r[f"{mode}_steps"]) for r in stepped) if present else None
+        summary[f"{mode}_tokens_per_step"] = _mean(row_tokens_per_step(r, mode) for r in stepped) if present else None
+    if summary["normal_tokens_per_step"] and summary["parallel_tokens_per_step"] is not None:
+        summary["step_ratio"] = summary["parallel_tokens_per_step"] / summary["normal_tokens_per_step"]
+    else:
+        summary["step_ratio"] = None
     if "normal" in modes and "parallel" in modes and usable:
         summary["time_ratio"] = _mean(as_number(r["normal_time"]) / as_number(r["parallel_time"]) for r in usable)
     else:

@@ -133,6 +133,12 @@ class SkeletonState:
             return None
         return self.markers.forced_after_colon[self.forced_done]
 
+    def forced_tokens(self) -> tuple[int, ...]:
+        """Every token still forced from here on (the rest of ``......``, newline, ``####``), without a model call."""
+        if self.forced_done is None:
+            return ()
+        return self.markers.forced_after_colon[self.forced_done :]
+
     def at_start(self) -> bool:
         return self.seen == self.start
 
@@ -178,6 +184,14 @@ class SkeletonLogitsProcessor(LogitsProcessor):
         if self.state.last_token is not None and self.state.last_token in self.markers.branch_ids:
             return self._forbid(scores, self._hash_index)
         return scores
+
+    def forced_tokens(self, input_ids: torch.LongTensor) -> list[int]:
+        """The tokens this processor would force next, one after another, after ``input_ids`` (1, L).
+
+        The engine appends them in one forward pass (jump-forward) instead of sampling each from forced scores.
+        """
+        self.state.update(input_ids[0])
+        return list(self.state.forced_tokens())
 
     def _forbid(self, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         key = (id(index), scores.device, scores.shape[-1])

@@ -52,11 +52,11 @@ def test_sweep_writes_csv_and_png(tmp_path, capsys):
 
 def test_sequential_baseline_matches_engine_tokens():
     model = bench.random_model("tiny", torch.device("cpu"), torch.float32, "eager", seed=1)
-    cache = bench.new_cache(model)
-    bench.prefill(model, cache, list(range(10, 20)))
+    decoder = bench.EagerDecoder(model)
+    decoder.forward(list(range(10, 20)))
     titles = [[5, 6], [7], [8, 9, 10]]
-    one_by_one = decode_branches_one_by_one(model, cache, 10, titles, 4)
-    together = bench.decode_branches_together(model, cache, 10, titles, 4)
+    one_by_one = decode_branches_one_by_one(decoder, 10, titles, 4)
+    together = bench.decode_branches_together(decoder, 10, titles, 4)
     assert one_by_one == together and all(len(t) == 4 for t in together)
 
 

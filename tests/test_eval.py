@@ -615,3 +615,21 @@ def test_bad_inputs(tmp_path, capsys):
     # nothing written beside the inputs
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["good.jsonl", "bad.jsonl", "array.jsonl", "empty.jsonl", "partial.jsonl", "dataset.jsonl"])
+
+
+def test_step_ratio_beside_the_speedup(tmp_path, capsys):
+    rows = reference_retrieval_rows()
+    # tokens per pass: normal 200/200, 150/150, 80/80 -> mean 1.0; parallel 160/80, 250/100, 60/40 -> mean 2.0
+    for row, (normal_steps, parallel_steps) in zip(rows, [(200, 80), (150, 100), (80, 40)]):
+        row.update(normal_steps=normal_steps, parallel_steps=parallel_steps)
+    path = write_jsonl(tmp_path / "steps.jsonl", rows)
+    assert eval_cli.main(["--df_path", str(path), "--task", "retrieval", "--no_judge"]) == 0
+    s = json.loads((tmp_path / "steps.summary.json").read_text())
+    assert s["normal_steps"] == pytest.approx(430 / 3) and s["parallel_steps"] == pytest.approx(220 / 3)
+    assert s["normal_tokens_per_step"] == pytest.approx(1.0) and s["parallel_tokens_per_step"] == pytest.approx(2.0)
+    assert s["step_ratio"] == pytest.approx(2.0) and s["speedup"] == pytest.approx(2.0)
+    out = capsys.readouterr().out
+    assert "step ratio (mean parallel / mean normal tokens per forward pass" in out and "2.00x" in out
+    assert metrics.row_step_ratio(rows[0]) == pytest.approx(2.0)
+    # a file written before step counts existed: no step figures, the rest unchanged
+    assert metrics.speed_summary(reference_retrieval_rows())["step_ratio"] is None

@@ -75,8 +75,9 @@ def _read(path: Path) -> list:
 
 
 def _args(model_dir, out_dir, *extra):
+    # --compile off: compiling every bucket takes minutes on a CPU; tests/test_fast.py holds the compiled path to this one
     return ["--model_path", str(model_dir), "--output_dir", str(out_dir), "--max_new_tokens", str(MAX_NEW_TOKENS),
-            *extra]
+            "--compile", "off", *extra]
 
 
 # --- end to end ------------------------------------------------------------------------------------------------
@@ -99,6 +100,7 @@ def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
             assert isinstance(row[f"{mode}_response"], str)
             assert 1 <= row[f"{mode}_length"] <= MAX_NEW_TOKENS
             assert row[f"{mode}_speed"] == pytest.approx(row[f"{mode}_length"] / row[f"{mode}_time"])
+            assert isinstance(row[f"{mode}_steps"], int) and 1 < row[f"{mode}_steps"] <= MAX_NEW_TOKENS + 1
         assert row["num_parallel_branches"] == len(row["branches"])
         assert row["parallel_time"] == pytest.approx(row["stage1_time"] + row["stage2_time"] + row["stage3_time"])
         assert row["num_parallel_branches"] > 0 or row["fallback"]
@@ -109,7 +111,7 @@ def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
 def test_default_embedded_model_writes_branches(tmp_path):
     if not generate.DEFAULT_MODEL_PATH.is_dir():
         pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
-    assert generate.main(["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "96",
+    assert generate.main(["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "96", "--compile", "off",
                           "--output_dir", str(tmp_path)]) == 0
     (row,) = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
     assert row["num_parallel_branches"] == len(row["students"]) == 4 and row["fallback"] is None
@@ -228,6 +230,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     broken.write_text('{"prompt": "a"}\n{"question": "b"}\n')
     assert f"{broken}:2: row has no 'prompt' field" in _bad_input(capsys, [*base, "--data_path", str(broken)])
     assert "--max_samples must be >= 1" in _bad_input(capsys, [*base, "--max_samples", "0"])
+    assert "--compile on needs --attn_implementation sdpa or eager" in _bad_input(
+        capsys, [*base, "--compile", "on", "--attn_implementation", "flash_attention_2"])
+    assert "invalid choice: 'fast'" in _bad_input(capsys, [*base, "--compile", "fast"])
     assert f"{sentinel}:1: existing output does not parse; pass --overwrite" in _bad_input(capsys, base)
     assert sentinel.read_text() == "earlier results\n"
 
@@ -299,3 +304,16 @@ def test_cli_flash_attention_on_gpu(tmp_path, model_dir):
     assert "parallel stage uses the project's branch-aware Triton kernel" in proc.stderr
     rows = _read(tmp_path / "tiny-qwen2" / "retrieval_4.jsonl")
     assert len(rows) == 2 and all(r["error"] is None and r["parallel_length"] >= 1 for r in rows)
+
+
+def test_compile_setting_and_arena_size():
+    import torch
+
+    args = generate.parse_args(["--task", "retrieval"])
+    assert args.compile == "auto"
+    assert generate.compile_setting(args, torch.device("cuda")) is True
+    args = generate.parse_args(["--task", "retrieval", "--compile", "off"])
+    assert generate.compile_setting(args, torch.device("cuda")) is False
+    args = generate.parse_args(["--task", "retrieval", "--attn_implementation", "flash_attention_2"])
+    assert generate.compile_setting(args, torch.device("cuda")) is False  # auto: the Triton kernel runs eagerly
+    assert generate.arena_capacity([120, 300, 90], 64) == 300 + 2 * 64

@@ -1,0 +1,282 @@
+"""The fast path: a static KV arena (a transformers ``Cache`` subclass) and one compiled forward pass per bucket.
+
+``KVArena`` holds every layer's keys and values in tensors allocated once, at a capacity, and written by slot
+index. The slots a pass writes are in ``write_slots`` (set by the pass itself, read by each layer's ``update``),
+so the same code serves transformers 5.17 (``cache.update(k, v, layer_idx)``) and 5.24 (which adds keyword
+arguments). ``crop`` only sets a length. ``key_branch`` (on the device) is the branch id of every slot.
+
+``FastDecoder`` has the interface of :class:`~parallel_decoding.decoders.EagerDecoder`. Each pass pads its query
+rows up to a bucket (1, 2, 4, ... 64 rows) and runs one compiled function over the whole arena, whose shapes
+depend on the bucket only, so nothing recompiles as the cache grows or from one row to the next:
+
+- padding rows write to one spare slot past the capacity and carry the branch id ``PADDING``; the mask lets them
+  see that slot alone, and no real row sees it, so padding changes nothing;
+- the mask is built inside the compiled pass from ``key_branch`` and the query slots: a query sees the slots up to
+  its own that hold shared text or its own branch. The mask spans the capacity, as the keys do;
+- on CUDA the compiled pass is captured as CUDA graphs (``mode="reduce-overhead"``), one per bucket; the arena
+  tensors are marked as static addresses so the graphs write into them in place.
+
+A pass with more rows than the largest bucket (a long prefill, a merge) runs the same function uncompiled at its
+exact size. ``warm_up()`` compiles every bucket on padding rows only, which write nothing but the spare slot.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .decoders import SHARED, logits_rows
+from .model_io import cache_argument, context_length, uses_branch_kernel
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # query rows per compiled pass
+PADDING = -2  # branch id of padding rows
+
+
+class ArenaFullError(ValueError):
+    """The tokens of a row do not fit in the arena."""
+
+
+class ArenaLayer(CacheLayerMixin):
+    """One layer's keys and values, (1, H_kv, capacity + 1, D), written at the arena's ``write_slots``."""
+
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, arena: "KVArena", keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.arena = arena
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("KVArena layers are allocated by the arena, never lazily")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        slots = self.arena.write_slots[: key_states.shape[-2]]  # (T,)
+        self.keys[:, :, slots] = key_states  # (1, H_kv, T, D) into (1, H_kv, C + 1, D)
+        self.values[:, :, slots] = value_states
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        return self.arena.length
+
+    def get_max_length(self) -> int:
+        return self.arena.capacity
+
+    def crop(self, tokens_to_remove: int) -> None:  # the arena sets the length once for all layers
+        pass
+
+    def reset(self) -> None:
+        self.arena.length = 0
+
+
+class KVArena(Cache):
+    """Keys and values of every layer for ``capacity`` tokens (plus one spare slot), allocated once."""
+
+    def __init__(self, model, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"the KV arena needs a capacity of at least 1 token, got {capacity}")
+        text = model.config.get_text_config()
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"]
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"the KV arena serves full-attention decoders only; this model has layers {sorted(set(layer_types))}")
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        device, dtype = model.device, model.dtype
+        slots = capacity + 1  # the last slot is where padding rows write
+        shape = (1, heads, slots, head_dim)  # (B, H_kv, C + 1, D)
+        layers = [
+            ArenaLayer(self, torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(text.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+        self.capacity = capacity
+        self.spare_slot = capacity
+        self.length = 0
+        self.write_slots = torch.zeros((slots,), dtype=torch.long, device=device)
+        self.key_branch = torch.full((slots,), SHARED, dtype=torch.long, device=device)
+        self.key_branch[self.spare_slot] = PADDING
+        self.slot_index = torch.arange(slots, device=device)
+        for tensor in [self.write_slots, self.key_branch, *(t for layer in layers for t in (layer.keys, layer.values))]:
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs write into these in place
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """transformers' convention: keep ``max_length`` tokens, or drop ``-max_length`` if negative."""
+        keep = self.length + max_length if max_length < 0 else max_length
+        if not 0 <= keep <= self.length:
+            raise ValueError(f"cannot crop a KV arena of {self.length} tokens to {keep}")
+        self.length = keep
+
+    def tree_mask(self, slots: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Record the queries' branch ids and return their additive mask over every slot, (1, 1, T, C + 1).
+
+        slots, branch: (T,). A query sees the slots up to its own holding shared text or its own branch; a
+        padding query sees padding slots only (the spare slot).
+        """
+        self.key_branch[slots] = branch
+        keys = self.key_branch[None, :]  # (1, C + 1)
+        causal = self.slot_index[None, :] <= slots[:, None]  # (T, C + 1)
+        own = keys == branch[:, None]
+        shared = (keys == SHARED) & (branch[:, None] != PADDING)
+        visible = causal & (own | shared)
+        mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=slots.device)
+        return mask.masked_fill(visible, 0.0)[None, None]  # (1, 1, T, C + 1)
+
+
+class FastDecoder:
+    """Decoder over a :class:`KVArena` with a compiled pass per bucket; same interface as ``EagerDecoder``."""
+
+    def __init__(self, model, capacity: int, buckets: tuple[int, ...] = BUCKETS, compile: bool = True):
+        if uses_branch_kernel(model):
+            raise ValueError("the fast path builds its own mask over the arena; use it with eager or sdpa attention")
+        if not buckets or min(buckets) < 1:
+            raise ValueError(f"buckets must be positive row counts, got {buckets}")
+        self.model = model
+        self.device = model.device
+        self.buckets = tuple(sorted(set(buckets)))
+        self._cache_argument = cache_argument(model)  # looked up here: signature inspection does not trace
+        with torch.inference_mode():
+            self.arena = KVArena(model, capacity)
+        self.use_cuda_graphs = compile and self.device.type == "cuda"
+        if compile:
+            # One graph per bucket and model: let dynamo keep them all rather than fall back to eager.
+            _reserve_compiled_graphs(len(self.buckets))
+            mode = "reduce-overhead" if self.use_cuda_graphs else None
+            self._compiled = torch.compile(self._pass, mode=mode, dynamic=False, fullgraph=True)
+        else:
+            self._compiled = self._pass
+        self.steps = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.arena.capacity
+
+    @property
+    def length(self) -> int:
+        return self.arena.length
+
+    def reset(self) -> None:
+        self.arena.length = 0
+        self.steps = 0
+
+    def crop(self, length: int) -> None:
+        self.arena.crop(length)
+
+    def reserve(self, tokens: int, what: str) -> None:
+        """Raise before decoding when ``tokens`` slots (``what`` says whose) do not fit in the arena."""
+        if tokens > self.capacity:
+            raise ArenaFullError(f"{what} needs {tokens} KV slots but the arena holds {self.capacity}; make it larger")
+
+    def bucket(self, rows: int) -> int | None:
+        return next((b for b in self.buckets if b >= rows), None)
+
+    def _pass(self, packed: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """One forward pass; packed (4, W): token ids, positions, slots, branch ids. Returns float logits (W', V)."""
+        token_ids, positions, slots, branch = packed  # each (W,)
+        self.arena.write_slots[: slots.shape[0]] = slots
+        mask = self.arena.tree_mask(slots, branch, self.model.dtype)  # (1, 1, W, C + 1)
+        out = self.model(
+            input_ids=token_ids[None],  # (1, W)
+            position_ids=positions[None],  # (1, W)
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self._cache_argument: self.arena},
+        )
+        return out.logits[0].float()  # (W', V)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, rows=None):
+        start, count = self.arena.length, len(token_ids)
+        if start + count > self.capacity:
+            raise ArenaFullError(f"the KV arena holds {self.capacity} tokens; appending {count} after {start} overflows it")
+        if positions is None:
+            positions = list(range(start, start + count))
+        if branch_ids is None:
+            branch_ids = [SHARED] * count
+        keep = logits_rows(rows, count)
+        width = self.bucket(count)
+        pad = 0 if width is None else width - count
+        packed = torch.tensor(
+            [
+                list(token_ids) + [0] * pad,
+                list(positions) + [0] * pad,
+                list(range(start, start + count)) + [self.arena.spare_slot] * pad,
+                list(branch_ids) + [PADDING] * pad,
+            ],
+            device=self.device,
+        )  # (4, W)
+        if width is None:  # more rows than the largest bucket: the same pass, uncompiled, at its exact size
+            keep = torch.tensor(keep, device=self.device) if not isinstance(keep, int) else keep
+            logits = self._pass(packed, keep)
+        else:
+            if self.use_cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._compiled(packed)  # (W, V)
+            if keep == 1:
+                logits = logits[count - 1 : count]
+            elif keep == 0:
+                logits = logits[:count]
+            else:
+                logits = logits[torch.tensor(keep, device=self.device)]
+            if self.use_cuda_graphs:  # the graph's output buffer is overwritten by the next replay
+                logits = logits.clone()
+        self.arena.length += count
+        self.steps += 1
+        return logits
+
+    @torch.inference_mode()
+    def warm_up(self, buckets: tuple[int, ...] | None = None) -> None:
+        """Compile (and on CUDA capture) the pass of every bucket on padding rows, which change no real slot."""
+        for width in buckets or self.buckets:
+            packed = torch.tensor(
+                [[0] * width, [0] * width, [self.arena.spare_slot] * width, [PADDING] * width], device=self.device
+            )  # (4, W)
+            if self.use_cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            self._compiled(packed)
+
+
+_compiled_graphs = 0
+
+
+def _reserve_compiled_graphs(count: int) -> None:
+    """Raise dynamo's per-function graph limit so every bucket of every fast decoder keeps its own graph."""
+    global _compiled_graphs
+    _compiled_graphs += count
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), _compiled_graphs))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, _compiled_graphs)
+
+
+_fast_decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def fast_decoder(model) -> FastDecoder:
+    """The model's fast decoder: one arena per model, made on first use (at the model's context length) and kept,
+    so the compiled graphs are reused from one answer to the next. :func:`prepare_fast_decoder` sizes it."""
+    kept = _fast_decoders.get(model)
+    return kept if kept is not None else prepare_fast_decoder(model)
+
+
+def prepare_fast_decoder(
+    model, capacity: int | None = None, buckets: tuple[int, ...] = BUCKETS, warm_up: bool = False, compile: bool = True
+) -> FastDecoder:
+    """Allocate the model's arena (``capacity`` tokens, default its context length), keep it as the model's fast
+    decoder, and with ``warm_up`` compile every bucket now."""
+    decoder = FastDecoder(model, capacity or context_length(model), buckets, compile)
+    _fast_decoders[model] = decoder
+    if warm_up:
+        decoder.warm_up()
+    return decoder

@@ -1,0 +1,234 @@
+"""The fast path (KV arena + compiled step per bucket) against the eager reference, and jump-forward.
+
+Compiling takes seconds per graph on a CPU, so the compiled decoders are made once per module (a Qwen2 with the
+real vocabulary, a Llama, the embedded model), with two buckets, 1 and 4 rows: five ragged branches are then more
+rows than the largest bucket, two or three rows are padded to four, and every other pass (prefill, tree prefill,
+merge) reaches either a compiled bucket or the uncompiled exact-size pass. After warm-up the compiled runs go under
+``fail_on_recompile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from conftest import tiny_decoder
+from parallel_decoding import decode_branches, decode_branches_reference, normal_decode, parallel_decode
+from parallel_decoding.arena import PADDING, ArenaFullError, FastDecoder, prepare_fast_decoder
+from parallel_decoding.decoders import SHARED, EagerDecoder, compile_enabled
+from test_engine import TITLES, ForwardCounter, _encode, _scripted
+
+SMALL_BUCKETS = (1, 4)
+
+
+@contextlib.contextmanager
+def no_recompiles():
+    with torch.compiler.set_stance("fail_on_recompile"):
+        yield
+
+
+def _compiled(model, capacity=512, buckets=SMALL_BUCKETS):
+    prepare_fast_decoder(model, capacity, buckets=buckets, warm_up=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen_vocab_model():
+    from conftest import build_qwen2_tokenizer
+
+    tokenizer = build_qwen2_tokenizer()
+    model = tiny_decoder("qwen2", vocab_size=len(tokenizer), attn_implementation="sdpa")
+    return _compiled(model), tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    return _compiled(tiny_decoder("llama", attn_implementation="eager"))
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def small_model(request, qwen_vocab_model, llama_model):
+    return qwen_vocab_model[0] if request.param == "qwen2" else llama_model
+
+
+# --- the arena itself (no compile needed) --------------------------------------------------------------------------
+
+def _arena_keys(decoder: FastDecoder, length: int) -> list[torch.Tensor]:
+    return [layer.keys[:, :, :length].clone() for layer in decoder.arena.layers]
+
+
+def test_rewind_and_prefill_again_equals_a_fresh_prefill():
+    model = tiny_decoder("qwen2")
+    a, b, c = list(range(10, 30)), list(range(40, 47)), list(range(60, 65))
+    rewound = FastDecoder(model, 64, compile=False)
+    rewound.forward(a)
+    rewound.forward(b)
+    rewound.crop(len(a))
+    logits_rewound = rewound.forward(c)
+    fresh = FastDecoder(model, 64, compile=False)
+    fresh.forward(a)
+    logits_fresh = fresh.forward(c)
+    assert rewound.length == fresh.length == len(a) + len(c)
+    assert torch.equal(logits_rewound, logits_fresh)
+    for x, y in zip(_arena_keys(rewound, len(a) + len(c)), _arena_keys(fresh, len(a) + len(c))):
+        assert torch.equal(x, y)
+    assert rewound.arena.layers[0].keys.data_ptr() == rewound.arena.layers[0].keys.data_ptr()  # never reallocated
+
+
+@torch.inference_mode()
+def test_padding_rows_change_nothing():
+    model = tiny_decoder("llama")
+    prefix = list(range(5, 25))
+    exact, padded = FastDecoder(model, 64, compile=False), FastDecoder(model, 64, compile=False)
+    for decoder in (exact, padded):
+        decoder.forward(prefix)
+    start = len(prefix)
+    rows = [[7, 8, 9], [start, start, start + 1], [start, start + 1, start + 2], [0, 1, 0]]  # ids, pos, slots, branch
+    logits_exact = exact._pass(torch.tensor(rows))  # (3, V)
+    spare = padded.arena.spare_slot
+    garbage = [[3, 99, 17, 250, 4], [900, 0, 5, 1, 2], [spare] * 5, [PADDING] * 5]
+    logits_padded = padded._pass(torch.tensor([r + g for r, g in zip(rows, garbage)]))  # (8, V)
+    torch.testing.assert_close(logits_padded[:3], logits_exact, rtol=1e-5, atol=1e-5)
+    for x, y in zip(exact.arena.layers, padded.arena.layers):
+        torch.testing.assert_close(y.keys[:, :, : start + 3], x.keys[:, :, : start + 3], rtol=1e-5, atol=1e-5)
+        assert not y.keys[:, :, start + 3 : spare].any()  # nothing written between the real rows and the spare slot
+    assert padded.arena.key_branch[spare] == PADDING and padded.arena.key_branch[0] == SHARED
+
+
+def test_a_too_small_arena_raises_before_decoding(qwen_vocab_model):
+    model, tokenizer = qwen_vocab_model
+    small = tiny_decoder("qwen2", vocab_size=len(tokenizer))
+    prepare_fast_decoder(small, capacity=40, compile=False)
+    counter = ForwardCounter(small)
+    with pytest.raises(ArenaFullError, match=r"needs \d+ KV slots but the arena holds 40; make it larger"):
+        normal_decode(small, tokenizer, "Hello there", max_new_tokens=32, compile=True)
+    assert counter.calls == 0
+    with pytest.raises(ValueError, match="compile must be True, False or one of auto, on, off"):
+        compile_enabled("fast", torch.device("cpu"))
+
+
+# --- compiled decoding equals the eager reference -------------------------------------------------------------------
+
+def test_branches_on_the_arena_equal_the_reference(small_model):
+    prefix = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(1))
+    free = decode_branches_reference(small_model, prefix, TITLES, max_new_tokens=10)
+    eos = free[0][2]  # branch 0 stops third, the others when (if) they meet the same token: ragged ends
+    with no_recompiles():
+        fast_free = decode_branches(small_model, prefix, TITLES, max_new_tokens=10, compile=True)
+        fast_eos = decode_branches(small_model, prefix, TITLES, max_new_tokens=10, eos_token_id=eos, compile=True)
+        fast_three = decode_branches(small_model, prefix, TITLES[:3], max_new_tokens=6, compile=True)
+    assert fast_free == free  # 5 branches: more rows than the largest bucket (4) until some stop
+    assert fast_eos == decode_branches_reference(small_model, prefix, TITLES, max_new_tokens=10, eos_token_id=eos)
+    assert len(fast_eos[0]) == 2
+    assert fast_three == decode_branches_reference(small_model, prefix, TITLES[:3], max_new_tokens=6)
+
+
+def _same_answer(a: dict, b: dict) -> None:
+    keys = ("response", "length", "num_para", "num_blocks", "stage1_response", "branches", "fallback", "caps", "steps")
+    assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+
+
+SKELETON = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%"
+
+
+@pytest.mark.parametrize(
+    "scripts, settings",
+    [
+        ([SKELETON], dict(max_new_tokens=40)),
+        (["First part.\n####A:......\n####B:......\n####%%%%", " Second.\n####C:......\n####D:......\n####E:......\n####%%%%"],
+         dict(max_new_tokens=80, max_branch_tokens=6)),  # a second block; five branches in it
+        (["Start.\n####Only:"], dict(max_new_tokens=24)),  # never closed: the sequential fallback after a rewind
+        ([], dict(max_new_tokens=20)),  # no block at all
+    ],
+    ids=["one-block", "two-blocks", "unclosed", "no-block"],
+)
+def test_parallel_decode_compiled_equals_eager(qwen_vocab_model, scripts, settings):
+    model, tokenizer = qwen_vocab_model
+    prompt = "Check every option."
+    eager = parallel_decode(model, tokenizer, prompt, logits_processor=_scripted(tokenizer, prompt, *scripts), **settings)
+    with no_recompiles():
+        fast = parallel_decode(
+            model, tokenizer, prompt, logits_processor=_scripted(tokenizer, prompt, *scripts), compile=True, **settings
+        )
+        fast_normal = normal_decode(model, tokenizer, prompt, compile=True, max_new_tokens=settings["max_new_tokens"])
+    _same_answer(eager, fast)
+    _same_answer(normal_decode(model, tokenizer, prompt, max_new_tokens=settings["max_new_tokens"]), fast_normal)
+
+
+def test_sampling_with_a_fixed_seed_is_the_same_compiled(qwen_vocab_model):
+    model, tokenizer = qwen_vocab_model
+    prompt = "Check every option."
+    settings = dict(max_new_tokens=40, do_sample=True, temperature=0.8, top_p=0.95)
+    outputs = []
+    for compile in (False, True):
+        torch.manual_seed(7)
+        with no_recompiles() if compile else contextlib.nullcontext():
+            outputs.append(parallel_decode(
+                model, tokenizer, prompt, logits_processor=_scripted(tokenizer, prompt, SKELETON), compile=compile,
+                **settings,
+            ))
+    _same_answer(*outputs)
+    assert outputs[0]["num_para"] == 3
+
+
+# --- jump-forward ---------------------------------------------------------------------------------------------------
+
+def test_forced_skeleton_tokens_take_one_pass_with_the_colon(qwen_vocab_model):
+    model, tokenizer = qwen_vocab_model
+    prompt = "Check every option."
+    counter = ForwardCounter(model)
+    out = parallel_decode(model, tokenizer, prompt, max_new_tokens=40, logits_processor=_scripted(tokenizer, prompt, SKELETON))
+    slow = parallel_decode(
+        model, tokenizer, prompt, max_new_tokens=40, jump_forward=False, logits_processor=_scripted(tokenizer, prompt, SKELETON)
+    )
+    _same_answer({**out, "steps": None}, {**slow, "steps": None})
+    forced = 1 + len(_encode(tokenizer, "......")) + 1 + 1  # the colon, the ellipsis, a newline, '####'
+    assert counter.calls == out["steps"] + slow["steps"]  # the counter saw both runs
+    jumped, one_by_one = counter.tokens[: out["steps"]], counter.tokens[out["steps"] :]
+    tree_prefill = len(_encode(tokenizer, "####Alpha:####Beta two:####Gamma:"))
+    stage1 = jumped[1 : jumped.index(tree_prefill)]  # after the prompt's prefill, before the branches
+    assert forced == 4 and stage1.count(forced) == 3 and set(stage1) == {1, forced}  # one pass per title's colon
+    assert set(one_by_one[1 : one_by_one.index(tree_prefill)]) == {1}
+    assert slow["steps"] - out["steps"] == 3 * (forced - 1)
+
+
+def test_jump_forward_keeps_the_embedded_models_answers(embedded):
+    model, tokenizer, prompts = embedded
+    for prompt in prompts[:2]:
+        fast = parallel_decode(model, tokenizer, prompt, max_new_tokens=160)
+        slow = parallel_decode(model, tokenizer, prompt, max_new_tokens=160, jump_forward=False)
+        _same_answer({**fast, "steps": None}, {**slow, "steps": None})
+        assert fast["num_para"] > 0 and slow["steps"] - fast["steps"] == 3 * fast["num_para"]
+
+
+# --- the embedded model: compile on vs off over rows of both retrieval files ----------------------------------------
+
+@pytest.fixture(scope="module")
+def embedded():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from parallel_decoding.tasks import build_prompt, load_dataset
+    from test_tiny_model import MODEL_DIR
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    prompts = []
+    for path in ("data/retrieval_4.jsonl", "data/retrieval_10.jsonl"):
+        rows = load_dataset("retrieval", str(MODEL_DIR.parents[1] / path))
+        prompts += [build_prompt("retrieval", row) for row in rows[:2]]
+    return model, tokenizer, prompts
+
+
+def test_embedded_model_compiled_equals_eager(embedded):
+    model, tokenizer, prompts = embedded
+    prepare_fast_decoder(model, capacity=1024, buckets=(1, 16), warm_up=True)  # ten branches: 16 rows
+    for prompt in prompts:
+        eager_normal = normal_decode(model, tokenizer, prompt, max_new_tokens=256)
+        eager_parallel = parallel_decode(model, tokenizer, prompt, max_new_tokens=256)
+        with no_recompiles():
+            _same_answer(eager_normal, normal_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True))
+            _same_answer(eager_parallel, parallel_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True))
+        assert eager_parallel["num_para"] > 0
