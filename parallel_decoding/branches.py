@@ -24,7 +24,7 @@ from .model_io import Sampler, greedy
 @dataclass
 class BranchResult:
     tokens: list[int]
-    stop: str  # "stop_token" (EOS or a new '####'), "cap" (max_new_tokens reached)
+    stop: str  # "stop_token" (EOS or a new '####'), "cap" (its max_new_tokens), "budget" (max_total_tokens)
 
 
 def decode_branches_cached(
@@ -34,16 +34,27 @@ def decode_branches_cached(
     max_new_tokens: int,
     stop_token_ids=(),
     sampler: Sampler | None = None,
+    max_total_tokens: int | None = None,
 ) -> list[BranchResult]:
     """Decode all branches on a decoder whose cache holds the shared prefix in its first ``prefix_len`` slots.
 
     The cache is cropped to the prefix first. Takes one tree-prefill pass plus one pass per generated step; a
     branch leaves the active set at a stop token (which is not kept) or at ``max_new_tokens``.
+
+    ``max_total_tokens`` bounds the tokens of all branches together: the stage stops before a step whose active
+    branches outnumber the tokens left (no branch is favoured by writing while others wait), and the branches
+    still active then end with ``stop="budget"``.
     """
     if not branch_prefixes or any(len(p) == 0 for p in branch_prefixes):
         raise ValueError("every branch needs a non-empty forced start (its title tokens)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens < 1 or (max_total_tokens is not None and max_total_tokens < len(branch_prefixes)):
+        raise ValueError(
+            f"max_new_tokens must be >= 1 and max_total_tokens >= the number of branches ({len(branch_prefixes)}), "
+            f"got {max_new_tokens} and {max_total_tokens}"
+        )
+    total_left = len(branch_prefixes) * max_new_tokens
+    if max_total_tokens is not None:
+        total_left = min(total_left, max_total_tokens)
     sampler = sampler or greedy
     stop = frozenset(stop_token_ids)
     decoder.crop(prefix_len)
@@ -69,9 +80,14 @@ def decode_branches_cached(
                 stops[b] = "stop_token"
                 continue
             outputs[b].append(t)
+            total_left -= 1
             if len(outputs[b]) < max_new_tokens:
                 still_active.append(b)
                 next_tokens.append(t)
+        if len(still_active) > total_left:  # the next step would overflow the budget of all branches together
+            for b in still_active:
+                stops[b] = "budget"
+            break
         if not still_active:
             break
         active = still_active
