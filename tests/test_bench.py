@@ -99,3 +99,22 @@ def test_model_path_loads_a_checkpoint(tmp_path, capsys):
     assert summary["model"] == str(tmp_path / "ckpt") and summary["token_agreement"] == 1.0
     assert bench.main(["--model_path", str(tmp_path / "missing")] + args[2:]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_gpu_check_report_on_a_tiny_cpu_model(tmp_path, capsys):
+    from parallel_decoding import gpu_check
+
+    out = tmp_path / "gpu_check.md"
+    argv = ["--config", "tiny", "--device", "cpu", "--dtype", "float32", "--compile", "off", "--prompt_len", "24",
+            "--steps", "3", "--branches", "1", "2", "5", "--match_tokens", "6", "--out", str(out)]
+    assert gpu_check.main(argv) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    for line in ("| eager normal step (ms/token) |", "| fast normal step (ms/token) |",
+                 "| fast parallel step, N=1 (ms/step) |", "| fast parallel step, N=5 (ms/step) |",
+                 "| greedy token match, fast vs eager (6 tokens) | 1.000 (divergence: none) |"):
+        assert line in text
+    assert gpu_check.peak_bandwidth("NVIDIA H200") == 4800.0 and gpu_check.peak_bandwidth("AMD EPYC") is None
+    assert gpu_check.match_rate([1, 2, 3, 4], [1, 2, 5, 4]) == (0.75, 2)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--branches", "0"])

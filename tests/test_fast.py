@@ -30,6 +30,14 @@ def no_recompiles():
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def model_classes_known_before_compiling():
+    """transformers keeps a registry of the model classes built so far and compiled graphs guard on its size: build
+    one model of each family this module uses before anything is compiled (a run loads one model, so never sees it)."""
+    for family in ("qwen2", "llama"):
+        tiny_decoder(family)
+
+
 def _compiled(model, capacity=512, buckets=SMALL_BUCKETS):
     prepare_fast_decoder(model, capacity, buckets=buckets, warm_up=True)
     return model
@@ -122,7 +130,7 @@ def test_branches_on_the_arena_equal_the_reference(small_model):
         fast_three = decode_branches(small_model, prefix, TITLES[:3], max_new_tokens=6, compile=True)
     assert fast_free == free  # 5 branches: more rows than the largest bucket (4) until some stop
     assert fast_eos == decode_branches_reference(small_model, prefix, TITLES, max_new_tokens=10, eos_token_id=eos)
-    assert len(fast_eos[0]) == 2
+    assert len(fast_eos[0]) == free[0].index(eos) < 10
     assert fast_three == decode_branches_reference(small_model, prefix, TITLES[:3], max_new_tokens=6)
 
 
@@ -164,11 +172,10 @@ def test_sampling_with_a_fixed_seed_is_the_same_compiled(qwen_vocab_model):
     settings = dict(max_new_tokens=40, do_sample=True, temperature=0.8, top_p=0.95)
     outputs = []
     for compile in (False, True):
-        torch.manual_seed(7)
         with no_recompiles() if compile else contextlib.nullcontext():
             outputs.append(parallel_decode(
                 model, tokenizer, prompt, logits_processor=_scripted(tokenizer, prompt, SKELETON), compile=compile,
-                **settings,
+                generator=torch.Generator().manual_seed(7), **settings,
             ))
     _same_answer(*outputs)
     assert outputs[0]["num_para"] == 3
