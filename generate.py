@@ -16,9 +16,21 @@ import os
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from parallel_decoding.tasks import TASKS, DatasetError, build_prompt, default_data_path, get_task, load_dataset
+from parallel_decoding.tasks import (
+    MODEL_FORMAT_PROMPT_FILE,
+    TASKS,
+    DatasetError,
+    FormatPromptError,
+    build_prompt,
+    default_data_path,
+    format_prompt_digest,
+    get_task,
+    load_dataset,
+    read_format_prompt,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
@@ -67,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--modes", default="both", choices=["normal", "parallel", "both"])
     p.add_argument("--overwrite", action="store_true", help="discard an existing output file and start again")
+    p.add_argument("--format_prompt_file", default=None,
+                   help="UTF-8 text file that replaces the format instruction; a {task} placeholder in it wraps the "
+                        "task text (default: the model directory's format_prompt.txt, else the project's)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the model repo")
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
@@ -159,6 +174,46 @@ def write_rows_atomic(path: Path, rows: list) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@dataclass(frozen=True)
+class FormatPrompt:
+    """The format instruction of a run: ``text`` None is the project's default (English, or Chinese for Chinese
+    planning rows); ``path`` the file it came from; ``source`` "file" (--format_prompt_file), "model" (the model
+    directory's own) or "default"."""
+
+    text: str | None
+    path: str | None
+    source: str
+
+    def setting(self) -> dict:
+        """What the run's settings record: a different instruction makes a different run."""
+        return {"source": self.source, "path": self.path, "sha256": format_prompt_digest(self.text)}
+
+    def describe(self) -> str:
+        if self.source == "file":
+            return f"format instruction: {self.path} (--format_prompt_file)"
+        if self.source == "model":
+            return (f"format instruction: {self.path}, the one this model was trained with "
+                    f"(--format_prompt_file overrides it)")
+        return "format instruction: the project's default (parallel_decoding/tasks.py)"
+
+
+def resolve_format_prompt(format_prompt_file, model_path: str) -> FormatPrompt:
+    """--format_prompt_file if given; else the model directory's format_prompt.txt (the prompt a model was trained
+    with is part of that model); else the project's default."""
+    if format_prompt_file is not None:
+        try:
+            return FormatPrompt(read_format_prompt(format_prompt_file), str(format_prompt_file), "file")
+        except FormatPromptError as e:
+            raise UsageError(f"--format_prompt_file {e}") from None
+    model_file = Path(model_path) / MODEL_FORMAT_PROMPT_FILE
+    if model_file.is_file():
+        try:
+            return FormatPrompt(read_format_prompt(model_file), str(model_file), "model")
+        except FormatPromptError as e:
+            raise UsageError(f"the model's format instruction {e}") from None
+    return FormatPrompt(None, None, "default")
 
 
 # --- model ------------------------------------------------------------------------------------------------------
@@ -322,6 +377,7 @@ def main(argv=None) -> int:
         rows = load_dataset(args.task, data_path)
         model_path = resolve_model_path(args.model_path)
         out_path = output_path(args.output_dir, model_path, data_path)
+        format_prompt = resolve_format_prompt(args.format_prompt_file, model_path)
         existing = [] if args.overwrite else read_existing(out_path)
         modes = MODES if args.modes == "both" else (args.modes,)
         device, dtype = choose_device(args)
@@ -337,6 +393,7 @@ def main(argv=None) -> int:
     from parallel_decoding import chat_prompt_ids
 
     log(describe_attention(args.attn_implementation, backends))
+    log(format_prompt.describe())
     log(f"model {model_path} on {device} ({str(dtype).replace('torch.', '')}); task {args.task}; "
         f"{len(rows)} rows in {data_path}; output {out_path}")
 
@@ -350,7 +407,7 @@ def main(argv=None) -> int:
     if len(pending) < len(selected):
         log(f"resuming: {len(selected) - len(pending)} rows already done")
 
-    prompts = {i: build_prompt(args.task, rows[i]) for i in pending}
+    prompts = {i: build_prompt(args.task, rows[i], format_prompt.text) for i in pending}
     limit = usable_context(model, args.max_new_tokens)
     skipped = []
     if get_task(args.task).skip_too_long and limit is not None:
