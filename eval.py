@@ -271,6 +271,7 @@ def summarize(rows, task, judge_model=None):
     summary = {"task": task}
     summary.update(metrics.speed_summary(rows))
     summary.update(metrics.answer_metrics(rows, task))
+    summary.update(metrics.format_summary(rows))
     scores = metrics.score_summary(rows)
     if scores:
         summary.update(scores)
@@ -299,6 +300,10 @@ def summary_table(summary):
                       _fmt(summary["parallel_accuracy"])))
     if "normal_f1" in summary:
         table.append(("token F1", _fmt(summary["normal_f1"]), _fmt(summary["parallel_f1"])))
+    if "format_adherence" in summary:
+        share = f"{summary['format_adherent_rows']}/{summary['format_rows']}"
+        share += f" ({100 * summary['format_adherence']:.1f} %)"
+        table.append(("format adherence (closed block)", "-", share))
     if "normal_score" in summary:
         table.append(("judge score (1-5, mean)", _fmt(summary["normal_score"], 2), _fmt(summary["parallel_score"], 2)))
         table.append(("answers judged", _fmt(summary["normal_scored"]), _fmt(summary["parallel_scored"])))
@@ -312,6 +317,9 @@ def summary_notes(summary):
         f"speedup (mean parallel tokens/s / mean normal tokens/s): {_fmt(summary['speedup'], 2)}x",
         f"mean per-row time ratio (normal_time / parallel_time): {_fmt(summary['time_ratio'], 2)}x",
     ]
+    if summary.get("fallback_reasons"):
+        kinds = ", ".join(f"{kind} {count}" for kind, count in summary["fallback_reasons"].items())
+        notes.append(f"fallback reasons: {kinds}")
     if "judged_rows" in summary:
         notes.append(f"rows with both answers judged: {summary['judged_rows']}"
                      + (f" (judge: {summary['judge_model']})" if summary.get("judge_model") else ""))

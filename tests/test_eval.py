@@ -504,6 +504,40 @@ def test_error_rows_leave_the_means_and_fallbacks_are_counted(tmp_path):
     assert metrics.answer_metrics(rows, "retrieval")["normal_metric_rows"] == 2
 
 
+def test_format_adherence_and_fallback_reasons(tmp_path, capsys):
+    """Adherence: rows (no error, a parallel answer) that wrote a closed block, from num_parallel_branches where the
+    engine recorded it, else from the answer text; fallback reasons counted by kind over every fallback row."""
+    no_block = "the model wrote no ####Title: block; decoded sequentially"
+    unclosed = "the model opened a #### block but did not close it with ####%%%%; decoded sequentially"
+    rows = reference_retrieval_rows()  # the reference's files: no engine columns, read from the text
+    rows[0]["parallel_response"] = "Checking.\n####Ann: GPA 3.1, outside.\n####Bo: GPA 3.5, inside.\n####%%%%\nBo"
+    rows[1]["parallel_response"] = "####Ann: GPA 3.1, outside.\n####Bo: inside\nFinal answer: Bo"  # never closed
+    rows[2]["parallel_response"] = "####%%%%\nFinal answer: Bo"  # closed, but no step
+    engine_rows = [dict(rows[0], num_parallel_branches=n, fallback=f, error=e, parallel_response=r) for n, f, e, r in [
+        (2, None, None, "x"),  # the engine's record decides, not the text
+        (0, no_block, None, "Bo"),
+        (0, unclosed, None, "####Ann: ...\n####%%%%\nBo"),  # decoded sequentially after an unclosed skeleton
+        (3, unclosed, None, "a later block never closed"),
+        (0, "the model got bored; decoded sequentially", None, "Bo"),
+        (None, None, "parallel: RuntimeError: boom", None),  # an error row: not counted in adherence
+    ]]
+    s = metrics.format_summary(rows)
+    assert (s["format_rows"], s["format_adherent_rows"], s["fallback_reasons"]) == (3, 1, {})
+    assert s["format_adherence"] == pytest.approx(1 / 3)
+    s = metrics.format_summary(engine_rows)
+    assert (s["format_rows"], s["format_adherent_rows"]) == (5, 2) and s["format_adherence"] == pytest.approx(0.4)
+    assert s["fallback_reasons"] == {"no_block": 1, "the model got bored": 1, "unclosed_block": 2}
+    assert metrics.format_summary([{"normal_response": "x", "error": None}]) == {}  # --modes normal: no figure
+
+    path = write_jsonl(tmp_path / "run.jsonl", engine_rows)
+    assert eval_cli.main(["--df_path", str(path), "--task", "retrieval", "--no_judge"]) == 0
+    out = capsys.readouterr().out
+    assert "format adherence (closed block)" in out and "2/5 (40.0 %)" in out
+    assert "fallback reasons: no_block 1, the model got bored 1, unclosed_block 2" in out
+    saved = json.loads((tmp_path / "run.summary.json").read_text())
+    assert saved["format_adherence"] == pytest.approx(0.4) and saved["fallback_reasons"]["unclosed_block"] == 2
+
+
 def test_qa_metrics_on_longbench_rows(tmp_path):
     rows = [
         {"input": "Who directed X?", "context": "...", "answers": ["John Smith"], "_id": "a",
