@@ -293,7 +293,8 @@ def test_bad_format_prompt_files_exit_2(tmp_path, model_dir, sentinel, capsys):
     assert sentinel.read_text() == "earlier results\n"  # refused before anything was written, --overwrite or not
     broken_model = shutil.copytree(model_dir, tmp_path / "models" / "broken-prompt")
     (broken_model / "format_prompt.txt").write_bytes(b"")
-    err = _bad_input(capsys, ["--model_path", str(broken_model), "--task", "retrieval", "--output_dir", str(tmp_path)])
+    err = _bad_input(capsys, ["--model_path", str(broken_model), "--task", "retrieval",
+                              "--output_dir", str(tmp_path)])
     assert f"the model's format instruction {broken_model / 'format_prompt.txt'}: the file is empty" in err
 
 
