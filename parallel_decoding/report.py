@@ -1,7 +1,8 @@
 """Runs side by side: every ``<stem>.summary.json`` under a folder as one row of a CSV, a table and a chart.
 
 ``eval.py --df_path ...`` writes one summary per results file (``results/<model>/<dataset>.summary.json``);
-``eval.py --report results`` reads them all. The model is the summary's folder name, the dataset its file stem.
+``eval.py --report results`` reads them all. The model is the summary's folder (relative to the report's folder),
+the dataset its file stem.
 A field a summary does not have (one written by an earlier version, a planning run without exact match, a run
 without a judge) is an empty cell; a summary that does not parse is skipped with a warning.
 
@@ -112,16 +113,24 @@ def step_ratio(summary: dict):
     return normal / parallel if normal is not None and parallel else None
 
 
-def report_row(summary: dict, path) -> dict:
-    """The report's row of one summary: model = its folder's name, dataset = its file stem, missing fields None."""
-    path = Path(path)
+def model_name(path: Path, folder: Path) -> str:
+    """The folder of a summary, relative to the report's folder: ``results/<model>/x.summary.json`` gives the model
+    name; deeper trees (one ``--output_dir`` per prompt, say) keep every level, so runs stay apart."""
+    relative = path.parent.relative_to(folder)
+    return relative.as_posix() if relative.parts else path.parent.resolve().name
+
+
+def report_row(summary: dict, path, folder) -> dict:
+    """The report's row of one summary: model = its folder (:func:`model_name`), dataset = its file stem, missing
+    fields None."""
+    path, folder = Path(path), Path(folder)
     row = {column: summary.get(column) for column in REPORT_COLUMNS if column not in LOCATION_COLUMNS}
     for column, value in row.items():  # a field of an unexpected type is an empty cell, not a crash
         if column != "task" and _number(value) is None:
             row[column] = None
     row["task"] = summary.get("task") if isinstance(summary.get("task"), str) else None
     row["step_ratio"] = step_ratio(summary)
-    row.update(model=path.parent.name, dataset=path.name[: -len(SUMMARY_SUFFIX)], path=str(path))
+    row.update(model=model_name(path, folder), dataset=path.name[: -len(SUMMARY_SUFFIX)], path=str(path))
     return {column: row[column] for column in REPORT_COLUMNS}
 
 
@@ -130,7 +139,7 @@ def collect(folder) -> Report:
     report = Report()
     for path in find_summaries(folder):
         try:
-            report.rows.append(report_row(load_summary(path), path))
+            report.rows.append(report_row(load_summary(path), path, folder))
         except SummaryError as e:
             report.skipped.append((path, str(e)))
     return report

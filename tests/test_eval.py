@@ -733,9 +733,12 @@ def test_report_loads_old_style_summaries_and_newer_fields(tmp_path, capsys):
     (tmp_path / "m" / "old.summary.json").write_text(json.dumps({k: old[k] for k in ("task", "rows", "speedup")}))
     (tmp_path / "m" / "new.summary.json").write_text(json.dumps(
         dict(old, normal_steps=40.0, parallel_steps=16.0, capped_rows=2, a_field_from_the_future=[1, 2])))
+    (tmp_path / "prompt-b" / "m").mkdir(parents=True)  # a second --output_dir: its level stays in the model name
+    (tmp_path / "prompt-b" / "m" / "new.summary.json").write_text(json.dumps(old))
     assert eval_cli.main(["--report", str(tmp_path)]) == 0
-    new, old_row = read_csv(tmp_path / "report.csv")
-    assert (new["dataset"], old_row["dataset"]) == ("new", "old")
+    new, old_row, other = read_csv(tmp_path / "report.csv")
+    assert [(r["model"], r["dataset"]) for r in (new, old_row, other)] == [("m", "new"), ("m", "old"),
+                                                                          ("prompt-b/m", "new")]
     assert old_row["speedup"] == "2.1" and old_row["rows"] == "4" and old_row["task"] == "planning"
     assert all(old_row[c] == "" for c in ("normal_time", "parallel_speed", "step_ratio", "fallback_rows"))
     assert float(new["step_ratio"]) == 2.5 and new["capped_rows"] == "2"
