@@ -16,20 +16,17 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from parallel_decoding.tasks import (
-    MODEL_FORMAT_PROMPT_FILE,
     TASKS,
     DatasetError,
     FormatPromptError,
     build_prompt,
     default_data_path,
-    format_prompt_digest,
     get_task,
     load_dataset,
-    read_format_prompt,
+    resolve_format_prompt,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -174,46 +171,6 @@ def write_rows_atomic(path: Path, rows: list) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-@dataclass(frozen=True)
-class FormatPrompt:
-    """The format instruction of a run: ``text`` None is the project's default (English, or Chinese for Chinese
-    planning rows); ``path`` the file it came from; ``source`` "file" (--format_prompt_file), "model" (the model
-    directory's own) or "default"."""
-
-    text: str | None
-    path: str | None
-    source: str
-
-    def setting(self) -> dict:
-        """What the run's settings record: a different instruction makes a different run."""
-        return {"source": self.source, "path": self.path, "sha256": format_prompt_digest(self.text)}
-
-    def describe(self) -> str:
-        if self.source == "file":
-            return f"format instruction: {self.path} (--format_prompt_file)"
-        if self.source == "model":
-            return (f"format instruction: {self.path}, the one this model was trained with "
-                    f"(--format_prompt_file overrides it)")
-        return "format instruction: the project's default (parallel_decoding/tasks.py)"
-
-
-def resolve_format_prompt(format_prompt_file, model_path: str) -> FormatPrompt:
-    """--format_prompt_file if given; else the model directory's format_prompt.txt (the prompt a model was trained
-    with is part of that model); else the project's default."""
-    if format_prompt_file is not None:
-        try:
-            return FormatPrompt(read_format_prompt(format_prompt_file), str(format_prompt_file), "file")
-        except FormatPromptError as e:
-            raise UsageError(f"--format_prompt_file {e}") from None
-    model_file = Path(model_path) / MODEL_FORMAT_PROMPT_FILE
-    if model_file.is_file():
-        try:
-            return FormatPrompt(read_format_prompt(model_file), str(model_file), "model")
-        except FormatPromptError as e:
-            raise UsageError(f"the model's format instruction {e}") from None
-    return FormatPrompt(None, None, "default")
 
 
 # --- model ------------------------------------------------------------------------------------------------------
@@ -383,7 +340,7 @@ def main(argv=None) -> int:
         device, dtype = choose_device(args)
         backends = attention_backends(args.attn_implementation, device)
         model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype)
-    except (UsageError, DatasetError) as e:
+    except (UsageError, DatasetError, FormatPromptError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
 

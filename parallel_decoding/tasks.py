@@ -178,6 +178,47 @@ def format_prompt_digest(text: str | None) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+@dataclass(frozen=True)
+class FormatPrompt:
+    """The format instruction of a run: ``text`` None is the project's default (English, or Chinese for Chinese
+    planning rows); ``path`` the file it came from; ``source`` "file" (--format_prompt_file), "model" (the model
+    directory's own) or "default"."""
+
+    text: str | None
+    path: str | None
+    source: str
+
+    def setting(self) -> dict:
+        """What the run's settings record: a different instruction makes a different run."""
+        return {"source": self.source, "path": self.path, "sha256": format_prompt_digest(self.text)}
+
+    def describe(self) -> str:
+        if self.source == "file":
+            return f"format instruction: {self.path} (--format_prompt_file)"
+        if self.source == "model":
+            return (f"format instruction: {self.path}, the one this model was trained with "
+                    f"(--format_prompt_file overrides it)")
+        return "format instruction: the project's default (parallel_decoding/tasks.py)"
+
+
+def resolve_format_prompt(format_prompt_file, model_path) -> FormatPrompt:
+    """--format_prompt_file if given; else the model directory's format_prompt.txt (the prompt a model was trained
+    with is part of that model); else the project's default. FormatPromptError (one line naming the flag or the
+    model's file) for a file that cannot be used."""
+    if format_prompt_file is not None:
+        try:
+            return FormatPrompt(read_format_prompt(format_prompt_file), str(format_prompt_file), "file")
+        except FormatPromptError as e:
+            raise FormatPromptError(f"--format_prompt_file {e}") from None
+    model_file = Path(model_path) / MODEL_FORMAT_PROMPT_FILE
+    if model_file.is_file():
+        try:
+            return FormatPrompt(read_format_prompt(model_file), str(model_file), "model")
+        except FormatPromptError as e:
+            raise FormatPromptError(f"the model's format instruction {e}") from None
+    return FormatPrompt(None, None, "default")
+
+
 def validate_row(task: str, row, where: str) -> None:
     """Raise DatasetError naming `where` (file:line) if the row is not a JSON object with the task's text fields."""
     if not isinstance(row, dict):
