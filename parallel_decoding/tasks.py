@@ -7,12 +7,11 @@ the independent steps are for this task (one per student, one per fact, one per 
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
 
 # --- branch-format instructions -------------------------------------------------------------------------------
 
@@ -89,6 +88,17 @@ TASKS = {
                               skip_too_long=True),
     "planning": Task("planning", ("task",), "planning.jsonl", skip_too_long=False),
 }
+
+
+def find_data_dir() -> Path:
+    """data/ of the source checkout the package is imported from (an editable install, or the repo root on
+    sys.path); a regular install has no data/ beside it, so there it is data/ in the working directory (the repo
+    root, when the commands run from there)."""
+    beside = Path(__file__).resolve().parents[1] / "data"
+    return beside if (beside / TASKS["retrieval"].default_data).is_file() else Path.cwd() / "data"
+
+
+DATA_DIR = find_data_dir()
 
 
 def get_task(name: str) -> Task:
@@ -189,8 +199,10 @@ class FormatPrompt:
     source: str
 
     def setting(self) -> dict:
-        """What the run's settings record: a different instruction makes a different run."""
-        return {"source": self.source, "path": self.path, "sha256": format_prompt_digest(self.text)}
+        """What the run's settings record: a different instruction (or file) makes a different run. The path is
+        absolute, so the same file named from another folder is the same setting."""
+        path = None if self.path is None else os.path.realpath(self.path)
+        return {"source": self.source, "path": path, "sha256": format_prompt_digest(self.text)}
 
     def describe(self) -> str:
         if self.source == "file":
