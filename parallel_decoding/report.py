@@ -19,8 +19,8 @@ from pathlib import Path
 SUMMARY_SUFFIX = ".summary.json"
 REPORT_FILES = ("report.csv", "report.md", "report.png")
 
-# One CSV column per entry, in this order. Every column but model, dataset, step_ratio and path is the summary
-# field of the same name (see docs/eval.md).
+# One CSV column per entry, in this order. Every column but model, dataset and path is the summary field of the same
+# name (see docs/eval.md); fields added by later versions (step_ratio, capped_rows) are empty for older summaries.
 REPORT_COLUMNS = (
     "model", "dataset", "task", "rows",
     "normal_time", "parallel_time", "normal_length", "parallel_length", "normal_speed", "parallel_speed",
@@ -104,15 +104,6 @@ def _number(value):
     return value if math.isfinite(value) else None
 
 
-def step_ratio(summary: dict):
-    """Decode steps of normal decoding per step of parallel decoding, where the summary has step counts."""
-    ratio = _number(summary.get("step_ratio"))
-    if ratio is not None:
-        return ratio
-    normal, parallel = _number(summary.get("normal_steps")), _number(summary.get("parallel_steps"))
-    return normal / parallel if normal is not None and parallel else None
-
-
 def model_name(path: Path, folder: Path) -> str:
     """The folder of a summary, relative to the report's folder: ``results/<model>/x.summary.json`` gives the model
     name; deeper trees (one ``--output_dir`` per prompt, say) keep every level, so runs stay apart."""
@@ -129,7 +120,6 @@ def report_row(summary: dict, path, folder) -> dict:
         if column != "task" and _number(value) is None:
             row[column] = None
     row["task"] = summary.get("task") if isinstance(summary.get("task"), str) else None
-    row["step_ratio"] = step_ratio(summary)
     row.update(model=model_name(path, folder), dataset=path.name[: -len(SUMMARY_SUFFIX)], path=str(path))
     return {column: row[column] for column in REPORT_COLUMNS}
 
