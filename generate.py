@@ -44,7 +44,7 @@ RESULT_COLUMNS = (
 # The value a setting had in rows written before it was recorded (a key added to run_settings later goes here).
 IMPLIED_SETTINGS = {
     # Rows recorded before the format instruction was: the project's default of that time (no worked example).
-    "format_prompt": {"source": "default", "path": None,
+    "format_prompt": {"file": None,
                       "sha256": "cfef567291969f9ae0e9e6d891d577ac6eb300a086b0e22a1da60a86f3c3be84"},
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
