@@ -86,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--modes", default="both", choices=["normal", "parallel", "both"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="both modes on a static KV arena with a compiled step (CUDA graphs on GPU); auto: on, "
-                        "except with flash_attention_2 (see docs/bench.md for the CPU measurement)")
+                   help="both modes on a static KV arena with a compiled step (CUDA graphs on GPU); auto: on for "
+                        "CUDA, off on a CPU and with flash_attention_2 (docs/bench.md has the CPU measurement)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output file and start again")
     p.add_argument("--format_prompt_file", default=None,
                    help="UTF-8 text file that replaces the format instruction; a {task} placeholder in it wraps the "

@@ -221,9 +221,12 @@ def measure(
     """
     device = model.device
     prefix_len = len(prefix_ids)
-    if compile:  # an arena for the parallel layout, every bucket compiled before anything is timed
+    if compile:  # an arena for the parallel layout; the buckets both modes use are compiled before any timing
         capacity = prefix_len + sum(len(t) for t in titles) + len(titles) * branch_len
-        decoder = prepare_fast_decoder(model, capacity, warm_up=True)
+        decoder = prepare_fast_decoder(model, capacity)
+        # query rows of every pass: the prefix, one token, a title, one token per branch, all titles
+        rows = {prefix_len, 1, len(titles[0]), len(titles), sum(len(t) for t in titles)}
+        decoder.warm_up(tuple(sorted({decoder.bucket(n) for n in rows} - {None})))
     else:
         decoder = EagerDecoder(model)
     prefix_logits = decoder.forward(prefix_ids)  # once, outside the timings; each mode crops back to it

@@ -116,8 +116,10 @@ COMPILE_CHOICES = ("auto", "on", "off")
 def compile_enabled(setting, device: torch.device) -> bool:
     """``compile`` as given to the engine (True/False or "auto"/"on"/"off") for a model on ``device``.
 
-    "auto" is on for CUDA, where the compiled step is captured as CUDA graphs, and on a CPU too: on the project's
-    2-core CPU the compiled step is faster for the embedded model (docs/bench.md).
+    "auto" is on for CUDA, where the compiled step is captured as CUDA graphs, and off on a CPU: on the project's
+    2-core CPU the compiled step makes the embedded model's rows faster (1.22x normal tokens/s), but compiling the
+    seven buckets (53 s, 7+ minutes with a cold compile cache on the loaded machine) costs more than it saves on a
+    50-row dataset (about 0.55 s a row); docs/bench.md has the numbers.
     """
     if isinstance(setting, bool):
         return setting
@@ -128,7 +130,7 @@ def compile_enabled(setting, device: torch.device) -> bool:
     return setting == "on"
 
 
-AUTO_COMPILE_ON_CPU = True  # measured: see docs/bench.md
+AUTO_COMPILE_ON_CPU = False  # measured: see docs/bench.md
 
 
 def decoder_for(model, compile=False):

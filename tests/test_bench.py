@@ -118,3 +118,21 @@ def test_gpu_check_report_on_a_tiny_cpu_model(tmp_path, capsys):
     assert gpu_check.match_rate([1, 2, 3, 4], [1, 2, 5, 4]) == (0.75, 2)
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--branches", "0"])
+
+
+def test_compiled_bench_compiles_every_bucket_it_uses_before_timing(monkeypatch, capsys):
+    from parallel_decoding import arena
+
+    real_warm_up = arena.FastDecoder.warm_up
+
+    def warm_up_then_forbid_compiling(self, buckets=None):
+        real_warm_up(self, buckets)
+        torch.compiler.set_stance("fail_on_recompile")  # --warmup 0: a bucket left out would compile while timed
+
+    monkeypatch.setattr(arena.FastDecoder, "warm_up", warm_up_then_forbid_compiling)
+    try:
+        assert bench.main(TINY + ["--num_branches", "3", "--title_len", "2", "--compile"]) == 0
+    finally:
+        torch.compiler.set_stance("default")
+    summary = last_json(capsys)
+    assert summary["compile"] is True and summary["token_agreement"] == 1.0

@@ -532,6 +532,7 @@ def test_compile_setting_and_arena_size():
     args = generate.parse_args(["--task", "retrieval"])
     assert args.compile == "auto"
     assert generate.compile_setting(args, torch.device("cuda")) is True
+    assert generate.compile_setting(args, torch.device("cpu")) is False  # measured: compiling costs more than it saves
     args = generate.parse_args(["--task", "retrieval", "--compile", "off"])
     assert generate.compile_setting(args, torch.device("cuda")) is False
     args = generate.parse_args(["--task", "retrieval", "--attn_implementation", "flash_attention_2"])
