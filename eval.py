@@ -293,6 +293,7 @@ def summary_table(summary):
         ("time (s, mean)", _fmt(summary.get("normal_time")), _fmt(summary.get("parallel_time"))),
         ("generated tokens (mean)", _fmt(summary.get("normal_length"), 1), _fmt(summary.get("parallel_length"), 1)),
         ("speed (tokens/s, mean)", _fmt(summary.get("normal_speed"), 2), _fmt(summary.get("parallel_speed"), 2)),
+        ("answers capped (rows)", _fmt(summary.get("normal_capped")), _fmt(summary.get("parallel_capped"))),
     ]
     if "normal_accuracy" in summary:
         table.append(("accuracy (exact match)", _fmt(summary["normal_accuracy"]),
@@ -312,6 +313,11 @@ def summary_notes(summary):
         f"speedup (mean parallel tokens/s / mean normal tokens/s): {_fmt(summary['speedup'], 2)}x",
         f"mean per-row time ratio (normal_time / parallel_time): {_fmt(summary['time_ratio'], 2)}x",
     ]
+    if summary.get("uncapped_rows") is None:
+        notes.append("caps: not recorded in this file (an earlier version or the reference); no uncapped speedup")
+    else:
+        notes.append(f"rows capped in either mode: {summary['capped_rows']}; speedup over the "
+                     f"{summary['uncapped_rows']} rows neither mode capped: {_fmt(summary['uncapped_speedup'], 2)}x")
     if "judged_rows" in summary:
         notes.append(f"rows with both answers judged: {summary['judged_rows']}"
                      + (f" (judge: {summary['judge_model']})" if summary.get("judge_model") else ""))

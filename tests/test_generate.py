@@ -116,6 +116,50 @@ def test_default_embedded_model_writes_branches(tmp_path):
     assert row["normal_response"] and row["parallel_response"].count("####") == 5  # 4 steps + ####%%%%
 
 
+def test_embedded_model_modes_alone_reproduce_both_with_sampling(tmp_path):
+    """Each mode of each row samples from its own generator: --modes parallel and --modes normal give exactly the
+    two halves of --modes both (CPU, float32), branches included; the order alternates per row."""
+    if not generate.DEFAULT_MODEL_PATH.is_dir():
+        pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
+    runs = {}
+    for modes in ("both", "parallel", "normal"):
+        assert generate.main(["--task", "retrieval", "--max_samples", "2", "--max_new_tokens", "96", "--do_sample",
+                              "--seed", "7", "--modes", modes, "--output_dir", str(tmp_path / modes)]) == 0
+        runs[modes] = _read(tmp_path / modes / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
+    both = runs["both"]
+    assert [r["first_mode"] for r in both] == ["normal", "parallel"]
+    parallel_columns = ("parallel_response", "parallel_length", "parallel_caps", "num_parallel_branches",
+                        "stage1_response", "branches", "fallback")
+    for row, alone in zip(both, runs["parallel"]):
+        assert row["num_parallel_branches"] == 4 and row["fallback"] is None  # the embedded model branches
+        assert {c: alone[c] for c in parallel_columns} == {c: row[c] for c in parallel_columns}
+        assert alone["normal_response"] is None and alone["first_mode"] == "parallel"
+        assert row["normal_attention"] == row["parallel_attention"] == "sdpa"
+    for row, alone in zip(both, runs["normal"]):
+        assert (alone["normal_response"], alone["normal_length"], alone["normal_caps"]) == \
+            (row["normal_response"], row["normal_length"], row["normal_caps"])
+        assert alone["parallel_response"] is None and alone["parallel_attention"] is None
+    assert generate.main(["--task", "retrieval", "--max_samples", "2", "--max_new_tokens", "96", "--do_sample",
+                          "--seed", "8", "--modes", "parallel", "--output_dir", str(tmp_path / "seed8")]) == 0
+    other_seed = _read(tmp_path / "seed8" / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
+    assert [r["branches"] for r in other_seed] != [r["branches"] for r in both]  # the seed reaches the branches
+
+
+def test_caps_are_recorded_per_mode(tmp_path):
+    """A budget too small for the embedded model's answers caps both modes, and the parallel answer stays within
+    it: the whole answer, branches included, counts against --max_new_tokens."""
+    if not generate.DEFAULT_MODEL_PATH.is_dir():
+        pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
+    assert generate.main(["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "40",
+                          "--output_dir", str(tmp_path)]) == 0
+    (row,) = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
+    assert row["num_parallel_branches"] == 4
+    assert row["normal_length"] == 40 and row["normal_caps"] == ["the answer reached max_new_tokens (40)"]
+    assert row["parallel_length"] <= 40
+    assert any("the branch stage stopped" in c for c in row["parallel_caps"])
+    assert {b["stop"] for b in row["branches"]} <= {"budget", "stop_token"}
+
+
 # --- resume, overwrite, modes ---------------------------------------------------------------------------------
 
 def test_resume_after_a_crash_keeps_finished_rows(tmp_path, model_dir, capsys):
@@ -275,18 +319,43 @@ def test_output_path_naming():
 def test_flash_attention_backends_per_mode(monkeypatch):
     import torch
 
+    from parallel_decoding.comparison import attention_backends, describe_attention
     from parallel_decoding.model_io import BRANCH_KERNEL
 
-    cpu = torch.device("cpu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert generate.attention_backends("sdpa", cpu) == {"normal": "sdpa", "parallel": "sdpa"}
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(generate.UsageError, match="needs a CUDA device"):
-        generate.attention_backends("flash_attention_2", cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    backends = generate.attention_backends("flash_attention_2", cpu)
-    assert backends == {"normal": BRANCH_KERNEL, "parallel": BRANCH_KERNEL}  # no stock flash-attn on a CPU
-    assert "normal decoding uses the project's Triton kernel" in generate.describe_attention("flash_attention_2",
-                                                                                            backends)
+    backends = generate.attention_backends("flash_attention_2", cpu)  # tests run Triton's interpreter
+    assert backends == {"normal": BRANCH_KERNEL, "parallel": BRANCH_KERNEL}  # one kernel for sequential steps
+    assert "for both modes, causal for sequential steps, branch-aware for tree steps" in describe_attention(backends)
+    # on a GPU with flash_attn installed the default is still the project's kernel for both modes ...
+    assert attention_backends("flash_attention_2", BRANCH_KERNEL, cuda, False, False, True) == backends
+    # ... and stock flash-attn for normal decoding only on request
+    stock = attention_backends("flash_attention_2", BRANCH_KERNEL, cuda, True, False, True)
+    assert stock == {"normal": "flash_attention_2", "parallel": BRANCH_KERNEL}
+    assert "normal decoding uses stock flash-attn" in describe_attention(stock)
+    with pytest.raises(generate.UsageError, match="--normal_stock_flash_attn needs a CUDA device"):
+        generate.attention_backends("flash_attention_2", cpu, normal_stock_flash_attn=True)
+    with pytest.raises(generate.UsageError, match="needs --attn_implementation flash_attention_2"):
+        generate.attention_backends("sdpa", cpu, normal_stock_flash_attn=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        attention_backends("flash_attention_2", BRANCH_KERNEL, cpu, False, False, False)
+
+
+def test_flash_attention_rows_run_one_kernel_in_both_modes(model_dir, tokenizer):
+    """Under Triton's interpreter (slow: a two-token prompt, three tokens per mode, run_row without the CLI)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    backends = generate.attention_backends("flash_attention_2", torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=backends["normal"]).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
+    row = generate.run_row(model, tokenizer, {"prompt": "Hi"}, "Hi", generate.MODES, backends,
+                           {"max_new_tokens": 3, "do_sample": False})
+    assert row["error"] is None and row["normal_length"] == row["parallel_length"] == 3
+    assert row["normal_response"] == row["parallel_response"]  # no block: the same sequential steps, same kernel
+    assert row["normal_attention"] == row["parallel_attention"] == "branch_attention" and row["first_mode"] == "normal"
+    assert set(seen) == {"branch_attention"} and len(seen) >= 6
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="the Triton kernel needs a CUDA device")
@@ -296,6 +365,6 @@ def test_cli_flash_attention_on_gpu(tmp_path, model_dir):
                           capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stderr
-    assert "parallel stage uses the project's branch-aware Triton kernel" in proc.stderr
+    assert "the project's Triton kernel (branch_attention) for both modes" in proc.stderr
     rows = _read(tmp_path / "tiny-qwen2" / "retrieval_4.jsonl")
     assert len(rows) == 2 and all(r["error"] is None and r["parallel_length"] >= 1 for r in rows)
