@@ -339,10 +339,11 @@ def test_row_errors_are_recorded_and_the_run_goes_on(tmp_path, model_dir, capsys
     assert generate.main(_args(short, tmp_path, "--task", "retrieval", "--data_path", str(data))) == 0
     rows = _read(tmp_path / "short-context" / "mixed.jsonl")
     assert [r["error"] is None for r in rows] == [True, False, True]
-    assert rows[1]["error"].startswith("normal: ValueError: the prompt has ")
-    assert "; parallel: ValueError: the prompt has " in rows[1]["error"]
+    assert rows[1]["first_mode"] == "parallel"  # odd row: errors in the order the modes ran
+    assert rows[1]["error"].startswith("parallel: ValueError: the prompt has ")
+    assert "; normal: ValueError: the prompt has " in rows[1]["error"]
     assert rows[1]["normal_response"] is None and rows[2]["normal_response"] is not None
-    assert "row 1: normal: ValueError" in capsys.readouterr().err
+    assert "row 1: parallel: ValueError" in capsys.readouterr().err
 
 
 # --- bad input: one line, exit 2, nothing written over ---------------------------------------------------------
