@@ -90,8 +90,14 @@ def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
     out = tmp_path / "tiny-qwen2" / f"{data_path.stem}.jsonl"
     rows, dataset = _read(out), load_dataset(task, data_path)[:2]
     assert len(rows) == 2
+    assert [r["first_mode"] for r in rows] == ["normal", "parallel"]  # the order alternates per row
     for row, source in zip(rows, dataset):
         assert list(row) == list(source) + list(generate.RESULT_COLUMNS)
+        assert row["normal_attention"] == row["parallel_attention"] == "sdpa"
+        for mode in ("normal", "parallel"):
+            assert isinstance(row[f"{mode}_caps"], list)
+            if mode == "normal" or not row["branches"]:  # sequential: capped exactly when it used the whole budget
+                assert bool(row[f"{mode}_caps"]) == (row[f"{mode}_length"] == MAX_NEW_TOKENS)
         assert {k: row[k] for k in source} == source
         assert row["full_prompt"] == build_prompt(task, source)
         assert row["error"] is None
@@ -388,6 +394,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     broken.write_text('{"prompt": "a"}\n{"question": "b"}\n')
     assert f"{broken}:2: row has no 'prompt' field" in _bad_input(capsys, [*base, "--data_path", str(broken)])
     assert "--max_samples must be >= 1" in _bad_input(capsys, [*base, "--max_samples", "0"])
+    elsewhere = ["--model_path", str(model_dir), "--task", "retrieval", "--output_dir", str(tmp_path / "other")]
+    assert "--normal_stock_flash_attn needs --attn_implementation flash_attention_2" in \
+        _bad_input(capsys, [*elsewhere, "--normal_stock_flash_attn"])
     assert f"{sentinel}:1: does not parse as JSON (Expecting value); pass --overwrite to start again" in \
         _bad_input(capsys, base)
     assert sentinel.read_text() == "earlier results\n"
