@@ -22,7 +22,16 @@ from parallel_decoding.comparison import MODES, BackendError, mode_generator, mo
 from parallel_decoding.comparison import attention_backends as choose_attention_backends
 from parallel_decoding.comparison import describe_attention
 from parallel_decoding.results import ResultsError, ResultsFile
-from parallel_decoding.tasks import TASKS, DatasetError, build_prompt, default_data_path, get_task, load_dataset
+from parallel_decoding.tasks import (
+    TASKS,
+    DatasetError,
+    FormatPromptError,
+    build_prompt,
+    default_data_path,
+    get_task,
+    load_dataset,
+    resolve_format_prompt,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
@@ -35,7 +44,13 @@ RESULT_COLUMNS = (
     "settings",  # run_settings() of the run that made the row (parallel_decoding/results.py says why per row)
 )
 # The value a setting had in rows written before it was recorded (a key added to run_settings later goes here).
-IMPLIED_SETTINGS = {"token_budget": "each branch"}
+IMPLIED_SETTINGS = {
+    # Rows recorded before the format instruction was: the project's default of that time (no worked example).
+    "format_prompt": {"source": "default", "path": None,
+                      "sha256": "cfef567291969f9ae0e9e6d891d577ac6eb300a086b0e22a1da60a86f3c3be84"},
+    # Rows recorded before max_new_tokens bounded the whole parallel answer (each branch had its own budget).
+    "token_budget": "each branch",
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name": left to from_pretrained, not checked on disk
 
@@ -78,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--modes", default="both", choices=["normal", "parallel", "both"])
     p.add_argument("--overwrite", action="store_true", help="discard an existing output file and start again")
+    p.add_argument("--format_prompt_file", default=None,
+                   help="UTF-8 text file that replaces the format instruction; a {task} placeholder in it wraps the "
+                        "task text (default: the model directory's format_prompt.txt, else the project's)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the model repo")
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
@@ -145,6 +163,7 @@ def run_settings(args) -> dict:
         "top_p": args.top_p if args.do_sample else None,
         "seed": args.seed if args.do_sample else None,
         "modes": list(run_modes(args)),
+        "format_prompt": resolve_format_prompt(args.format_prompt_file, model).setting(),
     }
 
 
@@ -335,6 +354,7 @@ def main(argv=None) -> int:
             rows = load_dataset(args.task, data_path)
             model_path = resolve_model_path(args.model_path)
             out_path = output_path(args.output_dir, model_path, data_path)
+            format_prompt = resolve_format_prompt(args.format_prompt_file, model_path)
             settings = run_settings(args)
             results_file = ResultsFile(out_path, RESULT_COLUMNS, required_column="full_prompt")
             held.enter_context(results_file.locked(hint="wait for it to finish, or use another --output_dir"))
@@ -343,7 +363,7 @@ def main(argv=None) -> int:
             device, dtype = choose_device(args)
             backends = attention_backends(args.attn_implementation, device, args.normal_stock_flash_attn)
             model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype)
-        except (UsageError, DatasetError, ResultsError) as e:
+        except (UsageError, DatasetError, FormatPromptError, ResultsError) as e:
             print(f"generate.py: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -352,14 +372,14 @@ def main(argv=None) -> int:
             return 130
         try:
             return decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings,
-                               results_file, existing, log)
+                               format_prompt, results_file, existing, log)
         except KeyboardInterrupt:
             log(f"interrupted: {out_path} holds every finished row; run the same command again to resume")
             return 130
 
 
-def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings, results_file,
-                existing, log) -> int:
+def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings, format_prompt,
+                results_file, existing, log) -> int:
     """Decode the selected rows that have no result yet, rewriting the results file after each one."""
     from tqdm import tqdm
 
@@ -367,6 +387,7 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
 
     out_path = results_file.path
     log(describe_attention(backends))
+    log(format_prompt.describe())
     log(f"model {settings['model']} on {device} ({str(dtype).replace('torch.', '')}); task {args.task}; "
         f"{len(rows)} rows in {data_path}; output {out_path}")
 
@@ -380,7 +401,7 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
     if len(pending) < len(selected):
         log(f"resuming: {len(selected) - len(pending)} rows already done")
 
-    prompts = {i: build_prompt(args.task, rows[i]) for i in pending}
+    prompts = {i: build_prompt(args.task, rows[i], format_prompt.text) for i in pending}
     limit = usable_context(model, args.max_new_tokens)
     skipped = []
     if get_task(args.task).skip_too_long and limit is not None:
