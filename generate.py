@@ -46,7 +46,7 @@ RESULT_COLUMNS = (
 # The value a setting had in rows written before it was recorded (a key added to run_settings later goes here).
 IMPLIED_SETTINGS = {
     # Rows recorded before the format instruction was: the project's default of that time (no worked example).
-    "format_prompt": {"source": "default", "path": None,
+    "format_prompt": {"file": None,
                       "sha256": "cfef567291969f9ae0e9e6d891d577ac6eb300a086b0e22a1da60a86f3c3be84"},
     # Rows recorded before max_new_tokens bounded the whole parallel answer (each branch had its own budget).
     "token_budget": "each branch",

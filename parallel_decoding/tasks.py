@@ -199,10 +199,12 @@ class FormatPrompt:
     source: str
 
     def setting(self) -> dict:
-        """What the run's settings record: a different instruction (or file) makes a different run. The path is
-        absolute, so the same file named from another folder is the same setting."""
-        path = None if self.path is None else os.path.realpath(self.path)
-        return {"source": self.source, "path": path, "sha256": format_prompt_digest(self.text)}
+        """What the run's settings record: the instruction's text (by its digest) shapes the rows, and so does the
+        file a user named with --format_prompt_file (absolute, so the same file named from another folder is the
+        same setting). A model's own format_prompt.txt is part of the model, which is recorded already, so only its
+        text counts."""
+        path = os.path.realpath(self.path) if self.source == "file" else None
+        return {"file": path, "sha256": format_prompt_digest(self.text)}
 
     def describe(self) -> str:
         if self.source == "file":

@@ -231,7 +231,7 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     assert settings == {"model": str(model_dir.resolve()), "dtype": "float32", "attn_implementation": "sdpa",
                         "max_new_tokens": MAX_NEW_TOKENS, "token_budget": "whole answer", "do_sample": False,
                         "temperature": None, "top_p": None, "seed": None, "modes": ["normal", "parallel"],
-                        "format_prompt": {"source": "default", "path": None, "sha256": format_prompt_digest(None)}}
+                        "format_prompt": {"file": None, "sha256": format_prompt_digest(None)}}
     stock = generate.run_settings(generate.parse_args(
         [*args, "--attn_implementation", "flash_attention_2", "--normal_stock_flash_attn"]))
     assert stock["attn_implementation"] == "flash_attention_2+normal_stock_flash_attn"
@@ -261,7 +261,7 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
 
 
 def test_rerun_with_another_format_prompt_is_refused(tmp_path, model_dir, capsys, monkeypatch):
-    """The instruction's path and sha256 are settings: another file, the same file edited, or the default instead
+    """The instruction file's path and its text's sha256 are settings: another file, the same file edited, or the default instead
     of a file are refused before the model loads; the same file again resumes."""
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
     first.write_text("Steps as ####Title:, then ####%%%%.", encoding="utf-8")
@@ -270,7 +270,7 @@ def test_rerun_with_another_format_prompt_is_refused(tmp_path, model_dir, capsys
     out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
     out.parent.mkdir(parents=True)
     settings = generate.run_settings(generate.parse_args([*args, "--format_prompt_file", str(first)]))
-    assert settings["format_prompt"] == {"source": "file", "path": str(first.resolve()),
+    assert settings["format_prompt"] == {"file": str(first.resolve()),
                                          "sha256": format_prompt_digest(first.read_text(encoding="utf-8"))}
     out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
     before = out.read_text(encoding="utf-8")
@@ -300,7 +300,7 @@ def test_rows_recorded_before_the_format_prompt_setting_imply_the_old_default(tm
     _no_model_load(monkeypatch)
     err = _bad_input(capsys, args)  # made with the default of that time, which had no worked example
     old = generate.IMPLIED_SETTINGS["format_prompt"]["sha256"]
-    assert f'format_prompt: {{"source": "default", "path": null, "sha256": "{old}"}} -> ' in err
+    assert f'format_prompt: {{"file": null, "sha256": "{old}"}} -> ' in err
 
 
 def test_rows_without_settings_load_and_resume_with_a_note(tmp_path, model_dir, capsys, monkeypatch):
@@ -604,3 +604,4 @@ def test_cli_flash_attention_on_gpu(tmp_path, model_dir):
     assert "the project's Triton kernel (branch_attention) for both modes" in proc.stderr
     rows = _read(tmp_path / "tiny-qwen2" / "retrieval_4.jsonl")
     assert len(rows) == 2 and all(r["error"] is None and r["parallel_length"] >= 1 for r in rows)
+
