@@ -308,8 +308,10 @@ def summary_notes(summary):
     if summary.get("uncapped_rows") is None:
         notes.append("caps: not recorded in this file (an earlier version or the reference); no uncapped speedup")
     else:
+        uncapped = summary["uncapped_speedup"]
         notes.append(f"rows capped in either mode: {summary['capped_rows']}; speedup over the "
-                     f"{summary['uncapped_rows']} rows neither mode capped: {_fmt(summary['uncapped_speedup'], 2)}x")
+                     f"{summary['uncapped_rows']} rows neither mode capped: "
+                     f"{'-' if uncapped is None else f'{uncapped:.2f}x'}")
     if summary.get("fallback_reasons"):
         kinds = ", ".join(f"{kind} {count}" for kind, count in summary["fallback_reasons"].items())
         notes.append(f"fallback reasons: {kinds}")
