@@ -279,6 +279,7 @@ def summary_table(summary):
         ("forward passes (mean)", _fmt(summary.get("normal_steps"), 1), _fmt(summary.get("parallel_steps"), 1)),
         ("tokens per forward pass (mean)", _fmt(summary.get("normal_tokens_per_step"), 3),
          _fmt(summary.get("parallel_tokens_per_step"), 3)),
+        ("answers capped (rows)", _fmt(summary.get("normal_capped")), _fmt(summary.get("parallel_capped"))),
     ]
     if "normal_accuracy" in summary:
         table.append(("accuracy (exact match)", _fmt(summary["normal_accuracy"]),
@@ -309,6 +310,13 @@ def summary_notes(summary):
         f"same): {_ratio(summary.get('step_ratio'))}",
         f"mean per-row time ratio (normal_time / parallel_time): {_ratio(summary['time_ratio'])}",
     ]
+    if summary.get("uncapped_rows") is None:
+        notes.append("caps: not recorded in this file (an earlier version or the reference); no uncapped speedup")
+    else:
+        uncapped = summary["uncapped_speedup"]
+        notes.append(f"rows capped in either mode: {summary['capped_rows']}; speedup over the "
+                     f"{summary['uncapped_rows']} rows neither mode capped: "
+                     f"{'-' if uncapped is None else f'{uncapped:.2f}x'}")
     if summary.get("fallback_reasons"):
         kinds = ", ".join(f"{kind} {count}" for kind, count in summary["fallback_reasons"].items())
         notes.append(f"fallback reasons: {kinds}")
