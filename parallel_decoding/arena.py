@@ -18,6 +18,8 @@ depend on the bucket only, so nothing recompiles as the cache grows or from one 
 
 A pass with more rows than the largest bucket (a long prefill, a merge) runs the same function uncompiled at its
 exact size. ``warm_up()`` compiles every bucket on padding rows only, which write nothing but the spare slot.
+(transformers guards the graphs on its registry of model classes built so far: building a model of a new class
+after compiling recompiles once; a run loads its one model first.)
 """
 
 from __future__ import annotations

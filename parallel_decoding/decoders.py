@@ -118,8 +118,8 @@ def compile_enabled(setting, device: torch.device) -> bool:
 
     "auto" is on for CUDA, where the compiled step is captured as CUDA graphs, and off on a CPU: on the project's
     2-core CPU the compiled step makes the embedded model's rows faster (1.22x normal tokens/s), but compiling the
-    seven buckets (53 s, 7+ minutes with a cold compile cache on the loaded machine) costs more than it saves on a
-    50-row dataset (about 0.55 s a row); docs/bench.md has the numbers.
+    seven buckets (53 s with inductor's cache already warm, more when cold) costs more than it saves on a 50-row
+    dataset (about 0.55 s a row); docs/bench.md has the numbers.
     """
     if isinstance(setting, bool):
         return setting
