@@ -2,6 +2,9 @@
 
     python generate.py --task retrieval                       # the embedded tiny model, data/retrieval_4.jsonl
     python generate.py --model_path Qwen/Qwen2.5-7B-Instruct --task planning --attn_implementation sdpa
+    torchrun --nproc_per_node 8 generate.py --tp --model_path Qwen/Qwen2.5-72B-Instruct --task planning
+    torchrun --nproc_per_node 4 generate.py --data_parallel --model_path Qwen/Qwen2.5-7B-Instruct --task retrieval
+    python generate.py --device_map auto --model_path Qwen/Qwen2.5-72B-Instruct --task planning
 
 Output: <output_dir>/<basename of model_path>/<stem of dataset file>.jsonl, one JSON object per dataset row: the
 row's own columns, then the columns in RESULT_COLUMNS. The file is rewritten atomically after every row, so an
@@ -18,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from parallel_decoding import distributed
+from parallel_decoding.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
 from parallel_decoding.tasks import TASKS, DatasetError, build_prompt, default_data_path, get_task, load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -68,6 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="both", choices=["normal", "parallel", "both"])
     p.add_argument("--overwrite", action="store_true", help="discard an existing output file and start again")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the model repo")
+    scale = p.add_argument_group("more than one device (docs/generate.md)")
+    scale.add_argument("--tp", action="store_true",
+                       help="tensor parallel over the processes of `torchrun --nproc_per_node N` (one model, sharded)")
+    scale.add_argument("--data_parallel", action="store_true",
+                       help="data parallel over the processes of `torchrun --nproc_per_node N` (a full model each)")
+    scale.add_argument("--device_map", default=None,
+                       help="spread one model over devices with accelerate: auto, balanced, balanced_low_0, "
+                            "sequential, or a JSON file {module name: device}")
+    scale.add_argument("--offload_folder", default=None, help="where --device_map puts layers mapped to \"disk\"")
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max_samples must be >= 1, got {args.max_samples}")
@@ -77,7 +91,47 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    check_scale_flags(args)
     return args
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_scale_flags(args) -> None:
+    """The combinations of --tp, --data_parallel, --device_map and --device that this script runs."""
+    if args.tp and args.data_parallel:
+        raise UsageError("--tp with --data_parallel is not supported; use one of them (tensor parallel shards one "
+                         "model over all processes, data parallel gives each process a full model)")
+    if args.device_map is not None and (args.tp or args.data_parallel):
+        raise UsageError(f"--device_map with {'--tp' if args.tp else '--data_parallel'} is not supported: "
+                         f"--device_map spreads one model over the devices of a single process")
+    if args.device is not None and (args.tp or args.device_map is not None):
+        raise UsageError(f"--device with {'--tp' if args.tp else '--device_map'}: the devices are chosen for you "
+                         f"({'cuda:LOCAL_RANK per process' if args.tp else 'by accelerate'}); drop --device")
+    if args.offload_folder is not None and args.device_map is None:
+        raise UsageError("--offload_folder is only used with --device_map")
+    if args.device_map is not None and args.device_map not in DEVICE_MAP_STRATEGIES:
+        args.device_map = read_device_map(args.device_map)
+
+
+def read_device_map(path: str) -> dict:
+    try:
+        device_map = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"--device_map {path}: not one of {', '.join(DEVICE_MAP_STRATEGIES)} and not a readable "
+                         f"file ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--device_map {path}: does not parse as JSON ({e})") from None
+    if not isinstance(device_map, dict) or not all(isinstance(k, str) and isinstance(v, (str, int))
+                                                   for k, v in device_map.items()):
+        raise UsageError(f"--device_map {path}: expected a JSON object {{module name: device}}, "
+                         f"e.g. {{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}}")
+    return device_map
+
+
+def run_mode(args) -> str:
+    return TENSOR_PARALLEL if args.tp else DATA_PARALLEL if args.data_parallel else SINGLE
 
 
 # --- inputs and the output file ---------------------------------------------------------------------------------
@@ -211,11 +265,11 @@ def set_attention(model, attn_implementation: str) -> None:
         model.set_attn_implementation(attn_implementation)
 
 
-def choose_device(args):
+def choose_device(args, ranks: Ranks = Ranks()):
     import torch
 
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = ranks.device(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -224,17 +278,25 @@ def choose_device(args):
     return device, dtype
 
 
-def load_model(args, model_path: str, attn_implementation: str, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(args, model_path: str, attn_implementation: str, device, dtype, ranks: Ranks = Ranks()):
+    """The tokenizer and the model: on `device`, sharded over the ranks (--tp) or spread by --device_map."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": args.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError, ImportError) as e:
+        if ranks.mode == TENSOR_PARALLEL:
+            config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+            distributed.check_heads_divide(config, ranks.world_size, model_path)
+            kwargs.update(distributed.tensor_parallel_kwargs(ranks.world_size))
+        elif args.device_map is not None:
+            kwargs.update(distributed.device_map_kwargs(args.device_map, args.offload_folder))
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    except (OSError, ValueError, ImportError, KeyError) as e:  # KeyError: a --device_map naming no such module
         raise UsageError(f"cannot load model {model_path}: {one_line(e)}") from None
-    model.to(device).eval()
-    return model, tokenizer
+    if ranks.mode != TENSOR_PARALLEL and args.device_map is None:
+        model.to(device)
+    return model.eval(), tokenizer
 
 
 def usable_context(model, max_new_tokens: int):
@@ -313,22 +375,53 @@ def mean_speedup(rows: list):
 
 
 def main(argv=None) -> int:
-    def log(message):
-        print(f"generate: {message}", file=sys.stderr, flush=True)
-
+    ranks = Ranks()
     try:
         args = parse_args(argv)
+        ranks = distributed.start(run_mode(args))
+        if ranks.mode == SINGLE and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError(f"torchrun started {os.environ['WORLD_SIZE']} processes: pass --tp (one model sharded "
+                             f"over them) or --data_parallel (a full model each), or run without torchrun")
+    except (UsageError, DistributedError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, ranks)
+    finally:
+        distributed.stop(ranks)
+
+
+def run(args, ranks: Ranks) -> int:
+    def log(message):
+        if ranks.is_main:
+            print(f"generate: {message}", file=sys.stderr, flush=True)
+
+    def stop_on_error(error) -> bool:
+        """True (and the error printed once) if any rank hit bad input: then every rank stops with exit code 2."""
+        error = distributed.first_error(ranks, None if error is None else str(error))
+        if error is not None and ranks.is_main:
+            print(f"generate.py: error: {error}", file=sys.stderr)
+        return error is not None
+
+    error = None
+    try:
         data_path = args.data_path or str(default_data_path(args.task))
         rows = load_dataset(args.task, data_path)
         model_path = resolve_model_path(args.model_path)
         out_path = output_path(args.output_dir, model_path, data_path)
-        existing = [] if args.overwrite else read_existing(out_path)
+        existing = [] if args.overwrite or not ranks.is_main else read_existing(out_path)
         modes = MODES if args.modes == "both" else (args.modes,)
-        device, dtype = choose_device(args)
+        device, dtype = choose_device(args, ranks)
         backends = attention_backends(args.attn_implementation, device)
-        model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype)
-    except (UsageError, DatasetError) as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
+    except (UsageError, DatasetError, DistributedError) as e:
+        error = e
+    if stop_on_error(error):
+        return 2
+    try:  # collective under --tp: every rank loads its shard
+        model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype, ranks)
+    except (UsageError, DistributedError) as e:
+        error = e
+    if stop_on_error(error):
         return 2
 
     import torch
@@ -337,11 +430,11 @@ def main(argv=None) -> int:
     from parallel_decoding import chat_prompt_ids
 
     log(describe_attention(args.attn_implementation, backends))
-    log(f"model {model_path} on {device} ({str(dtype).replace('torch.', '')}); task {args.task}; "
-        f"{len(rows)} rows in {data_path}; output {out_path}")
+    log(f"model {model_path} {describe_placement(args, ranks, model, device)} ({str(dtype).replace('torch.', '')}); "
+        f"task {args.task}; {len(rows)} rows in {data_path}; output {out_path}")
 
     # Earlier results stay in the file (in dataset order, also beyond --max_samples); selected rows that have none,
-    # or whose earlier run recorded an error, are decoded now.
+    # or whose earlier run recorded an error, are decoded now. Rank 0 decides; the other ranks follow its list.
     results, unmatched = match_existing(rows, existing)
     if unmatched:
         log(f"{len(unmatched)} rows of {out_path} match no row of {data_path}; they are kept at the end")
@@ -350,20 +443,22 @@ def main(argv=None) -> int:
     if len(pending) < len(selected):
         log(f"resuming: {len(selected) - len(pending)} rows already done")
 
-    prompts = {i: build_prompt(args.task, rows[i]) for i in pending}
     limit = usable_context(model, args.max_new_tokens)
     skipped = []
     if get_task(args.task).skip_too_long and limit is not None:
-        skipped = [i for i in pending if len(chat_prompt_ids(tokenizer, prompts[i])) > limit]
+        skipped = [i for i in pending if len(chat_prompt_ids(tokenizer, build_prompt(args.task, rows[i]))) > limit]
         if skipped:
             log(f"skipped {len(skipped)} rows whose prompt exceeds the usable context of {limit} tokens "
                 f"(max positions minus --max_new_tokens {args.max_new_tokens})")
             pending = [i for i in pending if i not in set(skipped)]
             for i in skipped:
                 results[i] = None  # an earlier errored attempt of a row that cannot run is not kept either
+    pending = distributed.from_main(ranks, pending)
+    prompts = {i: build_prompt(args.task, rows[i]) for i in pending}
 
     def write():
-        write_rows_atomic(out_path, [r for r in results if r is not None] + unmatched)
+        if ranks.is_main:
+            write_rows_atomic(out_path, [r for r in results if r is not None] + unmatched)
 
     if not pending:
         write()  # drops a torn last line of an earlier run
@@ -371,20 +466,23 @@ def main(argv=None) -> int:
         return 0
 
     gen = gen_kwargs(args, args.max_new_tokens)
-    warm_up(model, tokenizer, [prompts[i] for i in pending[:3]], modes, backends, gen, log)
+    mine = ranks.share(pending)
+    warm_up(model, tokenizer, [prompts[i] for i in mine[:3]], modes, backends, gen, log)
 
     errors = 0
     total = len(selected) - len(skipped)
-    bar = tqdm(total=total, initial=total - len(pending), desc=args.task, unit="row", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=total - len(pending), desc=args.task, unit="row", dynamic_ncols=True,
+               disable=not ranks.is_main)
     try:
-        for i in pending:
+        for i in mine:
             if args.do_sample:
-                torch.manual_seed(args.seed + i)
+                torch.manual_seed(args.seed + i)  # the same on every rank: tensor-parallel ranks draw the same tokens
             results[i] = run_row(model, tokenizer, rows[i], prompts[i], modes, backends, gen)
             write()
             if results[i]["error"]:
                 errors += 1
-                bar.write(f"row {i}: {results[i]['error']}", file=sys.stderr)
+                if ranks.is_main:
+                    bar.write(f"row {i}: {results[i]['error']}", file=sys.stderr)
             speedup = mean_speedup([results[j] for j in selected if results[j] is not None])
             if speedup is not None:
                 bar.set_postfix(speedup=f"{speedup:.2f}x")
@@ -400,6 +498,17 @@ def main(argv=None) -> int:
         summary += f"; mean speedup {speedup:.2f}x"
     log(summary)
     return 1 if errors == len(pending) else 0
+
+
+def describe_placement(args, ranks: Ranks, model, device) -> str:
+    if ranks.mode == TENSOR_PARALLEL:
+        return f"sharded over {ranks.world_size} processes (tensor parallel, {device.type})"
+    if ranks.mode == DATA_PARALLEL:
+        return f"copied to each of {ranks.world_size} processes (data parallel, {device.type})"
+    if args.device_map is not None:
+        placed = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
+        return f"spread by --device_map over {', '.join(placed) or model.device}"
+    return f"on {device}"
 
 
 if __name__ == "__main__":

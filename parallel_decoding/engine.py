@@ -169,7 +169,7 @@ def normal_decode(model, tokenizer, prompt: str, logits_processor=None, **gen) -
     """
     config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
     stop_ids = stop_token_ids(model, tokenizer)
-    timer = StageTimer(model.device)
+    timer = StageTimer.for_model(model)
     cache = new_cache(model)
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
     logits = prefill(model, cache, prompt_ids)
@@ -214,7 +214,7 @@ def parallel_decode(
     stop_ids = stop_token_ids(model, tokenizer)
     markers = marker_vocab(tokenizer)
     limit = context_length(model)
-    timer = StageTimer(model.device)
+    timer = StageTimer.for_model(model)
 
     cache = new_cache(model)
     # Room for the answer plus one skeleton of titles and ellipses on top of it.
