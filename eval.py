@@ -10,17 +10,19 @@ file (atomic rewrite; a rerun only asks for what is missing), prints a summary t
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
 import pathlib
 import sys
-import tempfile
 import threading
 
 from parallel_decoding import metrics
 from parallel_decoding.judge import Judge, JudgeCancelled, JudgeError
 from parallel_decoding.metrics import MODES, is_blank
+from parallel_decoding.results import (ResultsError, ResultsFile, atomic_file, read_numbered_rows, write_rows_atomic,
+                                       write_text_atomic)
 
 # task -> (column shown to the judge as the question, column holding the reference answer)
 TASK_FIELDS = {
@@ -85,33 +87,20 @@ def parse_args(argv=None):
 
 
 def load_rows(path):
-    """(rows, line numbers) of a jsonl file, blank lines skipped; InputError naming the file and line on bad JSON."""
+    """(rows, line numbers) of a jsonl file, blank lines skipped; InputError naming file:line on bad JSON (a torn
+    last line too: eval rewrites the file and must not drop a line silently)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise InputError(f"--df_path {path}: no such file")
     if not path.is_file():
         raise InputError(f"--df_path {path}: not a file")
-    rows, line_numbers = [], []
     try:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{path} line {line_number}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-                line_numbers.append(line_number)
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text ({error.reason})") from None
-    except OSError as error:
-        raise InputError(f"{path}: cannot read ({error.strerror})") from None
-    if not rows:
+        numbered = read_numbered_rows(path, tolerate_torn_tail=False)
+    except ResultsError as error:
+        raise InputError(str(error)) from None
+    if not numbered:
         raise InputError(f"{path}: no rows")
-    return rows, line_numbers
+    return [row for _, row in numbered], [line_number for line_number, _ in numbered]
 
 
 def validate_rows(rows, line_numbers, path, task):
@@ -122,7 +111,7 @@ def validate_rows(rows, line_numbers, path, task):
         missing = [c for c in (question_col, reference_col) if c not in row]
         if missing:
             raise InputError(
-                f"{path} line {line_number}: missing column(s) {', '.join(missing)} needed by --task {task}"
+                f"{path}:{line_number}: missing column(s) {', '.join(missing)} needed by --task {task}"
             )
     columns = set().union(*rows)
     complete_modes = []
@@ -139,28 +128,9 @@ def validate_rows(rows, line_numbers, path, task):
         raise InputError(f"{path}: missing column(s) {', '.join(wanted)}; is this a results file?")
 
 
-def write_text_atomic(path, text):
-    """Write ``text`` to ``path`` via a temp file in the same folder and os.replace: readers (and a crash) see either
-    the old file or the new one, never half of it."""
-    path = pathlib.Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp_name, path.stat().st_mode & 0o777)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-
-
 def save_rows(path, rows):
     """Rewrite the results file (all rows, in order) atomically."""
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_rows_atomic(path, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -305,12 +275,17 @@ def summary_table(summary):
     return table
 
 
+def _ratio(value):
+    """`2.00x`, or n/a when the ratio has no value (only one mode was run, or no row was timed in both)."""
+    return "n/a (needs rows timed in both modes)" if value is None else f"{_fmt(value, 2)}x"
+
+
 def summary_notes(summary):
     notes = [
         f"rows: {summary['rows']} ({summary['speed_rows']} timed, {summary['error_rows']} with an error - "
         f"left out of all means, {summary['fallback_rows']} fell back to normal decoding)",
-        f"speedup (mean parallel tokens/s / mean normal tokens/s): {_fmt(summary['speedup'], 2)}x",
-        f"mean per-row time ratio (normal_time / parallel_time): {_fmt(summary['time_ratio'], 2)}x",
+        f"speedup (mean parallel tokens/s / mean normal tokens/s): {_ratio(summary['speedup'])}",
+        f"mean per-row time ratio (normal_time / parallel_time): {_ratio(summary['time_ratio'])}",
     ]
     if "judged_rows" in summary:
         notes.append(f"rows with both answers judged: {summary['judged_rows']}"
@@ -356,7 +331,8 @@ def plot_summary(rows, summary, png_path):
     ax.set_xlabel("row")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"decoding speed per row, speedup {_fmt(summary.get('speedup'), 2)}x")
+    speedup = summary.get("speedup")
+    ax.set_title("decoding speed per row" + ("" if speedup is None else f", speedup {_fmt(speedup, 2)}x"))
     ax.grid(alpha=0.3)
     ax.legend()
     if judged:
@@ -375,15 +351,11 @@ def plot_summary(rows, summary, png_path):
         ax.set_title("judge score distribution")
         ax.legend()
     fig.tight_layout()
-    fd, tmp_name = tempfile.mkstemp(dir=pathlib.Path(png_path).parent, prefix=".plot.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp_name, dpi=110)
-        os.replace(tmp_name, png_path)
+        with atomic_file(png_path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def output_paths(df_path):
@@ -411,43 +383,23 @@ def main(argv=None):
             print("eval.py: error: --base_url / OPENAI_BASE_URL must start with http:// or https://",
                   file=sys.stderr)
             return EXIT_BAD_INPUT
-    try:
-        rows, line_numbers = load_rows(args.df_path)
-        validate_rows(rows, line_numbers, args.df_path, args.task)
-    except InputError as error:
-        print(f"eval.py: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     df_path = pathlib.Path(args.df_path)
-    evaluated = rows[: args.max_rows] if args.max_rows else rows
-
-    judge_model = None
-    if not args.no_judge:
-        judge = Judge(args.model_name, api_key, base_url, timeout=args.timeout, max_retries=args.max_retries,
-                      backoff_base=args.backoff_base, backoff_max=args.backoff_max,
-                      max_tokens=args.judge_max_tokens)
-        judge_model = args.model_name
-        if args.rejudge:
-            for row in evaluated:
-                for mode in MODES:
-                    row.pop(f"{mode}_score", None)
-                    row.pop(f"{mode}_rationale", None)
-        todo = len(pending_judgements(evaluated, args.task))
-        print(f"judging {todo} answers with {args.model_name} ({len(evaluated) * len(MODES) - todo} already "
-              f"judged or not gradable), {args.concurrency} at a time", file=sys.stderr)
-        progress = _progress_bar(todo)
+    with contextlib.ExitStack() as held:
         try:
-            judge_rows(rows, evaluated, args.task, judge, df_path, args.concurrency, args.save_every, progress)
-        except JudgeError as error:
-            left = len(pending_judgements(evaluated, args.task))
-            print(f"eval.py: error: {judge.scrub(error)}; the verdicts received so far are saved in {df_path}, "
-                  f"{left} answers still to judge: rerun to continue", file=sys.stderr)
-            return EXIT_JUDGE_FAILED
-        except KeyboardInterrupt:
-            print(f"eval.py: interrupted; the verdicts received so far are saved in {df_path}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        finally:
-            if progress is not None:
-                progress.close()
+            if not args.no_judge and df_path.is_file():  # scores go back into the file: its only writer from the read on
+                held.enter_context(ResultsFile(df_path).locked())
+            rows, line_numbers = load_rows(df_path)
+            validate_rows(rows, line_numbers, df_path, args.task)
+        except (InputError, ResultsError) as error:
+            print(f"eval.py: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        evaluated = rows[: args.max_rows] if args.max_rows else rows
+        judge_model = None
+        if not args.no_judge:
+            judge_model = args.model_name
+            outcome = judge_and_store(args, api_key, base_url, rows, evaluated, df_path)
+            if outcome is not None:
+                return outcome
 
     summary = summarize(evaluated, args.task, judge_model)
     summary["results"] = str(df_path)
@@ -459,6 +411,36 @@ def main(argv=None):
     plot_summary(evaluated, summary, png_path)
     print(f"wrote {json_path}, {md_path}, {png_path}", file=sys.stderr)
     return 0
+
+
+def judge_and_store(args, api_key, base_url, rows, evaluated, df_path):
+    """Grade the missing answers of ``evaluated`` and store the verdicts in ``df_path``; an exit code if the run
+    cannot go on to the summary, else None."""
+    judge = Judge(args.model_name, api_key, base_url, timeout=args.timeout, max_retries=args.max_retries,
+                  backoff_base=args.backoff_base, backoff_max=args.backoff_max, max_tokens=args.judge_max_tokens)
+    if args.rejudge:
+        for row in evaluated:
+            for mode in MODES:
+                row.pop(f"{mode}_score", None)
+                row.pop(f"{mode}_rationale", None)
+    todo = len(pending_judgements(evaluated, args.task))
+    print(f"judging {todo} answers with {args.model_name} ({len(evaluated) * len(MODES) - todo} already "
+          f"judged or not gradable), {args.concurrency} at a time", file=sys.stderr)
+    progress = _progress_bar(todo)
+    try:
+        judge_rows(rows, evaluated, args.task, judge, df_path, args.concurrency, args.save_every, progress)
+    except JudgeError as error:
+        left = len(pending_judgements(evaluated, args.task))
+        print(f"eval.py: error: {judge.scrub(error)}; the verdicts received so far are saved in {df_path}, "
+              f"{left} answers still to judge: rerun to continue", file=sys.stderr)
+        return EXIT_JUDGE_FAILED
+    except KeyboardInterrupt:
+        print(f"eval.py: interrupted; the verdicts received so far are saved in {df_path}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if progress is not None:
+            progress.close()
+    return None
 
 
 def _progress_bar(total):

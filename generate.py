@@ -8,21 +8,23 @@
 
 Output: <output_dir>/<basename of model_path>/<stem of dataset file>.jsonl, one JSON object per dataset row: the
 row's own columns, then the columns in RESULT_COLUMNS. The file is rewritten atomically after every row, so an
-interrupted run leaves a valid file; a rerun resumes (rows already written without an error are skipped) unless
---overwrite is given. See docs/generate.md.
+interrupted run leaves a valid file; a rerun with the same settings (run_settings) resumes (rows already written
+without an error are skipped) unless --overwrite is given, and a rerun with other settings is refused. One run at a
+time writes a results file (a lock beside it). See docs/generate.md.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from parallel_decoding import distributed
 from parallel_decoding.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
+from parallel_decoding.results import ResultsError, ResultsFile
 from parallel_decoding.tasks import TASKS, DatasetError, build_prompt, default_data_path, get_task, load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -34,7 +36,11 @@ RESULT_COLUMNS = (
     "parallel_response", "parallel_time", "parallel_length", "parallel_speed",
     "num_parallel_branches", "stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time",
     "fallback", "error",
+    "settings",  # run_settings() of the run that made the row (parallel_decoding/results.py says why per row)
 )
+# The value a setting had in rows written before it was recorded (a key added to run_settings later goes here).
+IMPLIED_SETTINGS = {}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name": left to from_pretrained, not checked on disk
 
 
@@ -143,6 +149,9 @@ def resolve_model_path(model_path) -> str:
             raise UsageError(f"the embedded default model {DEFAULT_MODEL_PATH} is missing; pass --model_path")
         return str(DEFAULT_MODEL_PATH)
     if os.path.isdir(model_path):
+        missing = missing_model_files(Path(model_path))
+        if missing:
+            raise UsageError(f"--model_path {model_path} is not a model directory: {', '.join(missing)}")
         return model_path
     if os.path.exists(model_path):
         raise UsageError(f"--model_path {model_path} is a file, not a model directory")
@@ -151,68 +160,44 @@ def resolve_model_path(model_path) -> str:
     raise UsageError(f"--model_path {model_path} does not exist")
 
 
+def missing_model_files(directory: Path) -> list:
+    """What from_pretrained needs and `directory` lacks: the config, tokenizer files, weights."""
+    missing = []
+    if not (directory / "config.json").is_file():
+        missing.append("no config.json")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES) and not any(directory.glob("*.tiktoken")):
+        missing.append(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("pytorch_model*.bin")):
+        missing.append("no weights (*.safetensors or pytorch_model*.bin)")
+    return missing
+
+
+def run_settings(args) -> dict:
+    """The settings that shape a result row, recorded in its `settings` column: a rerun whose settings differ from
+    the file's is refused before the model loads. Sampling settings count only with --do_sample (greedy rows do not
+    depend on them). The device is not a setting: it changes timings, not what a row holds."""
+    model = resolve_model_path(args.model_path)
+    _, dtype = choose_device(args)
+    return {
+        "model": os.path.realpath(model) if os.path.isdir(model) else model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": args.attn_implementation,
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature if args.do_sample else None,
+        "top_p": args.top_p if args.do_sample else None,
+        "seed": args.seed if args.do_sample else None,
+        "modes": list(run_modes(args)),
+    }
+
+
+def run_modes(args) -> tuple:
+    return MODES if args.modes == "both" else (args.modes,)
+
+
 def output_path(output_dir: str, model_path: str, data_path: str) -> Path:
     model_name = os.path.basename(os.path.normpath(model_path))
     return Path(output_dir) / model_name / f"{Path(data_path).stem}.jsonl"
-
-
-def row_key(row: dict) -> str:
-    """Identity of a dataset row, used to recognise it in an existing output file."""
-    return json.dumps({k: v for k, v in row.items() if k not in RESULT_COLUMNS}, sort_keys=True, ensure_ascii=False)
-
-
-def read_existing(path: Path) -> list:
-    """Result rows of an earlier run; a torn last line is dropped, anything else that does not parse is an error."""
-    if not path.exists():
-        return []
-    existing = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if lineno == len(lines) and line.startswith("{"):
-                continue  # a result row cut short (the writer is atomic, but a copy or a full disk can tear it)
-            raise UsageError(f"{path}:{lineno}: existing output does not parse; pass --overwrite to start again")
-        if not isinstance(row, dict) or "full_prompt" not in row:
-            raise UsageError(f"{path}:{lineno}: existing output is not a generate.py result; pass --overwrite")
-        existing.append(row)
-    return existing
-
-
-def match_existing(rows: list, existing: list) -> tuple:
-    """Place earlier result rows at the index of the dataset row they were made from.
-
-    Returns (results, unmatched): results[i] is the earlier result of rows[i] or None; unmatched are earlier rows
-    that belong to no dataset row (kept in the file, never silently dropped)."""
-    by_key = {}
-    for result in existing:
-        by_key.setdefault(row_key(result), []).append(result)
-    results = []
-    for row in rows:
-        earlier = by_key.get(row_key(row))
-        results.append(earlier.pop(0) if earlier else None)
-    unmatched = [r for group in by_key.values() for r in group]
-    return results, unmatched
-
-
-def write_rows_atomic(path: Path, rows: list) -> None:
-    """Write all rows to a temporary file beside `path`, then rename it over `path` (readers never see half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --- model ------------------------------------------------------------------------------------------------------
@@ -374,6 +359,24 @@ def mean_speedup(rows: list):
     return sum(ratios) / len(ratios) if ratios else None
 
 
+def earlier_rows(args, results_file: ResultsFile, settings: dict, log) -> list:
+    """The rows an earlier run left in the results file (none with --overwrite); SettingsMismatch if they, or the
+    rows in the shards of an interrupted data-parallel run, were made with other settings. Call with the file
+    locked, so that no other run changes it after this read."""
+    if args.overwrite:
+        return []
+    try:
+        existing = results_file.read()
+        shard_rows = [row for _, row in results_file.read_shards()]
+    except ResultsError as e:
+        raise ResultsError(f"{e}; pass --overwrite to start again") from None
+    unrecorded = results_file.check_settings(existing + shard_rows, settings, IMPLIED_SETTINGS)
+    if unrecorded:
+        log(f"{unrecorded} rows of {results_file} record no settings (an earlier version or the reference "
+            f"implementation wrote them): kept and resumed as if made with this run's settings")
+    return existing
+
+
 def main(argv=None) -> int:
     ranks = Ranks()
     try:
@@ -392,50 +395,84 @@ def main(argv=None) -> int:
 
 
 def run(args, ranks: Ranks) -> int:
+    """Rank 0 locks and reads the results file, every rank loads the model, then the rows are decoded. Bad input seen
+    by any rank stops every rank (exit code 2), with one line from rank 0."""
     def log(message):
         if ranks.is_main:
             print(f"generate: {message}", file=sys.stderr, flush=True)
 
-    def stop_on_error(error) -> bool:
-        """True (and the error printed once) if any rank hit bad input: then every rank stops with exit code 2."""
+    def stopped_by(error) -> bool:
         error = distributed.first_error(ranks, None if error is None else str(error))
         if error is not None and ranks.is_main:
             print(f"generate.py: error: {error}", file=sys.stderr)
         return error is not None
 
-    error = None
-    try:
-        data_path = args.data_path or str(default_data_path(args.task))
-        rows = load_dataset(args.task, data_path)
-        model_path = resolve_model_path(args.model_path)
-        out_path = output_path(args.output_dir, model_path, data_path)
-        existing = [] if args.overwrite or not ranks.is_main else read_existing(out_path)
-        modes = MODES if args.modes == "both" else (args.modes,)
-        device, dtype = choose_device(args, ranks)
-        backends = attention_backends(args.attn_implementation, device)
-    except (UsageError, DatasetError, DistributedError) as e:
-        error = e
-    if stop_on_error(error):
-        return 2
-    try:  # collective under --tp: every rank loads its shard
-        model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype, ranks)
-    except (UsageError, DistributedError) as e:
-        error = e
-    if stop_on_error(error):
-        return 2
+    with contextlib.ExitStack() as held:
+        error = None
+        try:
+            data_path = args.data_path or str(default_data_path(args.task))
+            rows = load_dataset(args.task, data_path)
+            model_path = resolve_model_path(args.model_path)
+            out_path = output_path(args.output_dir, model_path, data_path)
+            settings = run_settings(args)
+            results_file = ResultsFile(out_path, RESULT_COLUMNS, required_column="full_prompt")
+            existing = []
+            if ranks.is_main:  # the run's one writer of the results file; data-parallel ranks write only shards
+                held.enter_context(results_file.locked(hint="wait for it to finish, or use another --output_dir"))
+                existing = earlier_rows(args, results_file, settings, log)
+            modes = run_modes(args)
+            device, dtype = choose_device(args, ranks)
+            backends = attention_backends(args.attn_implementation, device)
+        except (UsageError, DatasetError, ResultsError, DistributedError) as e:
+            error = e
+        except KeyboardInterrupt:
+            log("interrupted before the first row was decoded; no results file was changed")
+            return 130
+        if stopped_by(error):
+            return 2
+        try:  # collective under --tp: every rank loads its part of the weights
+            model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype, ranks)
+        except (UsageError, DistributedError) as e:
+            error = e
+        except KeyboardInterrupt:
+            log("interrupted before the first row was decoded; no results file was changed")
+            return 130
+        if stopped_by(error):
+            return 2
+        try:
+            return decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings,
+                               results_file, existing, log, ranks)
+        except KeyboardInterrupt:
+            where = "its shards" if ranks.mode == DATA_PARALLEL else out_path
+            log(f"interrupted: {where} hold every finished row; run the same command again to resume")
+            return 130
 
+
+def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings, results_file,
+                existing, log, ranks: Ranks = Ranks()) -> int:
+    """Decode the selected rows that have no result yet.
+
+    One process, or tensor parallel: rank 0 rewrites the results file after each row. Data parallel: each rank
+    decodes its share of the rows and adds each finished row to its own shard; rank 0 merges the shards into the
+    results file once all ranks are done (and, at the start, merges those an interrupted run left)."""
     import torch
     from tqdm import tqdm
 
     from parallel_decoding import chat_prompt_ids
 
+    out_path = results_file.path
     log(describe_attention(args.attn_implementation, backends))
-    log(f"model {model_path} {describe_placement(args, ranks, model, device)} ({str(dtype).replace('torch.', '')}); "
-        f"task {args.task}; {len(rows)} rows in {data_path}; output {out_path}")
+    log(f"model {settings['model']} {describe_placement(args, ranks, model, device)} "
+        f"({str(dtype).replace('torch.', '')}); task {args.task}; {len(rows)} rows in {data_path}; output {out_path}")
 
     # Earlier results stay in the file (in dataset order, also beyond --max_samples); selected rows that have none,
     # or whose earlier run recorded an error, are decoded now. Rank 0 decides; the other ranks follow its list.
-    results, unmatched = match_existing(rows, existing)
+    results, unmatched = results_file.match(rows, existing)
+    if ranks.is_main:
+        if args.overwrite:
+            results_file.remove_shards()
+        elif merged := results_file.merge_shards(rows, results, unmatched):
+            log(f"merged {merged} rows from the shards of an interrupted data-parallel run into {out_path}")
     if unmatched:
         log(f"{len(unmatched)} rows of {out_path} match no row of {data_path}; they are kept at the end")
     selected = range(len(rows) if args.max_samples is None else min(args.max_samples, len(rows)))
@@ -456,48 +493,62 @@ def run(args, ranks: Ranks) -> int:
     pending = distributed.from_main(ranks, pending)
     prompts = {i: build_prompt(args.task, rows[i]) for i in pending}
 
-    def write():
-        if ranks.is_main:
-            write_rows_atomic(out_path, [r for r in results if r is not None] + unmatched)
+    def write() -> int:
+        file_rows = [r for r in results if r is not None] + unmatched
+        results_file.write(file_rows)
+        return len(file_rows)
 
+    total = len(selected) - len(skipped)
     if not pending:
-        write()  # drops a torn last line of an earlier run
-        log(f"nothing to do: {len(selected) - len(skipped)} rows are in {out_path}")
+        in_file = write() if ranks.is_main else 0  # drops a torn last line of an earlier run
+        log(f"nothing to do: the {total} selected rows are done; {in_file} rows are in {out_path}")
         return 0
 
     gen = gen_kwargs(args, args.max_new_tokens)
     mine = ranks.share(pending)
+    shard = results_file.shard(ranks.rank) if ranks.mode == DATA_PARALLEL else None
     warm_up(model, tokenizer, [prompts[i] for i in mine[:3]], modes, backends, gen, log)
 
-    errors = 0
-    total = len(selected) - len(skipped)
-    bar = tqdm(total=total, initial=total - len(pending), desc=args.task, unit="row", dynamic_ncols=True,
-               disable=not ranks.is_main)
+    errors = in_file = 0
+    if shard is None:
+        bar = tqdm(total=total, initial=total - len(pending), desc=args.task, unit="row", dynamic_ncols=True,
+                   disable=not ranks.is_main)
+    else:
+        bar = tqdm(total=len(mine), desc=f"{args.task} (rank 0's share)", unit="row", dynamic_ncols=True,
+                   disable=not ranks.is_main)
     try:
         for i in mine:
             if args.do_sample:
                 torch.manual_seed(args.seed + i)  # the same on every rank: tensor-parallel ranks draw the same tokens
             results[i] = run_row(model, tokenizer, rows[i], prompts[i], modes, backends, gen)
-            write()
+            results[i]["settings"] = settings
+            if shard is not None:
+                shard.add(i, results[i])
+            elif ranks.is_main:
+                in_file = write()
             if results[i]["error"]:
                 errors += 1
-                if ranks.is_main:
-                    bar.write(f"row {i}: {results[i]['error']}", file=sys.stderr)
+                if ranks.is_main or shard is not None:
+                    tqdm.write(f"{'' if ranks.is_main else f'rank {ranks.rank}: '}row {i}: {results[i]['error']}",
+                               file=sys.stderr)
             speedup = mean_speedup([results[j] for j in selected if results[j] is not None])
             if speedup is not None:
                 bar.set_postfix(speedup=f"{speedup:.2f}x")
             bar.update(1)
-    except KeyboardInterrupt:
+    finally:
         bar.close()
-        log(f"interrupted: {out_path} holds every finished row; run the same command again to resume")
-        return 130
-    bar.close()
+    if shard is not None:
+        distributed.wait_for_all(ranks)  # every shard is complete
+        if ranks.is_main:
+            results_file.merge_shards(rows, results, unmatched)
+            in_file = sum(r is not None for r in results) + len(unmatched)
+            errors = sum(results[i] is not None and results[i]["error"] is not None for i in pending)
     speedup = mean_speedup([results[j] for j in selected if results[j] is not None])
-    summary = f"{total} rows in {out_path} ({errors} with errors this run)"
+    summary = f"{total} selected rows, {in_file} rows in {out_path} ({errors} with errors this run)"
     if speedup is not None:
         summary += f"; mean speedup {speedup:.2f}x"
     log(summary)
-    return 1 if errors == len(pending) else 0
+    return distributed.from_main(ranks, 1 if errors == len(pending) else 0)
 
 
 def describe_placement(args, ranks: Ranks, model, device) -> str:

@@ -69,7 +69,7 @@ class BranchLayout:
 @dataclass
 class BranchResult:
     tokens: list[int]
-    stop: str  # "stop_token" (EOS or a new '####'), "cap" (max_new_tokens reached)
+    stop: str  # "stop_token" (EOS or a new '####'), "cap" (its max_new_tokens), "budget" (max_total_tokens)
 
 
 def decode_branches_cached(
@@ -80,16 +80,27 @@ def decode_branches_cached(
     max_new_tokens: int,
     stop_token_ids=(),
     sampler: Sampler | None = None,
+    max_total_tokens: int | None = None,
 ) -> list[BranchResult]:
     """Decode all branches on a cache that holds the shared prefix in its first ``prefix_len`` slots.
 
     The cache is cropped to the prefix first. Takes one tree-prefill pass plus one pass per generated step; a
     branch leaves the active set at a stop token (which is not kept) or at ``max_new_tokens``.
+
+    ``max_total_tokens`` bounds the tokens of all branches together: the stage stops before a step whose active
+    branches outnumber the tokens left (no branch is favoured by writing while others wait), and the branches
+    still active then end with ``stop="budget"``.
     """
     if not branch_prefixes or any(len(p) == 0 for p in branch_prefixes):
         raise ValueError("every branch needs a non-empty forced start (its title tokens)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens < 1 or (max_total_tokens is not None and max_total_tokens < len(branch_prefixes)):
+        raise ValueError(
+            f"max_new_tokens must be >= 1 and max_total_tokens >= the number of branches ({len(branch_prefixes)}), "
+            f"got {max_new_tokens} and {max_total_tokens}"
+        )
+    total_left = num_tokens_bound = len(branch_prefixes) * max_new_tokens
+    if max_total_tokens is not None:
+        total_left = num_tokens_bound = min(num_tokens_bound, max_total_tokens)
     sampler = sampler or greedy
     stop = frozenset(stop_token_ids)
     device = model.device
@@ -97,7 +108,7 @@ def decode_branches_cached(
 
     num_branches = len(branch_prefixes)
     prefix_lens = [len(p) for p in branch_prefixes]
-    layout = BranchLayout(model, prefix_len, prefix_len + sum(prefix_lens) + num_branches * max_new_tokens)
+    layout = BranchLayout(model, prefix_len, prefix_len + sum(prefix_lens) + num_tokens_bound)
 
     # Tree prefill: every branch's forced start in one pass; logits only at each branch's last forced token.
     flat_ids = [t for p in branch_prefixes for t in p]
@@ -127,8 +138,13 @@ def decode_branches_cached(
                 stops[b] = "stop_token"
                 continue
             outputs[b].append(t)
+            total_left -= 1
             if len(outputs[b]) < max_new_tokens:
                 still_active.append(b)
+        if len(still_active) > total_left:  # the next step would overflow the budget of all branches together
+            for b in still_active:
+                stops[b] = "budget"
+            break
         if not still_active:
             break
         if still_active != active:  # some branch finished: drop its row from the step's inputs

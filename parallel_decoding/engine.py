@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from .branches import decode_branches_cached
+from .branches import BranchResult, decode_branches_cached
 from .model_io import (
     Sampler,
     StageTimer,
@@ -29,7 +29,7 @@ from .model_io import (
     new_cache,
     prefill,
 )
-from .skeleton import MarkerVocab, SkeletonLogitsProcessor, parse_skeleton
+from .skeleton import MarkerVocab, SkeletonLogitsProcessor, branch_title, parse_skeleton
 
 DEFAULT_MAX_NEW_TOKENS = 512
 MAX_BRANCHES = 64  # branches beyond this many in one block are dropped (and the result says so)
@@ -45,15 +45,16 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    generator: torch.Generator | None = None  # the random stream of this run (None: torch's global one)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        self.sampler = Sampler(self.do_sample, self.temperature, self.top_p, self.top_k)
+        self.sampler = Sampler(self.do_sample, self.temperature, self.top_p, self.top_k, self.generator)
 
 
 def _generation_config(gen: dict) -> GenerationConfig:
-    unknown = set(gen) - {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k"}
+    unknown = set(gen) - {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "generator"}
     if unknown:
         raise TypeError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
     return GenerationConfig(**gen)
@@ -161,6 +162,12 @@ def _start(model, tokenizer, prompt: str, gen: dict):
     return config, prompt_ids, budget
 
 
+def _budget_cap(config, budget: int) -> str:
+    if budget < config.max_new_tokens:
+        return f"the answer reached the model's context ({budget} tokens after the prompt)"
+    return f"the answer reached max_new_tokens ({budget})"
+
+
 @torch.inference_mode()
 def normal_decode(model, tokenizer, prompt: str, logits_processor=None, **gen) -> dict:
     """Sequential decoding of the answer to ``prompt`` (the user message). Greedy unless ``do_sample``.
@@ -173,7 +180,7 @@ def normal_decode(model, tokenizer, prompt: str, logits_processor=None, **gen) -
     cache = new_cache(model)
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
     logits = prefill(model, cache, prompt_ids)
-    decode_sequential(model, cache, seq, logits, budget, config, stop_ids, processor=logits_processor)
+    stop = decode_sequential(model, cache, seq, logits, budget, config, stop_ids, processor=logits_processor)
     timer.lap("decode")
     answer = seq.answer
     return {
@@ -181,6 +188,7 @@ def normal_decode(model, tokenizer, prompt: str, logits_processor=None, **gen) -
         "time": timer.get("decode"),
         "length": len(answer),
         "prompt_tokens": len(prompt_ids),
+        "caps": [_budget_cap(config, budget)] if stop == "budget" else [],
     }
 
 
@@ -200,10 +208,13 @@ def parallel_decode(
     ``logits_processor`` (optional) applies to the sequential parts (stages 1 and 3), after the skeleton processor;
     branches decode free.
 
+    ``max_new_tokens`` bounds the whole answer, as in normal decoding: titles, branches and closing marker of a
+    block count against what is left, the branch stage stops before a step that would overflow it (see
+    :func:`decode_branches_cached`) and the answer then ends after the merged block.
     ``max_branches`` caps the branches of one block (the first ones are kept), ``max_blocks`` the blocks decoded in
-    parallel, ``max_branch_tokens`` the tokens of one branch (default: what is left of ``max_new_tokens``);
-    ``caps`` in the result lists every cap that was hit. When the model writes no closed ``####`` block
-    the answer is decoded sequentially and ``fallback`` says why.
+    parallel, ``max_branch_tokens`` the tokens of one branch; ``caps`` in the result lists every cap that was hit.
+    When the model writes no closed ``####`` block the answer is decoded sequentially and ``fallback`` says why.
+    Token ids become text only after the timer stops.
     """
     if max_branches < 1 or max_blocks < 0 or (max_branch_tokens is not None and max_branch_tokens < 1):
         raise ValueError(
@@ -213,7 +224,6 @@ def parallel_decode(
     config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
     stop_ids = stop_token_ids(model, tokenizer)
     markers = marker_vocab(tokenizer)
-    limit = context_length(model)
     timer = StageTimer.for_model(model)
 
     cache = new_cache(model)
@@ -223,7 +233,7 @@ def parallel_decode(
     processor = LogitsProcessorList([skeleton, *(logits_processor or [])])
     sequential_processor = LogitsProcessorList(logits_processor or [])
     logits = prefill(model, cache, prompt_ids)
-    skeletons: list[str] = []
+    skeletons: list[list[int]] = []  # token ids; text is made after the timed loop
     branches: list[dict] = []
     caps: list[str] = []
     fallback = None
@@ -251,44 +261,48 @@ def parallel_decode(
                 # started and let the model write that part sequentially, as normal decoding would.
                 fallback = "the model opened a #### block but did not close it with ####%%%%; decoded sequentially"
                 logits = _rewind(model, cache, seq, open_block)
-                decode_sequential(
+                stop = decode_sequential(
                     model, cache, seq, logits, budget - open_block, config, stop_ids, processor=sequential_processor
                 )
             timer.lap(segment_stage)
+            if stop == "budget":
+                caps.append(_budget_cap(config, budget))
             break
         timer.lap(segment_stage)
-        block = parse_skeleton(answer[block_search_from:], markers, tokenizer)
+        block = parse_skeleton(answer[block_search_from:], markers)
         if block is None:  # cannot happen: block_end fired on '####' '%%%%', which always parses as a closing
             raise RuntimeError("the skeleton's closing marker was seen but could not be parsed")
         block_start = block_search_from + block.start
-        skeletons.append(tokenizer.decode(answer[segment_start:], skip_special_tokens=True))
+        skeletons.append(answer[segment_start:])
         if len(block.branch_prefixes) > max_branches:
             caps.append(f"block {blocks}: {len(block.branch_prefixes)} branches, kept the first {max_branches}")
             block.branch_prefixes = block.branch_prefixes[:max_branches]
-            block.titles = block.titles[:max_branches]
 
+        # The whole block must fit in what is left of the budget: its titles and closing marker always do (the
+        # skeleton held them and more), so the branches share the rest.
+        room = budget - block_start - sum(len(p) for p in block.branch_prefixes) - len(block.closing)
         merged: list[int] = []
+        budget_hit = False
         if block.branch_prefixes:
             prefix_len = seq.prompt_len + block_start
-            longest_prefix = max(len(p) for p in block.branch_prefixes)
-            branch_budget = min(budget - block_start, limit - prefix_len - longest_prefix)
-            if max_branch_tokens is not None:
-                branch_budget = min(branch_budget, max_branch_tokens)
-            results = decode_branches_cached(
-                model, cache, prefix_len, block.branch_prefixes, max(branch_budget, 1),
-                stop_token_ids=stop_ids | markers.branch_ids, sampler=config.sampler,
-            )
-            for title, prefix, result in zip(block.titles, block.branch_prefixes, results):
+            if room >= len(block.branch_prefixes):  # else not even one step of all branches fits
+                per_branch = room if max_branch_tokens is None else min(room, max_branch_tokens)
+                results = decode_branches_cached(
+                    model, cache, prefix_len, block.branch_prefixes, per_branch,
+                    stop_token_ids=stop_ids | markers.branch_ids, sampler=config.sampler, max_total_tokens=room,
+                )
+            else:
+                results = [BranchResult(tokens=[], stop="budget") for _ in block.branch_prefixes]
+            for prefix, result in zip(block.branch_prefixes, results):
+                if result.stop == "cap" and per_branch == room:  # its cap was what was left of the budget
+                    result.stop = "budget"
                 merged += prefix + result.tokens
-                branches.append({
-                    "title": title,
-                    "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
-                    "block": blocks,
-                    "tokens": len(result.tokens),
-                    "stop": result.stop,
-                })
-                if result.stop == "cap":
-                    caps.append(f"block {blocks}: branch {title!r} reached its token cap ({branch_budget})")
+                branches.append({"prefix": prefix, "tokens": result.tokens, "block": blocks, "stop": result.stop})
+            used = sum(len(r.tokens) for r in results)
+            budget_hit = used == room or any(r.stop == "budget" for r in results)
+            if budget_hit:
+                caps.append(f"block {blocks}: the branches used the answer's budget ({budget} tokens in all, "
+                            f"{room} left for branches); the branch stage stopped and the answer ends after the block")
             timer.lap("stage2")
         blocks += 1
         if blocks == max_blocks:
@@ -301,13 +315,22 @@ def parallel_decode(
         skeleton.state.reset()
         crop_cache(cache, seq.prompt_len + block_start)
         block_search_from = block_start + len(merged)
-        if seq.length >= limit:
-            caps.append(f"the merged answer fills the model's context ({limit} tokens); decoding stopped")
+        if budget_hit or seq.length - seq.prompt_len >= budget:
+            if not budget_hit:
+                caps.append(_budget_cap(config, budget))
             timer.lap("stage3")
             break
         logits = prefill(model, cache, merged)
         timer.lap("stage3")
 
+    # String work, after the timer: skeleton, branch and answer text.
+    for branch in branches:
+        branch["title"] = branch_title(branch.pop("prefix"), tokenizer)
+        tokens = branch.pop("tokens")
+        branch["text"] = tokenizer.decode(tokens, skip_special_tokens=True)
+        branch["tokens"] = len(tokens)
+        if branch["stop"] == "cap":
+            caps.append(f"block {branch['block']}: branch {branch['title']!r} reached its token cap ({max_branch_tokens})")
     if not branches and fallback is None:
         fallback = "the model wrote no ####Title: block; decoded sequentially"
     answer = seq.answer
@@ -318,7 +341,7 @@ def parallel_decode(
         "prompt_tokens": len(prompt_ids),
         "num_para": len(branches),
         "num_blocks": blocks,
-        "stage1_response": "\n".join(skeletons),
+        "stage1_response": "\n".join(tokenizer.decode(s, skip_special_tokens=True) for s in skeletons),
         "branches": branches,
         "stage1_time": timer.get("stage1"),
         "stage2_time": timer.get("stage2"),

@@ -197,11 +197,12 @@ class SkeletonBlock:
     closing: list[int]  # the '####' '%%%%' tokens that close the block
 
 
-def parse_skeleton(tokens: list[int], markers: MarkerVocab, tokenizer) -> SkeletonBlock | None:
+def parse_skeleton(tokens: list[int], markers: MarkerVocab, tokenizer=None) -> SkeletonBlock | None:
     """Parse the first closed block in ``tokens`` (generated with :class:`SkeletonLogitsProcessor` active).
 
     Returns None when no block is closed. A title that never reached its colon (the model wrote ``####`` then
-    ``%%%%``) is the closing marker, not a branch.
+    ``%%%%``) is the closing marker, not a branch. Without ``tokenizer`` the titles are left empty (the engine
+    parses inside its timed loop and turns prefixes into text with :func:`branch_title` afterwards).
     """
     start = None
     titles: list[str] = []
@@ -220,15 +221,17 @@ def parse_skeleton(tokens: list[int], markers: MarkerVocab, tokenizer) -> Skelet
             if j < len(tokens) and tokens[j] in markers.colon_ids:
                 prefix = tokens[i : j + 1]
                 prefixes.append(prefix)
-                titles.append(_title_text(tokenizer.decode(prefix)))
+                if tokenizer is not None:
+                    titles.append(branch_title(prefix, tokenizer))
                 i = j + 1
                 continue
         i += 1
     return None
 
 
-def _title_text(prefix_text: str) -> str:
-    text = prefix_text.strip()
+def branch_title(prefix: list[int], tokenizer) -> str:
+    """The title text of a branch prefix (``####`` + title tokens + colon)."""
+    text = tokenizer.decode(prefix).strip()
     if text.startswith(BRANCH_MARKER):
         text = text[len(BRANCH_MARKER) :]
     return text.rstrip().rstrip("".join(COLONS)).strip()

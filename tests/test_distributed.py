@@ -6,8 +6,10 @@ cases are few and each checks several things. The reference is one plain in-proc
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from parallel_decoding import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = generate.DEFAULT_MODEL_PATH  # the embedded model: 4 query heads, 2 key/value heads
-ROWS = 3
+ROWS = 4
 
 
 def _args(max_samples=ROWS):
@@ -40,10 +42,13 @@ def _answers(rows: list) -> list:
     return [{k: row[k] for k in ("_id", *ANSWER_COLUMNS)} for row in rows]
 
 
-def _torchrun(*argv, timeout=240, **popen):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "generate.py"), *argv]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout, **popen)
+def _torchrun_command(*argv):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO / "generate.py"), *argv]
+
+
+def _torchrun(*argv, timeout=240):
+    return subprocess.run(_torchrun_command(*argv), capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -54,25 +59,26 @@ def single_process_rows(tmp_path_factory):
 
 
 def test_tensor_parallel_gives_the_single_process_answers(tmp_path, single_process_rows):
-    proc = _torchrun("--tp", *_args(), "--output_dir", str(tmp_path))
+    proc = _torchrun("--tp", *_args(max_samples=2), "--output_dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     rows = _read(tmp_path / MODEL.name / "retrieval_4.jsonl")
-    assert _answers(rows) == _answers(single_process_rows)
+    assert _answers(rows) == _answers(single_process_rows[:2])
+    assert rows[0]["num_parallel_branches"] == 4  # the branch stage ran, with its 4D mask, on the sharded model
     assert all(r["normal_time"] > 0 and r["parallel_time"] > 0 for r in rows)
     # rank 0 alone logs: one copy of each line
     assert proc.stderr.count("generate: attention: sdpa for both modes") == 1
     assert proc.stderr.count("sharded over 2 processes (tensor parallel, cpu)") == 1
-    assert proc.stderr.count("3 rows in ") == 1
+    assert proc.stderr.count("2 selected rows, 2 rows in ") == 1
     assert sorted(p.name for p in (tmp_path / MODEL.name).iterdir()) == ["retrieval_4.jsonl"]
 
 
 def test_tensor_parallel_refuses_heads_the_world_size_does_not_divide(tmp_path):
     model = tmp_path / "six-heads"
     model.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (model / name).write_bytes((MODEL / name).read_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.safetensors"):
+        (model / name).symlink_to(MODEL / name)
     config = json.loads((MODEL / "config.json").read_text())
-    config.update(num_attention_heads=6, num_key_value_heads=3)  # head_dim 32; only the config is read
+    config.update(num_attention_heads=6, num_key_value_heads=3)  # head_dim 32; refused before the weights load
     (model / "config.json").write_text(json.dumps(config))
     proc = _torchrun("--tp", "--model_path", str(model), *_args(), "--output_dir", str(tmp_path / "out"))
     assert proc.returncode != 0
@@ -80,7 +86,7 @@ def test_tensor_parallel_refuses_heads_the_world_size_does_not_divide(tmp_path):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("generate.py: error: ")]
     assert ours == [f"generate.py: error: --tp over 2 processes: {model} has num_key_value_heads=3, which 2 does "
                     f"not divide; use a --nproc_per_node that divides 3"]
-    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "out").rglob("*.jsonl*"))  # no results file, no shard
 
 
 def test_head_check_counts_query_and_key_value_heads():
@@ -91,6 +97,68 @@ def test_head_check_counts_query_and_key_value_heads():
         distributed.check_heads_divide(Qwen2Config(num_attention_heads=6, num_key_value_heads=2), 4, "m")
     with pytest.raises(distributed.DistributedError, match="num_key_value_heads=2, which 4 does not divide"):
         distributed.check_heads_divide(Qwen2Config(num_attention_heads=8, num_key_value_heads=2), 4, "m")
+
+
+# --- data parallel ---------------------------------------------------------------------------------------------
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the torchrun worker whose environment says RANK=rank."""
+    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+    return None
+
+
+def test_data_parallel_survives_a_killed_rank_and_gives_the_single_process_answers(tmp_path, single_process_rows):
+    out = tmp_path / MODEL.name / "retrieval_4.jsonl"
+    shard1 = out.with_name("retrieval_4.jsonl.shard-1")  # rank 1 decodes rows 1 and 3
+    launcher = subprocess.Popen(_torchrun_command("--data_parallel", *_args(), "--output_dir", str(tmp_path)),
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (shard1.exists() and shard1.read_text().count("\n") == 1):
+            assert launcher.poll() is None and time.monotonic() < deadline, "rank 1 never finished a row"
+            time.sleep(0.1)
+        os.kill(_rank_pid(launcher.pid, rank=1), signal.SIGKILL)  # rank 1 dies after its first row
+        launcher.communicate(timeout=120)  # torchrun then stops rank 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    finished = {entry["index"]: entry["row"] for shard in out.parent.glob("*.shard-*") for entry in _read(shard)}
+    assert 1 in finished and 3 not in finished
+
+    proc = _torchrun("--data_parallel", *_args(), "--output_dir", str(tmp_path))  # the same command again
+    assert proc.returncode == 0, proc.stderr
+    assert f"merged {len(finished)} rows from the shards of an interrupted data-parallel run" in proc.stderr
+    assert f"resuming: {len(finished)} rows already done" in proc.stderr
+    rows = _read(out)
+    assert _answers(rows) == _answers(single_process_rows)  # dataset order, the one-process answers
+    assert all(rows[i] == row for i, row in finished.items())  # rows finished before the kill were kept, not redone
+    assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval_4.jsonl"]
+
+
+def test_shards_of_any_rank_count_resume_without_torchrun(tmp_path, single_process_rows, capsys):
+    """Shards left by a 3-rank run (one with a torn last line) and a results file: a plain run merges them."""
+    out = tmp_path / MODEL.name / "retrieval_4.jsonl"
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(single_process_rows[3]) + "\n")
+    entries = {0: [0], 1: [1], 2: [2]}  # rank -> dataset rows it finished
+    for rank, indices in entries.items():
+        lines = [json.dumps({"index": i, "row": single_process_rows[i]}) for i in indices]
+        torn = '{"index": 9, "row": {"_id"' if rank == 2 else ""
+        out.with_name(f"retrieval_4.jsonl.shard-{rank}").write_text("\n".join(lines) + "\n" + torn)
+    assert generate.main(["--data_parallel", *_args(), "--output_dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "merged 3 rows from the shards of an interrupted data-parallel run" in err
+    assert "nothing to do: the 4 selected rows are done; 4 rows are in" in err
+    assert _read(out) == single_process_rows
+    assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval_4.jsonl"]
 
 
 # --- bad combinations: one line, exit 2, before any model is loaded --------------------------------------------
@@ -121,7 +189,7 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert "--tp shards the model over the processes torchrun starts" in _bad(capsys, [*_args(), *out, "--tp"])
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment, without --tp or --data_parallel
     assert "torchrun started 2 processes: pass --tp" in _bad(capsys, [*_args(), *out])
-    assert not (tmp_path / MODEL.name).exists()
+    assert not list(tmp_path.rglob("*.jsonl*"))
 
 
 # --- device map ------------------------------------------------------------------------------------------------

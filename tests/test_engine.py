@@ -8,7 +8,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import tiny_decoder
 from parallel_decoding import branch_mask, decode_branches, decode_branches_reference, normal_decode, parallel_decode
-from parallel_decoding.engine import MAX_BRANCHES, chat_prompt_ids, marker_vocab, stop_token_ids
+from parallel_decoding.engine import chat_prompt_ids, marker_vocab, stop_token_ids
 
 TITLES = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24, 25, 26, 27, 28]]  # 5 ragged titles
 
@@ -137,7 +137,10 @@ def test_parallel_decode_runs_three_stages(qwen_model):
     model, tokenizer = qwen_model
     prompt = "Check every option."
     skeleton = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%"
-    out = parallel_decode(model, tokenizer, prompt, max_new_tokens=40, logits_processor=_scripted(tokenizer, prompt, skeleton))
+    out = parallel_decode(
+        model, tokenizer, prompt, max_new_tokens=40, max_branch_tokens=4,
+        logits_processor=_scripted(tokenizer, prompt, skeleton),
+    )
     assert out["fallback"] is None
     assert out["num_para"] == 3 and out["num_blocks"] == 1
     assert [b["title"] for b in out["branches"]] == ["Alpha", "Beta two", "Gamma"]
@@ -145,14 +148,59 @@ def test_parallel_decode_runs_three_stages(qwen_model):
     # every branch equals that branch decoded alone after the shared prefix
     intro = _encode(tokenizer, "Let me check each one.\n")
     prefix_ids = chat_prompt_ids(tokenizer, prompt) + intro
-    cap = 40 - len(intro)
-    alone = _branch_reference(model, tokenizer, prefix_ids, ["Alpha", "Beta two", "Gamma"], cap)
+    alone = _branch_reference(model, tokenizer, prefix_ids, ["Alpha", "Beta two", "Gamma"], 4)
     assert [b["text"] for b in out["branches"]] == [tokenizer.decode(a, skip_special_tokens=True) for a in alone]
-    assert [b["tokens"] for b in out["branches"]] == [len(a) for a in alone]
+    assert [b["tokens"] for b in out["branches"]] == [len(a) for a in alone] == [4, 4, 4]
+    assert [b["stop"] for b in out["branches"]] == ["cap"] * 3
     merged = "Let me check each one.\n" + "".join(f"####{t}:{tokenizer.decode(a, skip_special_tokens=True)}" for t, a in zip(["Alpha", "Beta two", "Gamma"], alone))
     assert out["response"].startswith(merged + "####%%%%")
+    assert len(out["response"]) > len(merged + "####%%%%")  # stage 3 went on after the merge
+    assert out["length"] == 40  # the whole answer, stage 3 included, within max_new_tokens
     assert out["stage1_time"] > 0 and out["stage2_time"] > 0 and out["stage3_time"] > 0
     assert out["time"] == pytest.approx(out["stage1_time"] + out["stage2_time"] + out["stage3_time"])
+    assert "the answer reached max_new_tokens (40)" in out["caps"]
+
+
+def _lockstep(alone: list[list[int]], room: int) -> list[list[int]]:
+    """What the branch stage keeps of branches decoded alone (cut at ``room`` each) under a total of ``room``
+    tokens: one token per active branch per step, stopping before a step that would overflow."""
+    kept: list[list[int]] = [[] for _ in alone]
+    active, left, step = list(range(len(alone))), room, 0
+    while active:
+        step += 1
+        still = [b for b in active if step <= len(alone[b])]
+        for b in still:
+            kept[b].append(alone[b][step - 1])
+        left -= len(still)
+        still = [b for b in still if step < room]
+        if len(still) > left:
+            break
+        active = still
+    return kept
+
+
+def test_max_new_tokens_bounds_the_whole_parallel_answer(qwen_model):
+    model, tokenizer = qwen_model
+    prompt = "Check every option."
+    skeleton = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%"
+    titles = ["Alpha", "Beta two", "Gamma"]
+    out = parallel_decode(model, tokenizer, prompt, max_new_tokens=40, logits_processor=_scripted(tokenizer, prompt, skeleton))
+    intro = _encode(tokenizer, "Let me check each one.\n")
+    prefixes = [_encode(tokenizer, f"####{t}:") for t in titles]
+    room = 40 - len(intro) - sum(len(p) for p in prefixes) - len(_encode(tokenizer, "####%%%%"))
+    alone = _branch_reference(model, tokenizer, chat_prompt_ids(tokenizer, prompt) + intro, titles, room)
+    kept = _lockstep(alone, room)
+    assert [b["tokens"] for b in out["branches"]] == [len(k) for k in kept]
+    assert [b["text"] for b in out["branches"]] == [tokenizer.decode(k, skip_special_tokens=True) for k in kept]
+    assert sum(len(k) for k in kept) <= room < sum(len(k) for k in kept) + len(titles)
+    assert [b["stop"] for b in out["branches"]] == ["budget"] * 3
+    # the answer ends after the merged block, within the budget, and says it was capped
+    merged = "Let me check each one.\n" + "".join(f"####{t}:{tokenizer.decode(k, skip_special_tokens=True)}" for t, k in zip(titles, kept))
+    assert out["response"] == merged + "####%%%%"
+    assert out["length"] <= 40
+    assert any("the branch stage stopped" in c for c in out["caps"])
+    # the same answer normally decoded is capped too, at exactly the budget
+    assert normal_decode(model, tokenizer, prompt, max_new_tokens=40)["caps"] == ["the answer reached max_new_tokens (40)"]
 
 
 def test_two_blocks_both_run_in_parallel(qwen_model):
@@ -179,7 +227,6 @@ def test_branch_cap_keeps_the_first_and_says_so(qwen_model):
     )
     assert [b["title"] for b in out["branches"]] == ["A", "B"]
     assert any("kept the first 2" in c for c in out["caps"])
-    assert MAX_BRANCHES == 64
 
 
 def test_no_block_falls_back_to_the_sequential_answer(qwen_model):
@@ -207,11 +254,30 @@ def test_unclosed_block_falls_back_to_sequential_decoding(qwen_model):
 
 def test_sampling_settings_apply_and_are_validated(qwen_model):
     model, tokenizer = qwen_model
-    torch.manual_seed(0)
-    a = normal_decode(model, tokenizer, "Hi", max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9, top_k=50)
-    torch.manual_seed(0)
-    b = normal_decode(model, tokenizer, "Hi", max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9, top_k=50)
-    assert a["response"] == b["response"]
+    prompt = "Check every option."
+    skeleton = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%"
+
+    def run(decode, seed=None, **sampling):
+        gen = {"do_sample": True, "generator": torch.Generator().manual_seed(seed), **sampling} if seed is not None else {}
+        return decode(model, tokenizer, prompt, max_new_tokens=30, max_branch_tokens=5,
+                      logits_processor=_scripted(tokenizer, prompt, skeleton), **gen) if decode is parallel_decode else \
+            decode(model, tokenizer, prompt, max_new_tokens=12, **gen)
+
+    for decode in (normal_decode, parallel_decode):
+        greedy = run(decode)
+        torch.manual_seed(0)
+        global_state = torch.get_rng_state()
+        a, b, c = run(decode, seed=1), run(decode, seed=1), run(decode, seed=2)
+        assert torch.equal(torch.get_rng_state(), global_state)  # every draw came from the given generator
+        assert a["response"] == b["response"]  # same seed, same answer
+        assert a["response"] != greedy["response"] and a["response"] != c["response"]  # sampling changes answers
+        narrow = run(decode, seed=1, top_k=1)  # top-k 1 leaves only the argmax to sample: greedy again
+        assert narrow["response"] == greedy["response"]
+    # branches draw from the sampler too: sampled branch texts differ from greedy ones, and repeat with the seed
+    greedy_branches = [x["text"] for x in greedy["branches"]]
+    assert [x["text"] for x in a["branches"]] == [x["text"] for x in b["branches"]]
+    assert all(x["text"] != g for x, g in zip(a["branches"], greedy_branches))
+    assert all(x["text"] == g for x, g in zip(narrow["branches"], greedy_branches))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         parallel_decode(model, tokenizer, "Hi", temperature=0)
     with pytest.raises(TypeError, match="unknown generation setting"):
@@ -229,3 +295,37 @@ def test_bad_prompts_and_models_raise_one_clear_sentence(qwen_model):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
     with pytest.raises(ValueError, match="needs a RoPE decoder"):
         parallel_decode(gpt2, tokenizer, "Hi")
+
+
+def test_token_ids_become_text_only_after_the_timer_stops(qwen_model, monkeypatch):
+    import parallel_decoding.engine as engine
+
+    model, tokenizer = qwen_model
+    events = []
+
+    class RecordingTimer(engine.StageTimer):
+        def lap(self, stage):
+            events.append("lap")
+            super().lap(stage)
+
+    class RecordingTokenizer:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def decode(self, *args, **kwargs):
+            events.append("decode")
+            return tokenizer.decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "StageTimer", RecordingTimer)
+    prompt = "Check every option."
+    skeleton = "Go.\n####Alpha:......\n####Beta:......\n####%%%%"
+    wrapped = RecordingTokenizer()
+    markers = engine.marker_vocab(tokenizer)  # built once per tokenizer, before any timing
+    monkeypatch.setattr(engine, "marker_vocab", lambda _: markers)
+    out = parallel_decode(model, wrapped, prompt, max_new_tokens=24, max_branch_tokens=3,
+                          logits_processor=_scripted(tokenizer, prompt, skeleton))
+    assert out["num_para"] == 2 and events.count("lap") >= 3
+    assert "decode" not in events[: len(events) - events[::-1].index("lap")]  # no decode before the last lap
+    events.clear()
+    normal_decode(model, wrapped, prompt, max_new_tokens=6)
+    assert events == ["lap", "decode"]

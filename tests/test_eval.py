@@ -590,16 +590,16 @@ def test_bad_inputs(tmp_path, capsys):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text(json.dumps(planning_rows(1)[0]) + "\n{not json\n")
     err = run_bad(capsys, ["--df_path", str(bad_json), "--task", "planning", "--no_judge"])
-    assert f"{bad_json} line 2: not valid JSON" in err
+    assert f"{bad_json}:2: does not parse as JSON (Expecting property name" in err
     array = tmp_path / "array.jsonl"
     array.write_text("[1, 2]\n")
-    assert "line 1: expected a JSON object, got list" in run_bad(
+    assert f"{array}:1: expected a JSON object, got list" in run_bad(
         capsys, ["--df_path", str(array), "--task", "planning", "--no_judge"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     assert "no rows" in run_bad(capsys, ["--df_path", str(empty), "--task", "planning", "--no_judge"])
     # planning rows have no gold_keys/prompt
-    assert f"{good} line 1: missing column(s) prompt, gold_keys needed by --task retrieval" in run_bad(
+    assert f"{good}:1: missing column(s) prompt, gold_keys needed by --task retrieval" in run_bad(
         capsys, ["--df_path", str(good), "--task", "retrieval", "--no_judge"])
     partial = write_jsonl(tmp_path / "partial.jsonl",
                           [{k: v for k, v in r.items() if k != "parallel_time"} for r in planning_rows(1)])
@@ -615,3 +615,36 @@ def test_bad_inputs(tmp_path, capsys):
     # nothing written beside the inputs
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["good.jsonl", "bad.jsonl", "array.jsonl", "empty.jsonl", "partial.jsonl", "dataset.jsonl"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One writer per results file, one-mode runs, file modes
+
+
+def test_judging_a_file_another_run_writes_is_refused(tmp_path, capsys):
+    from parallel_decoding.results import ResultsFile
+
+    path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(2))
+    before = path.read_bytes()
+    with JudgeServer(grade_by_mode) as server:
+        with ResultsFile(path).locked():  # generate.py (or another eval.py) writing it
+            assert eval_cli.main(judge_args(path, server)) == 2
+        assert server.count == 0
+    assert capsys.readouterr().err == (f"eval.py: error: {path} is being written by another run "
+                                       f"(pid {os.getpid()}); wait for it to finish\n")
+    assert path.read_bytes() == before
+    assert eval_cli.main(["--df_path", str(path), "--task", "planning", "--no_judge"]) == 0  # reading needs no lock
+
+
+def test_one_mode_run_prints_no_speedup_and_files_get_the_umask_mode(tmp_path, capsys):
+    rows = [{k: v for k, v in r.items() if not k.startswith("parallel_")} for r in planning_rows(2)]
+    path = write_jsonl(tmp_path / "normal_only.jsonl", rows)
+    assert eval_cli.main(["--df_path", str(path), "--task", "planning", "--no_judge"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup (mean parallel tokens/s / mean normal tokens/s): n/a (needs rows timed in both modes)" in out
+    assert "mean per-row time ratio (normal_time / parallel_time): n/a (needs rows timed in both modes)" in out
+    assert "-x" not in out
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("normal_only.summary.json", "normal_only.summary.md", "normal_only.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

@@ -134,11 +134,13 @@ def test_resume_after_a_crash_keeps_finished_rows(tmp_path, model_dir, capsys):
     assert [r["_id"] for r in resumed] == [r["_id"] for r in first_run]
 
     assert generate.main(args) == 0
-    assert "nothing to do" in capsys.readouterr().err
+    assert f"nothing to do: the 2 selected rows are done; 2 rows are in {out}" in capsys.readouterr().err
     assert _read(out) == resumed
+    assert all(r["settings"] == generate.run_settings(generate.parse_args(args)) for r in resumed)
 
     assert generate.main([*args[:-1], "1"]) == 0  # --max_samples 1 leaves the other finished row in the file
     assert _read(out) == resumed
+    assert f"nothing to do: the 1 selected rows are done; 2 rows are in {out}" in capsys.readouterr().err
 
     failed = dict(resumed[1], error="normal: RuntimeError: CUDA out of memory")
     out.write_text(json.dumps(resumed[0]) + "\n" + json.dumps(failed) + "\n", encoding="utf-8")
@@ -151,6 +153,105 @@ def test_resume_after_a_crash_keeps_finished_rows(tmp_path, model_dir, capsys):
     rerun = _read(out)
     assert rerun[0]["normal_time"] != first_run[0]["normal_time"]
     assert all(r["parallel_response"] is None and r["normal_response"] is not None for r in rerun)
+
+
+# --- settings and the one-writer lock: refused before the model loads --------------------------------------------
+
+def _no_model_load(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(generate, "load_model", fail)
+
+
+def _finished_row(settings, row_index=0, **overrides):
+    """A result row as generate.py writes it, without decoding (the columns that matter for resume)."""
+    row = load_dataset("retrieval", default_data_path("retrieval"))[row_index]
+    result = dict(row, **{column: None for column in generate.RESULT_COLUMNS})
+    result.update(full_prompt=build_prompt("retrieval", row), normal_response="x", parallel_response="y",
+                  settings=settings, **overrides)
+    return result
+
+
+def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path, model_dir, capsys, monkeypatch):
+    args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "1")
+    out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
+    out.parent.mkdir(parents=True)
+    settings = generate.run_settings(generate.parse_args(args))
+    assert settings == {"model": str(model_dir.resolve()), "dtype": "float32", "attn_implementation": "sdpa",
+                        "max_new_tokens": MAX_NEW_TOKENS, "do_sample": False, "temperature": None, "top_p": None,
+                        "seed": None, "modes": ["normal", "parallel"]}
+    out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
+    before = out.read_text(encoding="utf-8")
+    real_load_model = generate.load_model
+    _no_model_load(monkeypatch)
+    for extra, difference in [
+        (["--do_sample"], "do_sample: false -> true; seed: null -> 0; temperature: null -> 1.0; top_p: null -> 1.0"),
+        (["--modes", "parallel"], 'modes: ["normal", "parallel"] -> ["parallel"]'),
+        (["--dtype", "bfloat16"], 'dtype: "float32" -> "bfloat16"'),
+        (["--attn_implementation", "eager"], 'attn_implementation: "sdpa" -> "eager"'),
+    ]:
+        err = _bad_input(capsys, [*args, *extra])
+        assert err == (f"generate.py: error: {out} holds rows made with other settings ({difference}); pass "
+                       f"--overwrite to replace them, or another --output_dir to keep both\n")
+    err = _bad_input(capsys, [*args, "--max_new_tokens", "64"])  # the last flag wins
+    assert f"max_new_tokens: {MAX_NEW_TOKENS} -> 64" in err
+    assert out.read_text(encoding="utf-8") == before  # nothing lost
+    monkeypatch.setattr(generate, "load_model", real_load_model)
+    assert generate.main([*args, "--seed", "7", "--temperature", "0.5"]) == 0  # greedy: sampling flags shape nothing
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_rows_without_settings_load_and_resume_with_a_note(tmp_path, model_dir, capsys, monkeypatch):
+    args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "1")
+    out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
+    out.parent.mkdir(parents=True)
+    legacy = _finished_row(None)
+    del legacy["settings"]  # an earlier version / the reference implementation
+    out.write_text(json.dumps(legacy) + "\n", encoding="utf-8")
+    monkeypatch.setattr(generate, "load_model", lambda *a: (None, None))
+    monkeypatch.setattr(generate, "usable_context", lambda *a: None)
+    assert generate.main(args) == 0
+    err = capsys.readouterr().err
+    assert (f"1 rows of {out} record no settings (an earlier version or the reference implementation wrote them): "
+            "kept and resumed as if made with this run's settings") in err
+    assert "nothing to do: the 1 selected rows are done; 1 rows are in" in err
+    assert _read(out) == [legacy]
+
+
+def test_a_second_writer_is_refused_before_loading_the_model(tmp_path, model_dir, capsys, monkeypatch):
+    from parallel_decoding.results import ResultsFile
+
+    out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
+    _no_model_load(monkeypatch)
+    with ResultsFile(out).locked():  # another run writing it (flock: a second open conflicts in one process too)
+        err = _bad_input(capsys, _args(model_dir, tmp_path, "--task", "retrieval"))
+    assert err == (f"generate.py: error: {out} is being written by another run (pid {__import__('os').getpid()}); "
+                   f"wait for it to finish, or use another --output_dir\n")
+    assert not out.exists()
+
+
+def test_non_utf8_results_file_is_one_line(tmp_path, model_dir, capsys, monkeypatch):
+    out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
+    out.parent.mkdir(parents=True)
+    out.write_bytes(b"\xff\xfe{}\n")
+    _no_model_load(monkeypatch)
+    err = _bad_input(capsys, _args(model_dir, tmp_path, "--task", "retrieval"))
+    assert err == (f"generate.py: error: {out}:1: not UTF-8 text (invalid start byte at byte 0); pass --overwrite "
+                   "to start again\n")
+    assert out.read_bytes() == b"\xff\xfe{}\n"
+
+
+@pytest.mark.parametrize("phase", ["choose_device", "load_model"])
+def test_ctrl_c_before_the_first_row_is_one_line(tmp_path, model_dir, capsys, monkeypatch, phase):
+    def interrupted(*args, **kwargs):  # Ctrl-C while torch imports or the weights load
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, phase, interrupted)
+    assert generate.main(_args(model_dir, tmp_path, "--task", "retrieval")) == 130
+    assert capsys.readouterr().err == ("generate: interrupted before the first row was decoded; no results file was "
+                                       "changed\n")
+    assert not (tmp_path / "tiny-qwen2" / "retrieval_4.jsonl.lock").exists()
 
 
 # --- too-long prompts ------------------------------------------------------------------------------------------
@@ -219,7 +320,14 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     empty = tmp_path / "empty-model"
     empty.mkdir(parents=True)
     err = _bad_input(capsys, ["--model_path", str(empty), "--task", "retrieval", *out])
-    assert err.startswith(f"generate.py: error: cannot load model {empty}: ")
+    assert err == (f"generate.py: error: --model_path {empty} is not a model directory: no config.json, no tokenizer "
+                   f"files (tokenizer.json, tokenizer_config.json, tokenizer.model, ...), no weights (*.safetensors or "
+                   f"pytorch_model*.bin)\n")
+    shutil.copy(model_dir / "config.json", empty)
+    shutil.copy(next(model_dir.glob("*.safetensors")), empty)
+    err = _bad_input(capsys, ["--model_path", str(empty), "--task", "retrieval", *out])
+    assert err.endswith(f"{empty} is not a model directory: no tokenizer files (tokenizer.json, "
+                        f"tokenizer_config.json, tokenizer.model, ...)\n")
     assert "invalid choice: 'summarize'" in _bad_input(capsys, ["--model_path", str(model_dir), "--task", "summarize"])
     assert "cannot read dataset" in _bad_input(capsys, [*base, "--data_path", str(tmp_path / "none.jsonl")])
     broken = tmp_path / "retrieval_4.jsonl"
@@ -228,7 +336,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     broken.write_text('{"prompt": "a"}\n{"question": "b"}\n')
     assert f"{broken}:2: row has no 'prompt' field" in _bad_input(capsys, [*base, "--data_path", str(broken)])
     assert "--max_samples must be >= 1" in _bad_input(capsys, [*base, "--max_samples", "0"])
-    assert f"{sentinel}:1: existing output does not parse; pass --overwrite" in _bad_input(capsys, base)
+    assert f"{sentinel}:1: does not parse as JSON (Expecting value); pass --overwrite to start again" in \
+        _bad_input(capsys, base)
     assert sentinel.read_text() == "earlier results\n"
 
 
