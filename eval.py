@@ -452,4 +452,8 @@ def _progress_bar(total):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # outside judging (imports, the summary): the results file was not being written
+        print("eval.py: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

@@ -16,6 +16,8 @@ _EXPORTS = {
     "MarkerVocab": "skeleton",
     "SkeletonLogitsProcessor": "skeleton",
     "parse_skeleton": "skeleton",
+    "build_prompt": "tasks",
+    "load_dataset": "tasks",
 }
 
 __all__ = sorted(_EXPORTS)

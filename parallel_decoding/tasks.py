@@ -10,8 +10,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
 
 # --- branch-format instructions -------------------------------------------------------------------------------
 
@@ -69,6 +67,17 @@ TASKS = {
                               skip_too_long=True),
     "planning": Task("planning", ("task",), "planning.jsonl", skip_too_long=False),
 }
+
+
+def find_data_dir() -> Path:
+    """data/ of the source checkout the package is imported from (an editable install, or the repo root on
+    sys.path); a regular install has no data/ beside it, so there it is data/ in the working directory (the repo
+    root, when the commands run from there)."""
+    beside = Path(__file__).resolve().parents[1] / "data"
+    return beside if (beside / TASKS["retrieval"].default_data).is_file() else Path.cwd() / "data"
+
+
+DATA_DIR = find_data_dir()
 
 
 def get_task(name: str) -> Task:
