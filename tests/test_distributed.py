@@ -194,7 +194,7 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
 
 # --- device map ------------------------------------------------------------------------------------------------
 
-def test_device_map_with_disk_offload_gives_the_plain_answers(tmp_path, single_process_rows):
+def test_device_map_with_disk_offload_gives_the_plain_answers(tmp_path, single_process_rows, capsys):
     """Layer 1 offloaded to disk: accelerate's hooks load them per forward pass and move the engine's
     inputs (4D branch mask, positions) to each layer's execution device. On this CPU every device is the CPU,
     so this checks the hooked path, not a transfer between GPUs."""
@@ -202,8 +202,11 @@ def test_device_map_with_disk_offload_gives_the_plain_answers(tmp_path, single_p
                   **{f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(4)}}
     map_file = tmp_path / "device_map.json"
     map_file.write_text(json.dumps(device_map))
-    argv = [*_args(max_samples=1), "--output_dir", str(tmp_path), "--device_map", str(map_file),
-            "--offload_folder", str(tmp_path / "offload")]
+    argv = [*_args(max_samples=1), "--modes", "parallel", "--output_dir", str(tmp_path), "--device_map",
+            str(map_file), "--offload_folder", str(tmp_path / "offload")]
     assert generate.main(argv) == 0
-    rows = _read(tmp_path / MODEL.name / "retrieval_4.jsonl")
-    assert _answers(rows) == _answers(single_process_rows[:1])
+    assert "spread by --device_map over cpu, disk" in capsys.readouterr().err
+    (row,) = _read(tmp_path / MODEL.name / "retrieval_4.jsonl")
+    parallel_columns = [c for c in ANSWER_COLUMNS if not c.startswith("normal_")]
+    assert {c: row[c] for c in parallel_columns} == {c: single_process_rows[0][c] for c in parallel_columns}
+    assert row["num_parallel_branches"] == 4
