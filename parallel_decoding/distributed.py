@@ -16,7 +16,7 @@ Everything here is a no-op in a plain single-process run: ``Ranks()`` is rank 0 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -40,6 +40,8 @@ class Ranks:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    # A gloo group over all ranks for small Python objects and long waits, whatever backend the model uses.
+    control: object = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -72,16 +74,18 @@ def start(mode: str) -> Ranks:
             raise DistributedError("--tp shards the model over the processes torchrun starts: "
                                    "run `torchrun --nproc_per_node N generate.py --tp ...`")
         return Ranks()
-    ranks = Ranks(mode, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and mode == TENSOR_PARALLEL  # data-parallel ranks never exchange tensors
         if use_cuda:
-            torch.cuda.set_device(ranks.local_rank)
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            device_id=torch.device("cuda", ranks.local_rank) if use_cuda else None,
+            device_id=torch.device("cuda", local_rank) if use_cuda else None,
             timeout=GROUP_TIMEOUT,
         )
+    control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)  # every rank creates it, at the same point
+    ranks = Ranks(mode, rank, local_rank, world_size, control)
     if not ranks.is_main:  # one log per run: rank 0's (transformers' warnings and progress bars included)
         import warnings
 
@@ -102,23 +106,12 @@ def stop(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-_control_group = None
-
-
-def _control():
-    """A gloo group over all ranks for small Python objects and long waits, whatever backend the model uses."""
-    global _control_group
-    if _control_group is None:
-        _control_group = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)
-    return _control_group
-
-
 def from_main(ranks: Ranks, value=None):
     """Rank 0's ``value`` on every rank (picklable objects), so that all ranks act on one decision."""
     if ranks.world_size == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=_control())
+    dist.broadcast_object_list(box, src=0, group=ranks.control)
     return box[0]
 
 
@@ -128,7 +121,7 @@ def first_error(ranks: Ranks, error: str | None) -> str | None:
     if ranks.world_size == 1:
         return error
     errors = [None] * ranks.world_size
-    dist.all_gather_object(errors, error, group=_control())
+    dist.all_gather_object(errors, error, group=ranks.control)
     for rank, message in enumerate(errors):
         if message is not None:
             return message if rank == 0 else f"rank {rank}: {message}"
@@ -137,7 +130,7 @@ def first_error(ranks: Ranks, error: str | None) -> str | None:
 
 def wait_for_all(ranks: Ranks) -> None:
     if ranks.world_size > 1:
-        dist.barrier(group=_control())
+        dist.barrier(group=ranks.control)
 
 
 # --- tensor parallel --------------------------------------------------------------------------------------------
