@@ -133,7 +133,21 @@ def read_device_map(path: str) -> dict:
                                                    for k, v in device_map.items()):
         raise UsageError(f"--device_map {path}: expected a JSON object {{module name: device}}, "
                          f"e.g. {{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}}")
+    for module, device in device_map.items():
+        if not usable_map_device(device):
+            raise UsageError(f"--device_map {path}: {module!r} -> {device!r} is not a device of this machine "
+                             f"(use \"cpu\", \"disk\", or a CUDA index such as 0 or \"cuda:0\")")
     return device_map
+
+
+def usable_map_device(device) -> bool:
+    """"cpu", "disk", or a CUDA device (0, "0", "cuda", "cuda:0") that this machine has."""
+    import torch
+
+    if device in ("cpu", "disk"):
+        return True
+    text = str(device).removeprefix("cuda").removeprefix(":") or "0"
+    return text.isdigit() and int(text) < torch.cuda.device_count()
 
 
 def run_mode(args) -> str:
@@ -277,7 +291,7 @@ def load_model(args, model_path: str, attn_implementation: str, device, dtype, r
         elif args.device_map is not None:
             kwargs.update(distributed.device_map_kwargs(args.device_map, args.offload_folder))
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    except (OSError, ValueError, ImportError, KeyError) as e:  # KeyError: a --device_map naming no such module
+    except (OSError, ValueError, ImportError) as e:
         raise UsageError(f"cannot load model {model_path}: {one_line(e)}") from None
     if ranks.mode != TENSOR_PARALLEL and args.device_map is None:
         model.to(device)
@@ -443,7 +457,7 @@ def run(args, ranks: Ranks) -> int:
             return decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings,
                                results_file, existing, log, ranks)
         except KeyboardInterrupt:
-            where = "its shards" if ranks.mode == DATA_PARALLEL else out_path
+            where = f"{out_path} and its shards" if ranks.mode == DATA_PARALLEL else out_path
             log(f"interrupted: {where} hold every finished row; run the same command again to resume")
             return 130
 

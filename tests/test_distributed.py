@@ -186,6 +186,9 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     missing.write_text('["model.layers.0"]')
     assert f"--device_map {missing}: expected a JSON object" in _bad(capsys, [*_args(), *out, "--device_map",
                                                                              str(missing)])
+    missing.write_text('{"model.embed_tokens": "cpu", "model.layers": "gpu7"}')
+    assert f"--device_map {missing}: 'model.layers' -> 'gpu7' is not a device of this machine" in _bad(
+        capsys, [*_args(), *out, "--device_map", str(missing)])
     assert "--tp shards the model over the processes torchrun starts" in _bad(capsys, [*_args(), *out, "--tp"])
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment, without --tp or --data_parallel
     assert "torchrun started 2 processes: pass --tp" in _bad(capsys, [*_args(), *out])
