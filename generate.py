@@ -457,8 +457,8 @@ def run(args, ranks: Ranks) -> int:
             return decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings,
                                results_file, existing, log, ranks)
         except KeyboardInterrupt:
-            where = f"{out_path} and its shards" if ranks.mode == DATA_PARALLEL else out_path
-            log(f"interrupted: {where} hold every finished row; run the same command again to resume")
+            where = f"{out_path} and its shards hold" if ranks.mode == DATA_PARALLEL else f"{out_path} holds"
+            log(f"interrupted: {where} every finished row; run the same command again to resume")
             return 130
 
 
