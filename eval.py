@@ -2,10 +2,12 @@
 
     python eval.py --df_path results/<model>/<data>.jsonl --task retrieval --api_key $KEY --model_name gpt-4o
     python eval.py --df_path results/<model>/<data>.jsonl --task planning --no_judge
+    python eval.py --report results          # every <stem>.summary.json under results/, side by side
 
 Reads rows written by generate.py or by the reference implementation, stores judge scores back into the results
 file (atomic rewrite; a rerun only asks for what is missing), prints a summary table and writes
-``<stem>.summary.json``, ``<stem>.summary.md`` and ``<stem>.png`` beside the results. See docs/eval.md.
+``<stem>.summary.json``, ``<stem>.summary.md`` and ``<stem>.png`` beside the results. ``--report DIR`` reads those
+summaries and writes ``report.csv``, ``report.md`` and ``report.png`` in DIR. See docs/eval.md.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import pathlib
 import sys
 import threading
 
-from parallel_decoding import metrics
+from parallel_decoding import metrics, report
 from parallel_decoding.judge import Judge, JudgeCancelled, JudgeError
 from parallel_decoding.metrics import MODES, is_blank
 from parallel_decoding.results import (ResultsError, ResultsFile, atomic_file, read_numbered_rows, write_rows_atomic,
@@ -48,8 +50,11 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = OneLineArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
-    p.add_argument("--df_path", required=True, help="results file (jsonl) from generate.py or the reference")
-    p.add_argument("--task", required=True, choices=sorted(TASK_FIELDS))
+    p.add_argument("--df_path", help="results file (jsonl) from generate.py or the reference")
+    p.add_argument("--task", choices=sorted(TASK_FIELDS))
+    p.add_argument("--report", nargs="?", const="results", default=None, metavar="DIR",
+                   help="compare evaluated runs: read every *.summary.json under DIR (default: results) and write "
+                        "report.csv, report.md and report.png there")
     p.add_argument("--api_key", default=None, help="judge API key (default: env OPENAI_API_KEY)")
     p.add_argument("--base_url", default=None,
                    help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: env OPENAI_BASE_URL, "
@@ -69,6 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--save_every", type=int, default=8,
                    help="rewrite the results file after this many new judgements")
     args = p.parse_args(argv)
+    if args.report is not None:
+        if args.df_path is not None or args.task is not None:
+            p.error("--report reads the summaries of evaluated runs; it takes no --df_path or --task")
+    else:
+        missing = [f"--{flag}" for flag in ("df_path", "task") if getattr(args, flag) is None]
+        if missing:
+            p.error(f"the following arguments are required: {', '.join(missing)}")
     for flag in ("concurrency", "max_rows", "judge_max_tokens", "save_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -241,6 +253,7 @@ def summarize(rows, task, judge_model=None):
     summary = {"task": task}
     summary.update(metrics.speed_summary(rows))
     summary.update(metrics.answer_metrics(rows, task))
+    summary.update(metrics.format_summary(rows))
     scores = metrics.score_summary(rows)
     if scores:
         summary.update(scores)
@@ -269,6 +282,10 @@ def summary_table(summary):
                       _fmt(summary["parallel_accuracy"])))
     if "normal_f1" in summary:
         table.append(("token F1", _fmt(summary["normal_f1"]), _fmt(summary["parallel_f1"])))
+    if "format_adherence" in summary:
+        share = f"{summary['format_adherent_rows']}/{summary['format_rows']}"
+        share += f" ({100 * summary['format_adherence']:.1f} %)"
+        table.append(("format adherence (closed block)", "-", share))
     if "normal_score" in summary:
         table.append(("judge score (1-5, mean)", _fmt(summary["normal_score"], 2), _fmt(summary["parallel_score"], 2)))
         table.append(("answers judged", _fmt(summary["normal_scored"]), _fmt(summary["parallel_scored"])))
@@ -287,6 +304,9 @@ def summary_notes(summary):
         f"speedup (mean parallel tokens/s / mean normal tokens/s): {_ratio(summary['speedup'])}",
         f"mean per-row time ratio (normal_time / parallel_time): {_ratio(summary['time_ratio'])}",
     ]
+    if summary.get("fallback_reasons"):
+        kinds = ", ".join(f"{kind} {count}" for kind, count in summary["fallback_reasons"].items())
+        notes.append(f"fallback reasons: {kinds}")
     if "judged_rows" in summary:
         notes.append(f"rows with both answers judged: {summary['judged_rows']}"
                      + (f" (judge: {summary['judge_model']})" if summary.get("judge_model") else ""))
@@ -351,6 +371,13 @@ def plot_summary(rows, summary, png_path):
         ax.set_title("judge score distribution")
         ax.legend()
     fig.tight_layout()
+    save_figure_atomic(fig, png_path)
+
+
+def save_figure_atomic(fig, png_path):
+    """Save a matplotlib figure as PNG atomically (results.atomic_file), then close it."""
+    import matplotlib.pyplot as plt
+
     try:
         with atomic_file(png_path, "wb") as f:
             fig.savefig(f, format="png", dpi=110)
@@ -370,8 +397,32 @@ def output_paths(df_path):
 # CLI
 
 
+def run_report(folder):
+    """--report DIR: one row per summary under DIR, printed and written as report.csv, report.md, report.png."""
+    try:
+        found = report.collect(folder)
+    except report.ReportError as error:
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for path, reason in found.skipped:
+        print(f"eval.py: warning: skipped {path}: {reason}", file=sys.stderr)
+    if not found.rows:
+        print(f"eval.py: error: --report {folder}: none of its {len(found.skipped)} summaries could be read",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(report.format_text(found.rows), end="")
+    csv_path, md_path, png_path = (pathlib.Path(folder) / name for name in report.REPORT_FILES)
+    write_text_atomic(csv_path, report.to_csv(found.rows))
+    write_text_atomic(md_path, report.format_markdown(found.rows, folder))
+    save_figure_atomic(report.plot(found.rows), png_path)
+    print(f"wrote {csv_path}, {md_path}, {png_path} ({len(found.rows)} runs)", file=sys.stderr)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.report is not None:
+        return run_report(args.report)
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
     if not args.no_judge:

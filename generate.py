@@ -25,7 +25,16 @@ from pathlib import Path
 from parallel_decoding import distributed
 from parallel_decoding.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
 from parallel_decoding.results import ResultsError, ResultsFile
-from parallel_decoding.tasks import TASKS, DatasetError, build_prompt, default_data_path, get_task, load_dataset
+from parallel_decoding.tasks import (
+    TASKS,
+    DatasetError,
+    FormatPromptError,
+    build_prompt,
+    default_data_path,
+    get_task,
+    load_dataset,
+    resolve_format_prompt,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
@@ -39,7 +48,11 @@ RESULT_COLUMNS = (
     "settings",  # run_settings() of the run that made the row (parallel_decoding/results.py says why per row)
 )
 # The value a setting had in rows written before it was recorded (a key added to run_settings later goes here).
-IMPLIED_SETTINGS = {}
+IMPLIED_SETTINGS = {
+    # Rows recorded before the format instruction was: the project's default of that time (no worked example).
+    "format_prompt": {"file": None,
+                      "sha256": "cfef567291969f9ae0e9e6d891d577ac6eb300a086b0e22a1da60a86f3c3be84"},
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name": left to from_pretrained, not checked on disk
 
@@ -78,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--modes", default="both", choices=["normal", "parallel", "both"])
     p.add_argument("--overwrite", action="store_true", help="discard an existing output file and start again")
+    p.add_argument("--format_prompt_file", default=None,
+                   help="UTF-8 text file that replaces the format instruction; a {task} placeholder in it wraps the "
+                        "task text (default: the model directory's format_prompt.txt, else the project's)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the model repo")
     scale = p.add_argument_group("more than one device (docs/generate.md)")
     scale.add_argument("--tp", action="store_true",
@@ -202,6 +218,7 @@ def run_settings(args) -> dict:
         "top_p": args.top_p if args.do_sample else None,
         "seed": args.seed if args.do_sample else None,
         "modes": list(run_modes(args)),
+        "format_prompt": resolve_format_prompt(args.format_prompt_file, model).setting(),
     }
 
 
@@ -428,6 +445,7 @@ def run(args, ranks: Ranks) -> int:
             rows = load_dataset(args.task, data_path)
             model_path = resolve_model_path(args.model_path)
             out_path = output_path(args.output_dir, model_path, data_path)
+            format_prompt = resolve_format_prompt(args.format_prompt_file, model_path)
             settings = run_settings(args)
             results_file = ResultsFile(out_path, RESULT_COLUMNS, required_column="full_prompt")
             existing = []
@@ -437,7 +455,7 @@ def run(args, ranks: Ranks) -> int:
             modes = run_modes(args)
             device, dtype = choose_device(args, ranks)
             backends = attention_backends(args.attn_implementation, device)
-        except (UsageError, DatasetError, ResultsError, DistributedError) as e:
+        except (UsageError, DatasetError, FormatPromptError, ResultsError, DistributedError) as e:
             error = e
         except KeyboardInterrupt:
             log("interrupted before the first row was decoded; no results file was changed")
@@ -455,15 +473,15 @@ def run(args, ranks: Ranks) -> int:
             return 2
         try:
             return decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings,
-                               results_file, existing, log, ranks)
+                               format_prompt, results_file, existing, log, ranks)
         except KeyboardInterrupt:
             where = f"{out_path} and its shards hold" if ranks.mode == DATA_PARALLEL else f"{out_path} holds"
             log(f"interrupted: {where} every finished row; run the same command again to resume")
             return 130
 
 
-def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings, results_file,
-                existing, log, ranks: Ranks = Ranks()) -> int:
+def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings, format_prompt,
+                results_file, existing, log, ranks: Ranks = Ranks()) -> int:
     """Decode the selected rows that have no result yet.
 
     One process, or tensor parallel: rank 0 rewrites the results file after each row. Data parallel: each rank
@@ -476,6 +494,7 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
 
     out_path = results_file.path
     log(describe_attention(args.attn_implementation, backends))
+    log(format_prompt.describe())
     log(f"model {settings['model']} {describe_placement(args, ranks, model, device)} "
         f"({str(dtype).replace('torch.', '')}); task {args.task}; {len(rows)} rows in {data_path}; output {out_path}")
 
@@ -497,7 +516,8 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
     limit = usable_context(model, args.max_new_tokens)
     skipped = []
     if get_task(args.task).skip_too_long and limit is not None:
-        skipped = [i for i in pending if len(chat_prompt_ids(tokenizer, build_prompt(args.task, rows[i]))) > limit]
+        skipped = [i for i in pending
+                   if len(chat_prompt_ids(tokenizer, build_prompt(args.task, rows[i], format_prompt.text))) > limit]
         if skipped:
             log(f"skipped {len(skipped)} rows whose prompt exceeds the usable context of {limit} tokens "
                 f"(max positions minus --max_new_tokens {args.max_new_tokens})")
@@ -505,7 +525,7 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
             for i in skipped:
                 results[i] = None  # an earlier errored attempt of a row that cannot run is not kept either
     pending = distributed.from_main(ranks, pending)
-    prompts = {i: build_prompt(args.task, rows[i]) for i in pending}
+    prompts = {i: build_prompt(args.task, rows[i], format_prompt.text) for i in pending}
 
     def write() -> int:
         file_rows = [r for r in results if r is not None] + unmatched

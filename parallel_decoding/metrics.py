@@ -254,6 +254,59 @@ def answer_metrics(rows, task):
     return out
 
 
+# A closed block in an answer: a `####Title:` step, then later the `####%%%%` that closes the block.
+_CLOSED_BLOCK_RE = re.compile(r"####[^\n]*?[:：].*?####%%%%", re.DOTALL)
+# Kinds of the engine's `fallback` texts (parallel_decoding/engine.py), by a phrase each contains.
+FALLBACK_KINDS = (
+    ("no_block", "wrote no ####Title: block"),
+    ("unclosed_block", "did not close it with ####%%%%"),
+)
+
+
+def wrote_closed_block(row):
+    """True if the row's parallel answer wrote at least one closed ``####`` block that was decoded in parallel.
+
+    The engine's own record decides where the row has one (``num_parallel_branches`` > 0); files without it (the
+    reference implementation's) are read from the answer text.
+    """
+    branches = as_number(row.get("num_parallel_branches"))
+    if branches is not None:
+        return branches > 0
+    response = row.get("parallel_response")
+    return isinstance(response, str) and _CLOSED_BLOCK_RE.search(response) is not None
+
+
+def fallback_kind(reason):
+    """Short kind of a fallback reason: ``no_block``, ``unclosed_block``, or for a text this list does not know,
+    the text up to its first ``;``."""
+    for kind, phrase in FALLBACK_KINDS:
+        if phrase in reason:
+            return kind
+    return reason.split(";")[0].strip()
+
+
+def format_summary(rows):
+    """How well the parallel answers kept the branch format.
+
+    - ``format_rows``: rows with a parallel answer and no error; ``format_adherent_rows``: of those, the rows whose
+      answer wrote at least one closed block (:func:`wrote_closed_block`); ``format_adherence``: their share;
+    - ``fallback_reasons``: ``{kind: rows}`` over the rows with a non-empty ``fallback`` (sums to ``fallback_rows``).
+
+    Returns {} when no row has a parallel answer.
+    """
+    considered = [r for r in rows if is_blank(r.get("error")) and isinstance(r.get("parallel_response"), str)]
+    if not considered:
+        return {}
+    adherent = sum(1 for r in considered if wrote_closed_block(r))
+    reasons = collections.Counter(fallback_kind(str(r["fallback"])) for r in rows if not is_blank(r.get("fallback")))
+    return {
+        "format_rows": len(considered),
+        "format_adherent_rows": adherent,
+        "format_adherence": adherent / len(considered),
+        "fallback_reasons": dict(sorted(reasons.items())),
+    }
+
+
 def score_summary(rows):
     """Judge scores per mode: mean over the rows that have a score (missing verdicts are skipped, never 0).
 

@@ -5,7 +5,9 @@ The format instruction is the only thing that teaches a model the parallel block
 the independent steps are for this task (one per student, one per fact, one per planning dimension).
 """
 
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +17,32 @@ from pathlib import Path
 
 FORMAT_INSTRUCTION_EN = (
     "Answer format: steps that do not depend on each other form a parallel block. Write each such step on its own "
-    "line as `####Title: content`; no step may use the result of another. After the last step write `####%%%%` on "
-    "its own line, then give the conclusion that combines the steps."
+    "line as `####Title: content`; no step may use the result of another. Only these independent steps start with "
+    "`####`: the opening sentence, the conclusion and any step that needs another step's result are plain text. "
+    "After the last step write `####%%%%` on its own line, then give the conclusion that combines the steps. "
+    "For example:\n"
+    "To pick a laptop for travel, I check three things separately.\n"
+    "####Weight: A weighs 1.1 kg, B weighs 1.6 kg.\n"
+    "####Battery: A lasts 12 hours, B lasts 9 hours.\n"
+    "####Price: A costs 900 dollars, B costs 700 dollars.\n"
+    "####%%%%\n"
+    "A is lighter and lasts longer for 200 dollars more, so A suits travel better."
 )
 FORMAT_INSTRUCTION_ZH = (
     "回答格式：彼此独立的步骤组成一个并行块。每个步骤单独一行，写成 `####标题: 内容`，任何步骤都不能使用其他步骤的结果。"
-    "最后一个步骤之后单独一行写 `####%%%%`，然后给出综合各步骤的结论。"
+    "只有这些独立步骤以 `####` 开头；开头的引言、结论以及需要其他步骤结果的步骤都写成普通文字。"
+    "最后一个步骤之后单独一行写 `####%%%%`，然后给出综合各步骤的结论。例如：\n"
+    "为出差挑选笔记本电脑，我分别检查三个方面。\n"
+    "####重量: A 重 1.1 公斤，B 重 1.6 公斤。\n"
+    "####续航: A 能用 12 小时，B 能用 9 小时。\n"
+    "####价格: A 售价 900 美元，B 售价 700 美元。\n"
+    "####%%%%\n"
+    "A 更轻、续航更长，只贵 200 美元，所以 A 更适合出差。"
 )
+# A format instruction that contains this placeholder wraps the task text there instead of following it.
+TASK_PLACEHOLDER = "{task}"
+# A model directory may hold the format instruction the model was trained with (see docs/tiny_model.md).
+MODEL_FORMAT_PROMPT_FILE = "format_prompt.txt"
 
 # --- task instructions ----------------------------------------------------------------------------------------
 
@@ -98,18 +119,118 @@ def is_chinese(row: dict, text: str) -> bool:
     return bool(_CJK.search(text))
 
 
-def build_prompt(task: str, row: dict) -> str:
-    """The full user message: the row's text, the task instruction, then the branch-format instruction."""
+def task_text(task: str, row: dict) -> str:
+    """The row's text followed by the task instruction: everything of the prompt but the format instruction."""
     get_task(task)
     if task == "retrieval":
-        return f"{row['prompt']}\n\n{RETRIEVAL_INSTRUCTION}\n{FORMAT_INSTRUCTION_EN}"
+        return f"{row['prompt']}\n\n{RETRIEVAL_INSTRUCTION}"
     if task == "multi-document-qa":
         text = f"{MULTI_DOC_QA_HEADER}{row['context'].strip()}\n\nQuestion: {row['input'].strip()}"
-        return f"{text}\n\n{MULTI_DOC_QA_INSTRUCTION}\n{FORMAT_INSTRUCTION_EN}"
+        return f"{text}\n\n{MULTI_DOC_QA_INSTRUCTION}"
     text = row["task"].strip()
     if is_chinese(row, text):
-        return f"{text}\n\n{PLANNING_INSTRUCTION_ZH}\n{FORMAT_INSTRUCTION_ZH}"
-    return f"{text}\n\n{PLANNING_INSTRUCTION_EN}\n{FORMAT_INSTRUCTION_EN}"
+        return f"{text}\n\n{PLANNING_INSTRUCTION_ZH}"
+    return f"{text}\n\n{PLANNING_INSTRUCTION_EN}"
+
+
+def default_format_instruction(task: str, row: dict) -> str:
+    """The project's format instruction for the row: Chinese for Chinese planning rows, else English."""
+    if task == "planning" and is_chinese(row, row["task"].strip()):
+        return FORMAT_INSTRUCTION_ZH
+    return FORMAT_INSTRUCTION_EN
+
+
+def build_prompt(task: str, row: dict, format_instruction: str | None = None) -> str:
+    """The full user message: the task text (row text + task instruction), then the format instruction.
+
+    ``format_instruction`` replaces the project's default (see :func:`read_format_prompt`); one that contains
+    ``{task}`` wraps the task text at that placeholder instead of following it.
+    """
+    text = task_text(task, row)
+    instruction = default_format_instruction(task, row) if format_instruction is None else format_instruction
+    if TASK_PLACEHOLDER in instruction:
+        return instruction.replace(TASK_PLACEHOLDER, text)
+    return f"{text}\n{instruction}"
+
+
+class FormatPromptError(ValueError):
+    """A format instruction file that cannot be used; the message is one line that starts with the file's path."""
+
+
+def read_format_prompt(path) -> str:
+    """The format instruction held in a UTF-8 text file, without surrounding whitespace (an editor's final newline
+    is not part of it). FormatPromptError if the file is missing, unreadable, not UTF-8, empty, or holds more than
+    one ``{task}`` placeholder."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FormatPromptError(f"{path}: no such file") from None
+    except OSError as e:
+        raise FormatPromptError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig").strip()  # "-sig": a byte-order mark some editors write is not text
+    except UnicodeDecodeError as e:
+        raise FormatPromptError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    if not text:
+        raise FormatPromptError(f"{path}: the file is empty")
+    placeholders = text.count(TASK_PLACEHOLDER)
+    if placeholders > 1:
+        raise FormatPromptError(f"{path}: {placeholders} {TASK_PLACEHOLDER} placeholders; at most one is allowed")
+    return text
+
+
+def format_prompt_digest(text: str | None) -> str:
+    """sha256 of a format instruction; for the default (None), of both default instructions, so a change to the
+    project's wording shows up in a run's settings too."""
+    if text is None:
+        text = f"{FORMAT_INSTRUCTION_EN}\n{FORMAT_INSTRUCTION_ZH}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class FormatPrompt:
+    """The format instruction of a run: ``text`` None is the project's default (English, or Chinese for Chinese
+    planning rows); ``path`` the file it came from; ``source`` "file" (--format_prompt_file), "model" (the model
+    directory's own) or "default"."""
+
+    text: str | None
+    path: str | None
+    source: str
+
+    def setting(self) -> dict:
+        """What the run's settings record: the instruction's text (by its digest) shapes the rows, and so does the
+        file a user named with --format_prompt_file (absolute, so the same file named from another folder is the
+        same setting). A model's own format_prompt.txt is part of the model, which is recorded already, so only its
+        text counts."""
+        path = os.path.realpath(self.path) if self.source == "file" else None
+        return {"file": path, "sha256": format_prompt_digest(self.text)}
+
+    def describe(self) -> str:
+        if self.source == "file":
+            return f"format instruction: {self.path} (--format_prompt_file)"
+        if self.source == "model":
+            return (f"format instruction: {self.path}, the one this model was trained with "
+                    f"(--format_prompt_file overrides it)")
+        return "format instruction: the project's default (parallel_decoding/tasks.py)"
+
+
+def resolve_format_prompt(format_prompt_file, model_path) -> FormatPrompt:
+    """--format_prompt_file if given; else the model directory's format_prompt.txt (the prompt a model was trained
+    with is part of that model); else the project's default. FormatPromptError (one line naming the flag or the
+    model's file) for a file that cannot be used."""
+    if format_prompt_file is not None:
+        try:
+            return FormatPrompt(read_format_prompt(format_prompt_file), str(format_prompt_file), "file")
+        except FormatPromptError as e:
+            raise FormatPromptError(f"--format_prompt_file {e}") from None
+    model_file = Path(model_path) / MODEL_FORMAT_PROMPT_FILE
+    if model_file.is_file():
+        try:
+            return FormatPrompt(read_format_prompt(model_file), str(model_file), "model")
+        except FormatPromptError as e:
+            raise FormatPromptError(f"the model's format instruction {e}") from None
+    return FormatPrompt(None, None, "default")
 
 
 def validate_row(task: str, row, where: str) -> None:

@@ -4,7 +4,8 @@
     python scripts/train_tiny_model.py --tiny --steps 3 --output_dir /tmp/tiny   # smoke run, seconds
 
 Everything is made here from the project's own retrieval generator (``parallel_decoding.datagen.retrieval``) and
-prompt builder (``parallel_decoding.tasks.build_prompt``), so the prompts are byte for byte those ``generate.py``
+prompt builder (``parallel_decoding.tasks.build_prompt``) with the format instruction ``FORMAT_INSTRUCTION`` below,
+which is saved with the model as ``format_prompt.txt``, so the prompts are byte for byte those ``generate.py``
 sends. Held-out evaluation rows use seed 1234; training rows use ``--data_seed`` (must differ from 1234).
 
 Steps, one small function each:
@@ -28,7 +29,8 @@ Steps, one small function each:
    heads), trained with fp32 AdamW and a cosine schedule; the loss is taken on assistant tokens only, each token
    predicted from its parent in the tree.
 5. save: ``save_pretrained`` (safetensors, bfloat16 weights) for model and tokenizer, ``generation_config`` with
-   EOS ``<|im_end|>``, the loss curve as ``loss.png`` and ``train_log.json``.
+   EOS ``<|im_end|>``, the format instruction as ``format_prompt.txt``, the loss curve as ``loss.png`` and
+   ``train_log.json``.
 
 Seeded and reproducible: the same arguments and thread count give the same losses and weights.
 """
@@ -61,7 +63,7 @@ from parallel_decoding.datagen.retrieval import (  # noqa: E402
     make_retrieval_rows,
 )
 from parallel_decoding.engine import chat_prompt_ids  # noqa: E402
-from parallel_decoding.tasks import build_prompt  # noqa: E402
+from parallel_decoding.tasks import MODEL_FORMAT_PROMPT_FILE, build_prompt  # noqa: E402
 
 EVAL_SEED = 1234  # seed of the held-out data/retrieval_*.jsonl files; training never uses it
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
@@ -86,6 +88,15 @@ PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# The format instruction this model is trained with. It is part of the model: ``save`` writes it beside the weights
+# as format_prompt.txt, and generate.py sends it instead of the project's default for this model. It is the
+# project's instruction from before the default gained a worked example; a new wording means retraining.
+FORMAT_INSTRUCTION = (
+    "Answer format: steps that do not depend on each other form a parallel block. Write each such step on its own "
+    "line as `####Title: content`; no step may use the result of another. After the last step write `####%%%%` on "
+    "its own line, then give the conclusion that combines the steps."
+)
+
 STEM = "Let me check each student's GPA against the range.\n"
 
 
@@ -94,6 +105,11 @@ def step_text(student: dict, gpa_range: list) -> str:
     lo, hi = gpa_range
     verdict = "inside" if lo <= student["gpa"] <= hi else "outside"
     return f" GPA {format_gpa(student['gpa'])}, {verdict} the range.\n"
+
+
+def training_prompt(row: dict) -> str:
+    """The user message of a row, built as generate.py builds it, with this model's format instruction."""
+    return build_prompt("retrieval", row, FORMAT_INSTRUCTION)
 
 
 def answer_full(row: dict) -> str:
@@ -153,7 +169,7 @@ def train_tokenizer(rows: list, vocab_size: int):
     # The markers are cut out of the training text: they become whole tokens below, and no BPE merge of '#', '%'
     # or '.' runs should compete with them.
     marker_split = re.compile("|".join(re.escape(m) for m in (BRANCH, BLOCK_END, ELLIPSIS)))
-    texts = [build_prompt("retrieval", r) for r in rows] + [answer_full(r) for r in rows]
+    texts = [training_prompt(r) for r in rows] + [answer_full(r) for r in rows]
     tok.train_from_iterator((piece for text in texts for piece in marker_split.split(text) if piece), trainer)
     tok.add_special_tokens(specials)  # registered explicitly: the trainer keeps only some of them on some releases
     tok.add_tokens(markers)
@@ -211,7 +227,7 @@ def _encode(tokenizer, text: str) -> list:
 
 def build_example(tokenizer, row: dict) -> Example:
     """The row as one tree (see step 3 of the module docstring); the prompt is exactly what ``generate.py`` sends."""
-    prompt_ids = chat_prompt_ids(tokenizer, build_prompt("retrieval", row))  # wrapped exactly as the engine wraps it
+    prompt_ids = chat_prompt_ids(tokenizer, training_prompt(row))  # wrapped exactly as the engine wraps it
     stem_ids = _encode(tokenizer, STEM)
     shared = list(prompt_ids) + stem_ids
     shared_loss = [False] * len(prompt_ids) + [True] * len(stem_ids)
@@ -589,6 +605,7 @@ def save(model, tokenizer, log: list, args, output_dir: Path, elapsed: float) ->
     # asks for (generate.py uses float32 on a CPU). Training itself ran in float32.
     model.to(torch.bfloat16).save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
+    (output_dir / MODEL_FORMAT_PROMPT_FILE).write_text(FORMAT_INSTRUCTION + "\n", encoding="utf-8")
     summary = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -19,6 +19,7 @@ import pytest
 import eval as eval_cli
 from parallel_decoding import judge as judge_mod
 from parallel_decoding import metrics
+from parallel_decoding import report as report_mod
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-key-0123456789abcdef"
@@ -504,6 +505,40 @@ def test_error_rows_leave_the_means_and_fallbacks_are_counted(tmp_path):
     assert metrics.answer_metrics(rows, "retrieval")["normal_metric_rows"] == 2
 
 
+def test_format_adherence_and_fallback_reasons(tmp_path, capsys):
+    """Adherence: rows (no error, a parallel answer) that wrote a closed block, from num_parallel_branches where the
+    engine recorded it, else from the answer text; fallback reasons counted by kind over every fallback row."""
+    no_block = "the model wrote no ####Title: block; decoded sequentially"
+    unclosed = "the model opened a #### block but did not close it with ####%%%%; decoded sequentially"
+    rows = reference_retrieval_rows()  # the reference's files: no engine columns, read from the text
+    rows[0]["parallel_response"] = "Checking.\n####Ann: GPA 3.1, outside.\n####Bo: GPA 3.5, inside.\n####%%%%\nBo"
+    rows[1]["parallel_response"] = "####Ann: GPA 3.1, outside.\n####Bo: inside\nFinal answer: Bo"  # never closed
+    rows[2]["parallel_response"] = "####%%%%\nFinal answer: Bo"  # closed, but no step
+    engine_rows = [dict(rows[0], num_parallel_branches=n, fallback=f, error=e, parallel_response=r) for n, f, e, r in [
+        (2, None, None, "x"),  # the engine's record decides, not the text
+        (0, no_block, None, "Bo"),
+        (0, unclosed, None, "####Ann: ...\n####%%%%\nBo"),  # decoded sequentially after an unclosed skeleton
+        (3, unclosed, None, "a later block never closed"),
+        (0, "the model got bored; decoded sequentially", None, "Bo"),
+        (None, None, "parallel: RuntimeError: boom", None),  # an error row: not counted in adherence
+    ]]
+    s = metrics.format_summary(rows)
+    assert (s["format_rows"], s["format_adherent_rows"], s["fallback_reasons"]) == (3, 1, {})
+    assert s["format_adherence"] == pytest.approx(1 / 3)
+    s = metrics.format_summary(engine_rows)
+    assert (s["format_rows"], s["format_adherent_rows"]) == (5, 2) and s["format_adherence"] == pytest.approx(0.4)
+    assert s["fallback_reasons"] == {"no_block": 1, "the model got bored": 1, "unclosed_block": 2}
+    assert metrics.format_summary([{"normal_response": "x", "error": None}]) == {}  # --modes normal: no figure
+
+    path = write_jsonl(tmp_path / "run.jsonl", engine_rows)
+    assert eval_cli.main(["--df_path", str(path), "--task", "retrieval", "--no_judge"]) == 0
+    out = capsys.readouterr().out
+    assert "format adherence (closed block)" in out and "2/5 (40.0 %)" in out
+    assert "fallback reasons: no_block 1, the model got bored 1, unclosed_block 2" in out
+    saved = json.loads((tmp_path / "run.summary.json").read_text())
+    assert saved["format_adherence"] == pytest.approx(0.4) and saved["fallback_reasons"]["unclosed_block"] == 2
+
+
 def test_qa_metrics_on_longbench_rows(tmp_path):
     rows = [
         {"input": "Who directed X?", "context": "...", "answers": ["John Smith"], "_id": "a",
@@ -648,3 +683,143 @@ def test_one_mode_run_prints_no_speedup_and_files_get_the_umask_mode(tmp_path, c
     os.umask(mask)
     for name in ("normal_only.summary.json", "normal_only.summary.md", "normal_only.png"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval.py --report: every summary under a folder, side by side
+
+def qa_rows():
+    return [
+        {"input": "Who directed X?", "context": "...", "answers": ["John Smith"], "_id": "a",
+         "normal_response": "Final answer: John Smith.", "normal_time": 2.0, "normal_length": 30,
+         "parallel_response": "Look up.\n####X: by John Smith.\n####%%%%\nFinal answer: John Smith",
+         "parallel_time": 1.0, "parallel_length": 32, "num_parallel_branches": 1, "fallback": None, "error": None},
+        {"input": "Where was Y born?", "context": "...", "answers": ["Paris"], "_id": "b",
+         "normal_response": "Final answer: Lyon", "normal_time": 1.0, "normal_length": 20,
+         "parallel_response": "Final answer: Paris", "parallel_time": 1.0, "parallel_length": 20,
+         "num_parallel_branches": 0, "fallback": "the model wrote no ####Title: block; decoded sequentially",
+         "error": None},
+    ]
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def evaluated_runs(root):
+    """Two results files of two models and datasets, each evaluated with --no_judge; returns their summaries."""
+    (root / "model-a").mkdir(parents=True)
+    (root / "model-b").mkdir()
+    retrieval = write_jsonl(root / "model-a" / "retrieval_4.jsonl", reference_retrieval_rows())
+    qa = write_jsonl(root / "model-b" / "2wikimqa.jsonl", qa_rows())
+    assert eval_cli.main(["--df_path", str(retrieval), "--task", "retrieval", "--no_judge"]) == 0
+    assert eval_cli.main(["--df_path", str(qa), "--task", "multi-document-qa", "--no_judge"]) == 0
+    return {
+        ("model-a", "retrieval_4"): json.loads((root / "model-a" / "retrieval_4.summary.json").read_text()),
+        ("model-b", "2wikimqa"): json.loads((root / "model-b" / "2wikimqa.summary.json").read_text()),
+    }
+
+
+def test_report_rows_equal_the_summaries(tmp_path, capsys):
+    summaries = evaluated_runs(tmp_path)
+    capsys.readouterr()
+    assert eval_cli.main(["--report", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    rows = read_csv(tmp_path / "report.csv")
+    assert [(r["model"], r["dataset"]) for r in rows] == [("model-a", "retrieval_4"), ("model-b", "2wikimqa")]
+    assert list(rows[0]) == list(report_mod.REPORT_COLUMNS)
+    for row in rows:
+        summary = summaries[row["model"], row["dataset"]]
+        assert row["path"] == str(tmp_path / row["model"] / f"{row['dataset']}.summary.json")
+        for column in report_mod.REPORT_COLUMNS:
+            if column in ("model", "dataset", "path"):
+                continue
+            expected = summary.get(column)
+            if expected is None:
+                assert row[column] == "", column
+            elif isinstance(expected, str):
+                assert row[column] == expected
+            else:
+                assert float(row[column]) == expected, column  # full precision, no rounding
+    a, b = rows
+    assert float(a["speedup"]) == 2.0 and float(a["normal_accuracy"]) == pytest.approx(1 / 3)
+    assert a["normal_f1"] == "" and b["normal_f1"] != "" and a["normal_score"] == "" and a["step_ratio"] == ""
+    assert float(b["format_adherence"]) == 0.5 and b["fallback_rows"] == "1" and b["error_rows"] == "0"
+    # printed and Markdown tables, and the chart
+    assert captured.out.splitlines()[0].split()[:4] == ["model", "dataset", "task", "rows"]
+    assert "2.00" in captured.out and "model-b" in captured.out
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| model | dataset | task | rows |" in markdown and "| model-a | retrieval_4 | retrieval | 3 |" in markdown
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {tmp_path / 'report.csv'}" in captured.err
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".plot.*"))
+
+
+def test_report_loads_old_style_summaries_and_newer_fields(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    old = {"task": "planning", "rows": 4, "speed_rows": 4, "error_rows": 0, "fallback_rows": 1,
+           "normal_time": 2.0, "parallel_time": 1.0, "normal_length": 40.0, "parallel_length": 42.0,
+           "normal_speed": 20.0, "parallel_speed": 42.0, "speedup": 2.1, "time_ratio": 2.0, "results": "x.jsonl"}
+    (tmp_path / "m" / "old.summary.json").write_text(json.dumps({k: old[k] for k in ("task", "rows", "speedup")}))
+    (tmp_path / "m" / "new.summary.json").write_text(json.dumps(
+        dict(old, step_ratio=2.5, capped_rows=2, speedup="fast", a_field_from_the_future=[1, 2])))
+    (tmp_path / "prompt-b" / "m").mkdir(parents=True)  # a second --output_dir: its level stays in the model name
+    (tmp_path / "prompt-b" / "m" / "new.summary.json").write_text(json.dumps(old))
+    assert eval_cli.main(["--report", str(tmp_path)]) == 0
+    new, old_row, other = read_csv(tmp_path / "report.csv")
+    assert [(r["model"], r["dataset"]) for r in (new, old_row, other)] == [("m", "new"), ("m", "old"),
+                                                                          ("prompt-b/m", "new")]
+    assert old_row["speedup"] == "2.1" and old_row["rows"] == "4" and old_row["task"] == "planning"
+    assert all(old_row[c] == "" for c in ("normal_time", "parallel_speed", "step_ratio", "fallback_rows"))
+    assert float(new["step_ratio"]) == 2.5 and new["capped_rows"] == "2"
+    assert new["speedup"] == ""  # a field of an unexpected type is an empty cell
+    assert "a_field_from_the_future" not in new
+    assert "step ratio" in capsys.readouterr().out
+
+
+def test_report_skips_a_broken_summary_and_names_it(tmp_path, capsys):
+    evaluated_runs(tmp_path)
+    broken = tmp_path / "model-b" / "planning.summary.json"
+    broken.write_text('{"task": "planning", "rows": ')
+    listed = tmp_path / "model-b" / "list.summary.json"
+    listed.write_text("[1, 2]")
+    capsys.readouterr()
+    assert eval_cli.main(["--report", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"eval.py: warning: skipped {listed}: expected a JSON object, got list" in err
+    assert f"eval.py: warning: skipped {broken}: not valid JSON (line 1: Expecting value)" in err
+    assert [r["dataset"] for r in read_csv(tmp_path / "report.csv")] == ["retrieval_4", "2wikimqa"]
+
+
+def test_report_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    def one_line_error():
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("eval.py: error: ")
+        return err
+
+    assert eval_cli.main(["--report", str(tmp_path)]) == 2
+    assert f"--report {tmp_path}: no *.summary.json under it" in one_line_error()
+    assert eval_cli.main(["--report", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in one_line_error()
+    (tmp_path / "x.summary.json").write_bytes(b"\xff\xfe")
+    assert eval_cli.main(["--report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"eval.py: warning: skipped {tmp_path / 'x.summary.json'}: not UTF-8 text")
+    assert err[1] == f"eval.py: error: --report {tmp_path}: none of its 1 summaries could be read"
+    assert not (tmp_path / "report.csv").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(["--report", str(tmp_path), "--df_path", "x.jsonl"])
+    assert exit_info.value.code == 2 and "it takes no --df_path or --task" in one_line_error()
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(["--task", "retrieval"])
+    assert exit_info.value.code == 2 and "the following arguments are required: --df_path" in one_line_error()
+
+
+def test_report_default_folder_is_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    evaluated_runs(tmp_path / "results")
+    assert eval_cli.main(["--report"]) == 0
+    assert len(read_csv(tmp_path / "results" / "report.csv")) == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import generate
-from parallel_decoding.tasks import build_prompt, default_data_path, load_dataset
+from parallel_decoding.tasks import build_prompt, default_data_path, format_prompt_digest, load_dataset, task_text
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 16
@@ -180,7 +180,8 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     settings = generate.run_settings(generate.parse_args(args))
     assert settings == {"model": str(model_dir.resolve()), "dtype": "float32", "attn_implementation": "sdpa",
                         "max_new_tokens": MAX_NEW_TOKENS, "do_sample": False, "temperature": None, "top_p": None,
-                        "seed": None, "modes": ["normal", "parallel"]}
+                        "seed": None, "modes": ["normal", "parallel"],
+                        "format_prompt": {"file": None, "sha256": format_prompt_digest(None)}}
     out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
     before = out.read_text(encoding="utf-8")
     real_load_model = generate.load_model
@@ -200,6 +201,49 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     monkeypatch.setattr(generate, "load_model", real_load_model)
     assert generate.main([*args, "--seed", "7", "--temperature", "0.5"]) == 0  # greedy: sampling flags shape nothing
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_rerun_with_another_format_prompt_is_refused(tmp_path, model_dir, capsys, monkeypatch):
+    """The instruction file's path and its text's sha256 are settings: another file, the same file edited, or the default instead
+    of a file are refused before the model loads; the same file again resumes."""
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("Steps as ####Title:, then ####%%%%.", encoding="utf-8")
+    second.write_text("{task}\nIndependent steps as ####Title:, then ####%%%%.", encoding="utf-8")
+    args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "1")
+    out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
+    out.parent.mkdir(parents=True)
+    settings = generate.run_settings(generate.parse_args([*args, "--format_prompt_file", str(first)]))
+    assert settings["format_prompt"] == {"file": str(first.resolve()),
+                                         "sha256": format_prompt_digest(first.read_text(encoding="utf-8"))}
+    out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
+    before = out.read_text(encoding="utf-8")
+    _no_model_load(monkeypatch)
+    for extra in (["--format_prompt_file", str(second)], []):
+        err = _bad_input(capsys, [*args, *extra])
+        assert f"{out} holds rows made with other settings (format_prompt: " in err and "--overwrite" in err
+    first.write_text("Steps as ####Title:, then ####%%%%. Edited.", encoding="utf-8")
+    err = _bad_input(capsys, [*args, "--format_prompt_file", str(first)])
+    assert '"sha256": "' + settings["format_prompt"]["sha256"] in err
+    assert out.read_text(encoding="utf-8") == before
+    first.write_text("Steps as ####Title:, then ####%%%%.", encoding="utf-8")
+    monkeypatch.setattr(generate, "load_model", lambda *a: (None, None))
+    monkeypatch.setattr(generate, "usable_context", lambda *a: None)
+    assert generate.main([*args, "--format_prompt_file", str(first)]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_rows_recorded_before_the_format_prompt_setting_imply_the_old_default(tmp_path, model_dir, capsys,
+                                                                               monkeypatch):
+    args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "1")
+    out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
+    out.parent.mkdir(parents=True)
+    settings = generate.run_settings(generate.parse_args(args))
+    del settings["format_prompt"]  # recorded by a version that did not record the format instruction yet
+    out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
+    _no_model_load(monkeypatch)
+    err = _bad_input(capsys, args)  # made with the default of that time, which had no worked example
+    old = generate.IMPLIED_SETTINGS["format_prompt"]["sha256"]
+    assert f'format_prompt: {{"file": null, "sha256": "{old}"}} -> ' in err
 
 
 def test_rows_without_settings_load_and_resume_with_a_note(tmp_path, model_dir, capsys, monkeypatch):
@@ -341,6 +385,72 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     assert sentinel.read_text() == "earlier results\n"
 
 
+# --- the format instruction ----------------------------------------------------------------------------------
+
+def _first_prompt(tmp_path, model_dir, capsys, *extra) -> tuple:
+    """full_prompt of the first retrieval row written by a short normal-only run, and the run's log."""
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["--model_path", str(model_dir), "--output_dir", str(out), "--max_new_tokens", "2", "--task", "retrieval",
+            "--max_samples", "1", "--modes", "normal", *extra]
+    assert generate.main(argv) == 0
+    (row,) = _read(out / model_dir.name / "retrieval_4.jsonl")
+    return row["full_prompt"], capsys.readouterr().err
+
+
+def test_format_prompt_file_replaces_the_instruction(tmp_path, model_dir, capsys):
+    text = task_text("retrieval", load_dataset("retrieval", default_data_path("retrieval"))[0])
+    appended = tmp_path / "appended.txt"
+    appended.write_text("Write independent steps as ####Title: and close with ####%%%%.\n", encoding="utf-8")
+    prompt, log = _first_prompt(tmp_path, model_dir, capsys, "--format_prompt_file", str(appended))
+    assert prompt == f"{text}\nWrite independent steps as ####Title: and close with ####%%%%."
+    assert f"generate: format instruction: {appended} (--format_prompt_file)" in log
+    wrapping = tmp_path / "wrapping.txt"
+    wrapping.write_text("You plan in parallel.\n\n{task}\n\nSteps: ####Title: ..., then ####%%%%.", encoding="utf-8")
+    prompt, _ = _first_prompt(tmp_path, model_dir, capsys, "--format_prompt_file", str(wrapping))
+    assert prompt == f"You plan in parallel.\n\n{text}\n\nSteps: ####Title: ..., then ####%%%%."
+
+
+def test_a_model_directory_brings_its_own_format_instruction(tmp_path, model_dir, capsys):
+    """format_prompt.txt in the model directory is the default for that model; --format_prompt_file overrides it."""
+    text = task_text("retrieval", load_dataset("retrieval", default_data_path("retrieval"))[0])
+    own = shutil.copytree(model_dir, tmp_path / "models" / "own-prompt")
+    (own / "format_prompt.txt").write_text("Trained with: ####Name: step, then ####%%%%.\n", encoding="utf-8")
+    prompt, log = _first_prompt(tmp_path, own, capsys)
+    assert prompt == f"{text}\nTrained with: ####Name: step, then ####%%%%."
+    assert f"format instruction: {own / 'format_prompt.txt'}, the one this model was trained with" in log
+    other = tmp_path / "other.txt"
+    other.write_text("{task}\nOther wording.", encoding="utf-8")
+    prompt, _ = _first_prompt(tmp_path, own, capsys, "--format_prompt_file", str(other))
+    assert prompt == f"{text}\nOther wording."
+    prompt, log = _first_prompt(tmp_path, model_dir, capsys)  # no file in the directory: the project's default
+    assert prompt == build_prompt("retrieval", load_dataset("retrieval", default_data_path("retrieval"))[0])
+    assert "format instruction: the project's default" in log
+
+
+def test_bad_format_prompt_files_exit_2(tmp_path, model_dir, sentinel, capsys):
+    base = ["--model_path", str(model_dir), "--task", "retrieval", "--output_dir", str(tmp_path / "out"),
+            "--overwrite"]
+    bad = {
+        "missing.txt": (None, "no such file"),
+        "empty.txt": (b"\n  \n", "the file is empty"),
+        "cp1252.txt": (b"caf\xe9 ####Title:", "not UTF-8 text (invalid byte at offset 3)"),
+        "two.txt": (b"{task} ####Title: {task}", "2 {task} placeholders; at most one is allowed"),
+    }
+    for name, (content, message) in bad.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        err = _bad_input(capsys, [*base, "--format_prompt_file", str(path)])
+        assert err == f"generate.py: error: --format_prompt_file {path}: {message}\n"
+    assert sentinel.read_text() == "earlier results\n"  # refused before anything was written, --overwrite or not
+    broken_model = shutil.copytree(model_dir, tmp_path / "models" / "broken-prompt")
+    (broken_model / "format_prompt.txt").write_bytes(b"")
+    err = _bad_input(capsys, ["--model_path", str(broken_model), "--task", "retrieval",
+                              "--output_dir", str(tmp_path)])
+    assert f"the model's format instruction {broken_model / 'format_prompt.txt'}: the file is empty" in err
+
+
 def test_ctrl_c_leaves_finished_rows_and_exits_130(tmp_path, model_dir, monkeypatch, capsys):
     real_run_row, calls = generate.run_row, []
 
@@ -408,3 +518,4 @@ def test_cli_flash_attention_on_gpu(tmp_path, model_dir):
     assert "parallel stage uses the project's branch-aware Triton kernel" in proc.stderr
     rows = _read(tmp_path / "tiny-qwen2" / "retrieval_4.jsonl")
     assert len(rows) == 2 and all(r["error"] is None and r["parallel_length"] >= 1 for r in rows)
+

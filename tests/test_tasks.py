@@ -17,9 +17,13 @@ from parallel_decoding.tasks import (
     PLANNING_INSTRUCTION_ZH,
     RETRIEVAL_INSTRUCTION,
     DatasetError,
+    FormatPromptError,
     build_prompt,
     default_data_path,
+    format_prompt_digest,
     load_dataset,
+    read_format_prompt,
+    task_text,
 )
 
 LONGBENCH_KEYS = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}
@@ -142,6 +146,83 @@ def test_planning_language_picks_the_format_instruction():
     assert en.endswith(FORMAT_INSTRUCTION_EN)
     assert zh == f"规划一次旅行。\n\n{PLANNING_INSTRUCTION_ZH}\n{FORMAT_INSTRUCTION_ZH}"
     assert build_prompt("planning", {"task": "Plan it", "language": "zh"}).endswith(FORMAT_INSTRUCTION_ZH)
+
+
+# The worked example is the tail of each default instruction, after this lead.
+EXAMPLE_LEADS = {"en": "For example:\n", "zh": "例如：\n"}
+EXAMPLE_TITLES = {"en": ["Weight", "Battery", "Price"], "zh": ["重量", "续航", "价格"]}
+DEFAULT_INSTRUCTIONS = {"en": FORMAT_INSTRUCTION_EN, "zh": FORMAT_INSTRUCTION_ZH}
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_default_prompt_renders_with_the_qwen2_vocabulary(qwen_tokenizer, language):
+    """The default prompt survives Qwen2's chat template and tokenizer unchanged (no lost or merged characters)."""
+    row = {"task": "Plan a trip." if language == "en" else "规划一次旅行。", "language": language}
+    prompt = build_prompt("planning", row)
+    assert prompt.endswith(DEFAULT_INSTRUCTIONS[language])
+    rendered = qwen_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+    assert prompt in rendered
+    ids = qwen_tokenizer.encode(rendered, add_special_tokens=False)
+    assert qwen_tokenizer.decode(ids) == rendered
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_worked_example_markers_tokenize_as_the_skeleton_processor_expects(qwen_tokenizer, language):
+    """The example block, written by a model token for token, parses into its titles: each `####` is a branch
+    token, each title ends on a colon token, `####%%%%` closes the block, and the lead-in line is the shared
+    prefix before the first `####`."""
+    from parallel_decoding import MarkerVocab, parse_skeleton
+
+    instruction = DEFAULT_INSTRUCTIONS[language]
+    example = instruction[instruction.index(EXAMPLE_LEADS[language]) + len(EXAMPLE_LEADS[language]):]
+    lead_in, _, block = example.partition("\n")
+    assert [line.startswith("####") for line in block.splitlines()] == [True] * 4 + [False]
+    assert block.splitlines()[3] == "####%%%%"
+    markers = MarkerVocab.from_tokenizer(qwen_tokenizer)
+    tokens = qwen_tokenizer.encode(example, add_special_tokens=False)
+    parsed = parse_skeleton(tokens, markers, qwen_tokenizer)
+    assert parsed is not None
+    assert parsed.titles == EXAMPLE_TITLES[language]
+    assert qwen_tokenizer.decode(tokens[: parsed.start]) == lead_in + "\n"
+    assert qwen_tokenizer.decode(parsed.closing) == "####%%%%"
+    assert all(markers.is_branch(prefix[0]) and prefix[-1] in markers.colon_ids for prefix in parsed.branch_prefixes)
+    assert "only these independent steps start with `####`" in FORMAT_INSTRUCTION_EN.lower()
+
+
+def test_a_format_instruction_is_appended_or_wraps_the_task_text():
+    row = make_retrieval_rows(4, 1, seed=1)[0]
+    text = task_text("retrieval", row)
+    assert build_prompt("retrieval", row) == f"{text}\n{FORMAT_INSTRUCTION_EN}"
+    assert build_prompt("retrieval", row, "Use ####T: blocks.") == f"{text}\nUse ####T: blocks."
+    assert build_prompt("retrieval", row, "Task:\n{task}\nFormat: {x}") == f"Task:\n{text}\nFormat: {{x}}"
+    zh_row = {"task": "规划一次旅行。"}
+    assert build_prompt("planning", zh_row, "Steps as ####T:") == f"{task_text('planning', zh_row)}\nSteps as ####T:"
+
+
+def test_read_format_prompt_checks_the_file(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffSteps as `####Title:`, then `####%%%%`.\n\n".encode("utf-8"))
+    assert read_format_prompt(good) == "Steps as `####Title:`, then `####%%%%`."
+    bad = {
+        "missing.txt": (None, "no such file"),
+        "empty.txt": (b" \n\t\n", "the file is empty"),
+        "latin1.txt": ("Schritte für ####".encode("latin-1"), "not UTF-8 text (invalid byte at offset 10)"),
+        "two.txt": (b"{task}\nand again {task}", "2 {task} placeholders; at most one is allowed"),
+    }
+    for name, (content, message) in bad.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(FormatPromptError) as error:
+            read_format_prompt(path)
+        assert str(error.value) == f"{path}: {message}"
+
+
+def test_format_prompt_digest_tells_instructions_apart():
+    assert format_prompt_digest(None) == format_prompt_digest(f"{FORMAT_INSTRUCTION_EN}\n{FORMAT_INSTRUCTION_ZH}")
+    assert format_prompt_digest("a") != format_prompt_digest("b") != format_prompt_digest(None)
+    assert len(format_prompt_digest("a")) == 64
 
 
 def test_unknown_task_is_rejected():

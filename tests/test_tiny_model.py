@@ -117,12 +117,24 @@ def test_reads_the_prompt_on_a_held_out_row(model, tokenizer):
     from parallel_decoding.tasks import build_prompt, load_dataset
 
     row = load_dataset("retrieval", REPO / "data" / "retrieval_4.jsonl")[0]
-    out = parallel_decode(model, tokenizer, build_prompt("retrieval", row), max_new_tokens=200)
+    prompt = build_prompt("retrieval", row, _model_format_prompt())
+    out = parallel_decode(model, tokenizer, prompt, max_new_tokens=200)
     assert out["fallback"] is None
     assert [b["title"] for b in out["branches"]] == [s["name"] for s in row["students"]]
     for branch, student in zip(out["branches"], row["students"]):
         assert branch["text"].startswith(f" GPA {format_gpa(student['gpa'])},"), branch
     assert "####%%%%" in out["response"] and "Final answer:" in out["response"]
+
+
+def _model_format_prompt() -> str:
+    from parallel_decoding.tasks import MODEL_FORMAT_PROMPT_FILE, read_format_prompt
+
+    return read_format_prompt(MODEL_DIR / MODEL_FORMAT_PROMPT_FILE)
+
+
+def test_the_model_keeps_the_format_instruction_it_was_trained_with(script):
+    """format_prompt.txt beside the weights is the training script's instruction (the prompt is part of the model)."""
+    assert _model_format_prompt() == script.FORMAT_INSTRUCTION
 
 
 def test_train_log_records_a_finished_run():
@@ -143,7 +155,7 @@ def test_tree_example_matches_the_engine_layout(script, tokenizer):
     row = script.make_rows(1, 0, 7)[0]
     ex = script.build_example(tokenizer, row)
     prefix_len = ex.segment.count(0)
-    sequential = chat_prompt_ids(tokenizer, build_prompt("retrieval", row))
+    sequential = chat_prompt_ids(tokenizer, build_prompt("retrieval", row, script.FORMAT_INSTRUCTION))
     sequential += tokenizer.encode(script.answer_full(row), add_special_tokens=False)
     sequential.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     assert [t for t, s in zip(ex.input_ids, ex.segment) if s in (0, 1)] == sequential
@@ -225,7 +237,7 @@ def test_structured_init_heads_on_a_prompt(script, tokenizer):
 
     model = _fresh_model(script, tokenizer)
     row = script.make_rows(1, 0, 3)[0]
-    ids = chat_prompt_ids(tokenizer, build_prompt("retrieval", row))
+    ids = chat_prompt_ids(tokenizer, build_prompt("retrieval", row, script.FORMAT_INSTRUCTION))
     with torch.no_grad():
         attn = model(torch.tensor([ids]), output_attentions=True).attentions[0][0]  # (H, T, T)
     positions = torch.arange(1, len(ids))
@@ -265,6 +277,8 @@ def test_training_is_deterministic(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
     assert (tmp_path / "a" / "loss.png").stat().st_size > 0
+    saved_instruction = (tmp_path / "a" / "format_prompt.txt").read_text(encoding="utf-8")
+    assert saved_instruction == _load_script().FORMAT_INSTRUCTION + "\n"
 
 
 def test_refuses_the_held_out_seed(tmp_path):
