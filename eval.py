@@ -276,6 +276,7 @@ def summary_table(summary):
         ("time (s, mean)", _fmt(summary.get("normal_time")), _fmt(summary.get("parallel_time"))),
         ("generated tokens (mean)", _fmt(summary.get("normal_length"), 1), _fmt(summary.get("parallel_length"), 1)),
         ("speed (tokens/s, mean)", _fmt(summary.get("normal_speed"), 2), _fmt(summary.get("parallel_speed"), 2)),
+        ("answers capped (rows)", _fmt(summary.get("normal_capped")), _fmt(summary.get("parallel_capped"))),
     ]
     if "normal_accuracy" in summary:
         table.append(("accuracy (exact match)", _fmt(summary["normal_accuracy"]),
@@ -304,6 +305,13 @@ def summary_notes(summary):
         f"speedup (mean parallel tokens/s / mean normal tokens/s): {_ratio(summary['speedup'])}",
         f"mean per-row time ratio (normal_time / parallel_time): {_ratio(summary['time_ratio'])}",
     ]
+    if summary.get("uncapped_rows") is None:
+        notes.append("caps: not recorded in this file (an earlier version or the reference); no uncapped speedup")
+    else:
+        uncapped = summary["uncapped_speedup"]
+        notes.append(f"rows capped in either mode: {summary['capped_rows']}; speedup over the "
+                     f"{summary['uncapped_rows']} rows neither mode capped: "
+                     f"{'-' if uncapped is None else f'{uncapped:.2f}x'}")
     if summary.get("fallback_reasons"):
         kinds = ", ".join(f"{kind} {count}" for kind, count in summary["fallback_reasons"].items())
         notes.append(f"fallback reasons: {kinds}")

@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 from parallel_decoding import distributed
+from parallel_decoding.comparison import MODES, BackendError, mode_generator, mode_order
+from parallel_decoding.comparison import attention_backends as choose_attention_backends
+from parallel_decoding.comparison import describe_attention
 from parallel_decoding.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
 from parallel_decoding.results import ResultsError, ResultsFile
 from parallel_decoding.tasks import (
@@ -38,13 +41,12 @@ from parallel_decoding.tasks import (
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
-MODES = ("normal", "parallel")
 RESULT_COLUMNS = (
     "full_prompt",
     "normal_response", "normal_time", "normal_length", "normal_speed",
     "parallel_response", "parallel_time", "parallel_length", "parallel_speed",
     "num_parallel_branches", "stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time",
-    "fallback", "error",
+    "fallback", "normal_caps", "parallel_caps", "first_mode", "normal_attention", "parallel_attention", "error",
     "settings",  # run_settings() of the run that made the row (parallel_decoding/results.py says why per row)
 )
 # The value a setting had in rows written before it was recorded (a key added to run_settings later goes here).
@@ -52,6 +54,8 @@ IMPLIED_SETTINGS = {
     # Rows recorded before the format instruction was: the project's default of that time (no worked example).
     "format_prompt": {"file": None,
                       "sha256": "cfef567291969f9ae0e9e6d891d577ac6eb300a086b0e22a1da60a86f3c3be84"},
+    # Rows recorded before max_new_tokens bounded the whole parallel answer (each branch had its own budget).
+    "token_budget": "each branch",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name": left to from_pretrained, not checked on disk
@@ -77,7 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_path", default=None,
                    help=f"local model directory or hub id (default: the embedded {DEFAULT_MODEL_PATH.name})")
     p.add_argument("--task", required=True, choices=list(TASKS))
-    p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="flash_attention_2: the project's Triton kernel for both modes (CUDA)")
+    p.add_argument("--normal_stock_flash_attn", action="store_true",
+                   help="with flash_attention_2: normal decoding on stock flash-attn (flash_attn package) instead")
     p.add_argument("--data_path", default=None, help="dataset file of the task's format (default: data/<task file>)")
     p.add_argument("--max_samples", type=int, default=None, help="use the first N rows of the dataset")
     p.add_argument("--output_dir", default="results")
@@ -85,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (both modes)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; each row uses seed + its row index")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; each mode of each row samples from its own stream derived from it")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -211,8 +219,14 @@ def run_settings(args) -> dict:
     return {
         "model": os.path.realpath(model) if os.path.isdir(model) else model,
         "dtype": str(dtype).removeprefix("torch."),
-        "attn_implementation": args.attn_implementation,
+        # the kernel choice: flash_attention_2 runs the project's kernel in both modes unless normal decoding was
+        # asked to run stock flash-attn
+        "attn_implementation": args.attn_implementation + ("+normal_stock_flash_attn"
+                                                           if args.normal_stock_flash_attn else ""),
         "max_new_tokens": args.max_new_tokens,
+        # what max_new_tokens bounds; rows made before it did so for the whole parallel answer (and before each
+        # mode sampled from its own stream) record no such key and are implied "each branch"
+        "token_budget": "whole answer",
         "do_sample": args.do_sample,
         "temperature": args.temperature if args.do_sample else None,
         "top_p": args.top_p if args.do_sample else None,
@@ -252,28 +266,19 @@ def register_branch_kernel() -> str:
     return name
 
 
-def attention_backends(attn_implementation: str, device) -> dict:
-    """Attention implementation per mode. With flash_attention_2 the parallel stage needs the project's branch-aware
-    Triton kernel; normal decoding uses stock flash-attn when installed, else the same kernel in causal mode."""
-    if attn_implementation != "flash_attention_2":
-        return {"normal": attn_implementation, "parallel": attn_implementation}
-    branch_kernel = register_branch_kernel()
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UsageError("--attn_implementation flash_attention_2 runs Triton kernels: it needs a CUDA device "
-                         "(or TRITON_INTERPRET=1 on a CPU, for correctness checks only)")
-    stock = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    return {"normal": "flash_attention_2" if stock else branch_kernel, "parallel": branch_kernel}
+def attention_backends(attn_implementation: str, device, normal_stock_flash_attn: bool = False) -> dict:
+    """Attention implementation per mode (parallel_decoding.comparison.attention_backends)."""
+    branch_kernel = register_branch_kernel() if attn_implementation == "flash_attention_2" else None
+    interpreter = False
+    if branch_kernel is not None:
+        from flash_attn_branch._mode import interpreter_enabled
 
-
-def describe_attention(requested: str, backends: dict) -> str:
-    if requested != "flash_attention_2":
-        return f"attention: {requested} for both modes"
-    if backends["normal"] == "flash_attention_2":
-        normal = "stock flash-attn (flash_attn package)"
-    else:
-        normal = f"the project's Triton kernel ({backends['normal']}) in causal mode, flash_attn not installed"
-    return (f"attention: parallel stage uses the project's branch-aware Triton kernel ({backends['parallel']}); "
-            f"normal decoding uses {normal}")
+        interpreter = interpreter_enabled()
+    try:
+        return choose_attention_backends(attn_implementation, branch_kernel, device, normal_stock_flash_attn,
+                                         interpreter, importlib.util.find_spec("flash_attn") is not None)
+    except BackendError as e:
+        raise UsageError(str(e)) from None
 
 
 def set_attention(model, attn_implementation: str) -> None:
@@ -334,8 +339,10 @@ def speed(length, seconds):
     return length / seconds if length is not None and seconds else None
 
 
-def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backends: dict, gen: dict) -> dict:
-    """Decode one row in each mode (normal first); a mode that raises is recorded in `error`, the other still runs."""
+def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backends: dict, gen: dict,
+            row_index: int = 0, seed: int = 0) -> dict:
+    """Decode one row in each mode, in the order `mode_order` gives for its index, each mode sampling from its own
+    generator; a mode that raises is recorded in `error`, the other still runs."""
     import torch
 
     from parallel_decoding import normal_decode, parallel_decode
@@ -343,12 +350,18 @@ def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backend
     result = dict(row)
     result.update({column: None for column in RESULT_COLUMNS})
     result["full_prompt"] = full_prompt
+    order = mode_order(row_index, modes)
+    result["first_mode"] = order[0]
     errors = []
-    for mode in modes:
+    for mode in order:
         decode = normal_decode if mode == "normal" else parallel_decode
         set_attention(model, backends[mode])
+        result[f"{mode}_attention"] = backends[mode]
+        mode_gen = dict(gen)
+        if gen.get("do_sample"):
+            mode_gen["generator"] = mode_generator(seed, row_index, mode, model.device)
         try:
-            out = decode(model, tokenizer, full_prompt, **gen)
+            out = decode(model, tokenizer, full_prompt, **mode_gen)
         except (ValueError, RuntimeError) as e:  # too-long prompt, CUDA out of memory (a RuntimeError), kernel errors
             errors.append(f"{mode}: {one_line(e)}")
             if isinstance(e, torch.OutOfMemoryError):
@@ -358,6 +371,7 @@ def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backend
         result[f"{mode}_time"] = out["time"]
         result[f"{mode}_length"] = out["length"]
         result[f"{mode}_speed"] = speed(out["length"], out["time"])
+        result[f"{mode}_caps"] = out["caps"]
         if mode == "parallel":
             result["num_parallel_branches"] = out["num_para"]
             result["stage1_response"] = out["stage1_response"]
@@ -454,7 +468,7 @@ def run(args, ranks: Ranks) -> int:
                 existing = earlier_rows(args, results_file, settings, log)
             modes = run_modes(args)
             device, dtype = choose_device(args, ranks)
-            backends = attention_backends(args.attn_implementation, device)
+            backends = attention_backends(args.attn_implementation, device, args.normal_stock_flash_attn)
         except (UsageError, DatasetError, FormatPromptError, ResultsError, DistributedError) as e:
             error = e
         except KeyboardInterrupt:
@@ -487,13 +501,12 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
     One process, or tensor parallel: rank 0 rewrites the results file after each row. Data parallel: each rank
     decodes its share of the rows and adds each finished row to its own shard; rank 0 merges the shards into the
     results file once all ranks are done (and, at the start, merges those an interrupted run left)."""
-    import torch
     from tqdm import tqdm
 
     from parallel_decoding import chat_prompt_ids
 
     out_path = results_file.path
-    log(describe_attention(args.attn_implementation, backends))
+    log(describe_attention(backends))
     log(format_prompt.describe())
     log(f"model {settings['model']} {describe_placement(args, ranks, model, device)} "
         f"({str(dtype).replace('torch.', '')}); task {args.task}; {len(rows)} rows in {data_path}; output {out_path}")
@@ -552,9 +565,9 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
                    disable=not ranks.is_main)
     try:
         for i in mine:
-            if args.do_sample:
-                torch.manual_seed(args.seed + i)  # the same on every rank: tensor-parallel ranks draw the same tokens
-            results[i] = run_row(model, tokenizer, rows[i], prompts[i], modes, backends, gen)
+            # Sampling draws from a generator seeded by (seed, row, mode): the same on every rank, so tensor-parallel
+            # ranks pick the same tokens, and a row decoded by any data-parallel rank samples as in one process.
+            results[i] = run_row(model, tokenizer, rows[i], prompts[i], modes, backends, gen, row_index=i, seed=args.seed)
             results[i]["settings"] = settings
             if shard is not None:
                 shard.add(i, results[i])

@@ -227,7 +227,7 @@ def parallel_decode(
     timer = StageTimer.for_model(model)
 
     cache = new_cache(model)
-    # Room for the answer plus one skeleton of titles and ellipses on top of it.
+    # Room for the whole answer: the budget bounds skeletons, merged blocks and continuation alike.
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
     skeleton = SkeletonLogitsProcessor(prompt_length=len(prompt_ids), markers=markers)
     processor = LogitsProcessorList([skeleton, *(logits_processor or [])])
@@ -285,8 +285,8 @@ def parallel_decode(
         budget_hit = False
         if block.branch_prefixes:
             prefix_len = seq.prompt_len + block_start
+            per_branch = room if max_branch_tokens is None else min(room, max_branch_tokens)
             if room >= len(block.branch_prefixes):  # else not even one step of all branches fits
-                per_branch = room if max_branch_tokens is None else min(room, max_branch_tokens)
                 results = decode_branches_cached(
                     model, cache, prefix_len, block.branch_prefixes, per_branch,
                     stop_token_ids=stop_ids | markers.branch_ids, sampler=config.sampler, max_total_tokens=room,

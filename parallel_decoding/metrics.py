@@ -174,6 +174,13 @@ def row_speed(row, mode):
     return length / time_s
 
 
+def row_capped(row, mode):
+    """Whether ``mode`` hit a cap in this row (``<mode>_caps`` non-empty: e.g. the answer reached max_new_tokens);
+    None when the row does not record it (files of earlier versions and of the reference)."""
+    caps = row.get(f"{mode}_caps")
+    return bool(caps) if isinstance(caps, list) else None
+
+
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -193,7 +200,10 @@ def speed_summary(rows):
     - ``<mode>_time``: mean wall time (s); ``<mode>_length``: mean generated tokens;
     - ``<mode>_speed``: mean of per-row ``length / time`` (tokens/s);
     - ``speedup``: mean parallel tokens/s / mean normal tokens/s;
-    - ``time_ratio``: mean of per-row ``normal_time / parallel_time``.
+    - ``time_ratio``: mean of per-row ``normal_time / parallel_time``;
+    - ``<mode>_capped``: rows where that mode hit a cap; ``capped_rows``: rows where either did;
+      ``uncapped_rows`` and ``uncapped_speedup``: the rows where neither did (both modes then stopped on their own,
+      so they did comparable work) and the speedup over them. All None when the file records no caps.
     """
     modes = [m for m in MODES if any(not is_blank(r.get(f"{m}_time")) for r in rows)]
     error_rows = [r for r in rows if not is_blank(r.get("error"))]
@@ -221,7 +231,25 @@ def speed_summary(rows):
         summary["time_ratio"] = _mean(as_number(r["normal_time"]) / as_number(r["parallel_time"]) for r in usable)
     else:
         summary["time_ratio"] = None
+    summary.update(_cap_summary(usable, modes))
     return summary
+
+
+def _cap_summary(usable, modes):
+    recorded = any(row_capped(r, m) is not None for r in usable for m in modes)
+    out = {f"{mode}_capped": None for mode in MODES}
+    out.update(capped_rows=None, uncapped_rows=None, uncapped_speedup=None)
+    if not recorded:
+        return out
+    for mode in modes:
+        out[f"{mode}_capped"] = sum(row_capped(r, mode) is True for r in usable)
+    out["capped_rows"] = sum(any(row_capped(r, m) is True for m in modes) for r in usable)
+    uncapped = [r for r in usable if all(row_capped(r, m) is False for m in modes)]
+    out["uncapped_rows"] = len(uncapped)
+    normal = _mean(row_speed(r, "normal") for r in uncapped) if "normal" in modes else None
+    parallel = _mean(row_speed(r, "parallel") for r in uncapped) if "parallel" in modes else None
+    out["uncapped_speedup"] = parallel / normal if normal and parallel is not None else None
+    return out
 
 
 def answer_metrics(rows, task):

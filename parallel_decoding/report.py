@@ -20,11 +20,12 @@ SUMMARY_SUFFIX = ".summary.json"
 REPORT_FILES = ("report.csv", "report.md", "report.png")
 
 # One CSV column per entry, in this order. Every column but model, dataset and path is the summary field of the same
-# name (see docs/eval.md); fields added by later versions (step_ratio, capped_rows) are empty for older summaries.
+# name (see docs/eval.md); fields added by later versions (step_ratio, uncapped_speedup, capped_rows) are empty for
+# older summaries.
 REPORT_COLUMNS = (
     "model", "dataset", "task", "rows",
     "normal_time", "parallel_time", "normal_length", "parallel_length", "normal_speed", "parallel_speed",
-    "speedup", "step_ratio",
+    "speedup", "uncapped_speedup", "step_ratio",
     "normal_accuracy", "parallel_accuracy", "normal_f1", "parallel_f1", "normal_score", "parallel_score",
     "format_adherence",
     "fallback_rows", "error_rows", "capped_rows",
@@ -42,6 +43,7 @@ TABLE_COLUMNS = (
     ("tokens (n / p)", ("normal_length", "parallel_length"), 1),
     ("tokens/s (n / p)", ("normal_speed", "parallel_speed"), 1),
     ("speedup", ("speedup",), 2),
+    ("uncapped speedup", ("uncapped_speedup",), 2),
     ("step ratio", ("step_ratio",), 2),
     ("exact match (n / p)", ("normal_accuracy", "parallel_accuracy"), 3),
     ("F1 (n / p)", ("normal_f1", "parallel_f1"), 3),
@@ -192,7 +194,8 @@ def format_markdown(rows: list, folder) -> str:
     headers, lines = table(rows)
     out = [f"# Runs under {folder}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in lines]
-    out += ["", "n / p: normal / parallel decoding. speedup: mean parallel tokens/s over mean normal tokens/s. "
+    out += ["", "n / p: normal / parallel decoding. speedup: mean parallel tokens/s over mean normal tokens/s; "
+            "uncapped speedup: the same over the rows neither mode capped (capped: rows either mode capped). "
             "adherence: share of rows whose parallel answer wrote a closed `####` block. Empty: the summary has "
             "no such figure. See docs/eval.md."]
     return "\n".join(out) + "\n"

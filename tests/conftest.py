@@ -6,8 +6,10 @@ import os
 import sys
 from pathlib import Path
 
-# The kernel tests run Triton's interpreter on CPU tensors; it must be chosen before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernel tests run Triton's interpreter on CPU tensors; it must be chosen before triton is imported. Forced, not
+# defaulted: a TRITON_INTERPRET=0 left in the shell would otherwise turn every kernel test into a skip or a failure
+# (the GPU-only tests start their own processes without it).
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -491,6 +491,31 @@ def test_no_judge_reference_speed_arithmetic(tmp_path, capsys):
     assert "speedup (mean parallel tokens/s / mean normal tokens/s): 2.00x" in out
     assert "mean per-row time ratio (normal_time / parallel_time): 2.50x" in out
     assert (tmp_path / "ref.png").exists() and (tmp_path / "ref.summary.md").exists()
+    # the reference records no caps: counts unknown, not zero
+    assert s["capped_rows"] is None and s["uncapped_rows"] is None and s["uncapped_speedup"] is None
+    assert "caps: not recorded in this file" in out
+
+
+def test_speedup_over_rows_neither_mode_capped(tmp_path, capsys):
+    rows = reference_retrieval_rows()  # per-row tokens/s normal 20, 30, 10; parallel 40, 50, 30
+    rows[0].update(normal_caps=["the answer reached max_new_tokens (200)"], parallel_caps=[])
+    rows[1].update(normal_caps=[], parallel_caps=["block 0: the branches used the answer's budget"])
+    rows[2].update(normal_caps=[], parallel_caps=[])
+    path = write_jsonl(tmp_path / "capped.jsonl", rows)
+    assert eval_cli.main(["--df_path", str(path), "--task", "retrieval", "--no_judge"]) == 0
+    s = json.loads((tmp_path / "capped.summary.json").read_text())
+    assert s["speedup"] == pytest.approx(2.0)  # all rows
+    assert (s["normal_capped"], s["parallel_capped"], s["capped_rows"], s["uncapped_rows"]) == (1, 1, 2, 1)
+    assert s["uncapped_speedup"] == pytest.approx(30 / 10)  # row 3 only
+    out = capsys.readouterr().out
+    assert "rows capped in either mode: 2; speedup over the 1 rows neither mode capped: 3.00x" in out
+    assert any(line.split() == ["answers", "capped", "(rows)", "1", "1"] for line in out.splitlines())
+    # a results file of this version with one mode only: caps of that mode
+    for row in rows:
+        for column in ("parallel_response", "parallel_time", "parallel_length", "parallel_caps"):
+            row.pop(column)
+    s = metrics.speed_summary(rows)
+    assert (s["normal_capped"], s["parallel_capped"], s["uncapped_rows"], s["uncapped_speedup"]) == (1, None, 2, None)
 
 
 def test_error_rows_leave_the_means_and_fallbacks_are_counted(tmp_path):

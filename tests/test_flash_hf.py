@@ -4,10 +4,6 @@ Every check compares against the eager model given the equivalent 4D mask, on ra
 through the Triton interpreter on the CPU.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first decorated (they load lazily)
-
 import inspect
 import sys
 from pathlib import Path
@@ -21,9 +17,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 
 from flash_attn_branch import branch_ids_for_engine_layout, branch_visibility_mask  # noqa: E402
 from flash_attn_branch.hf import register  # noqa: E402
-
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="these tests run the kernels on the CPU interpreter (TRITON_INTERPRET=1)")
 
 BACKEND = register()
 VOCAB = 61

@@ -90,8 +90,14 @@ def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
     out = tmp_path / "tiny-qwen2" / f"{data_path.stem}.jsonl"
     rows, dataset = _read(out), load_dataset(task, data_path)[:2]
     assert len(rows) == 2
+    assert [r["first_mode"] for r in rows] == ["normal", "parallel"]  # the order alternates per row
     for row, source in zip(rows, dataset):
         assert list(row) == list(source) + list(generate.RESULT_COLUMNS)
+        assert row["normal_attention"] == row["parallel_attention"] == "sdpa"
+        for mode in ("normal", "parallel"):
+            assert isinstance(row[f"{mode}_caps"], list)
+            if mode == "normal" or not row["branches"]:  # sequential: capped exactly when it used the whole budget
+                assert bool(row[f"{mode}_caps"]) == (row[f"{mode}_length"] == MAX_NEW_TOKENS)
         assert {k: row[k] for k in source} == source
         assert row["full_prompt"] == build_prompt(task, source)
         assert row["error"] is None
@@ -114,6 +120,50 @@ def test_default_embedded_model_writes_branches(tmp_path):
     (row,) = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
     assert row["num_parallel_branches"] == len(row["students"]) == 4 and row["fallback"] is None
     assert row["normal_response"] and row["parallel_response"].count("####") == 5  # 4 steps + ####%%%%
+
+
+def test_embedded_model_modes_alone_reproduce_both_with_sampling(tmp_path):
+    """Each mode of each row samples from its own generator: --modes parallel and --modes normal give exactly the
+    two halves of --modes both (CPU, float32), branches included; the order alternates per row."""
+    if not generate.DEFAULT_MODEL_PATH.is_dir():
+        pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
+    runs = {}
+    for modes in ("both", "parallel", "normal"):
+        assert generate.main(["--task", "retrieval", "--max_samples", "2", "--max_new_tokens", "96", "--do_sample",
+                              "--seed", "7", "--modes", modes, "--output_dir", str(tmp_path / modes)]) == 0
+        runs[modes] = _read(tmp_path / modes / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
+    both = runs["both"]
+    assert [r["first_mode"] for r in both] == ["normal", "parallel"]
+    parallel_columns = ("parallel_response", "parallel_length", "parallel_caps", "num_parallel_branches",
+                        "stage1_response", "branches", "fallback")
+    for row, alone in zip(both, runs["parallel"]):
+        assert row["num_parallel_branches"] == 4 and row["fallback"] is None  # the embedded model branches
+        assert {c: alone[c] for c in parallel_columns} == {c: row[c] for c in parallel_columns}
+        assert alone["normal_response"] is None and alone["first_mode"] == "parallel"
+        assert row["normal_attention"] == row["parallel_attention"] == "sdpa"
+    for row, alone in zip(both, runs["normal"]):
+        assert (alone["normal_response"], alone["normal_length"], alone["normal_caps"]) == \
+            (row["normal_response"], row["normal_length"], row["normal_caps"])
+        assert alone["parallel_response"] is None and alone["parallel_attention"] is None
+    assert generate.main(["--task", "retrieval", "--max_samples", "2", "--max_new_tokens", "96", "--do_sample",
+                          "--seed", "8", "--modes", "parallel", "--output_dir", str(tmp_path / "seed8")]) == 0
+    other_seed = _read(tmp_path / "seed8" / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
+    assert [r["branches"] for r in other_seed] != [r["branches"] for r in both]  # the seed reaches the branches
+
+
+def test_caps_are_recorded_per_mode(tmp_path):
+    """A budget too small for the embedded model's answers caps both modes, and the parallel answer stays within
+    it: the whole answer, branches included, counts against --max_new_tokens."""
+    if not generate.DEFAULT_MODEL_PATH.is_dir():
+        pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
+    assert generate.main(["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "40",
+                          "--output_dir", str(tmp_path)]) == 0
+    (row,) = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
+    assert row["num_parallel_branches"] == 4
+    assert row["normal_length"] == 40 and row["normal_caps"] == ["the answer reached max_new_tokens (40)"]
+    assert row["parallel_length"] <= 40
+    assert any("the branch stage stopped" in c for c in row["parallel_caps"])
+    assert {b["stop"] for b in row["branches"]} <= {"budget", "stop_token"}
 
 
 # --- resume, overwrite, modes ---------------------------------------------------------------------------------
@@ -179,9 +229,16 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     out.parent.mkdir(parents=True)
     settings = generate.run_settings(generate.parse_args(args))
     assert settings == {"model": str(model_dir.resolve()), "dtype": "float32", "attn_implementation": "sdpa",
-                        "max_new_tokens": MAX_NEW_TOKENS, "do_sample": False, "temperature": None, "top_p": None,
-                        "seed": None, "modes": ["normal", "parallel"],
+                        "max_new_tokens": MAX_NEW_TOKENS, "token_budget": "whole answer", "do_sample": False,
+                        "temperature": None, "top_p": None, "seed": None, "modes": ["normal", "parallel"],
                         "format_prompt": {"file": None, "sha256": format_prompt_digest(None)}}
+    stock = generate.run_settings(generate.parse_args(
+        [*args, "--attn_implementation", "flash_attention_2", "--normal_stock_flash_attn"]))
+    assert stock["attn_implementation"] == "flash_attention_2+normal_stock_flash_attn"
+    # rows of the version before max_new_tokens bounded the whole parallel answer are not resumed
+    before_budget = {k: v for k, v in settings.items() if k != "token_budget"}
+    out.write_text(json.dumps(_finished_row(before_budget)) + "\n", encoding="utf-8")
+    assert 'token_budget: "each branch" -> "whole answer"' in _bad_input(capsys, args)
     out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
     before = out.read_text(encoding="utf-8")
     real_load_model = generate.load_model
@@ -332,10 +389,11 @@ def test_row_errors_are_recorded_and_the_run_goes_on(tmp_path, model_dir, capsys
     assert generate.main(_args(short, tmp_path, "--task", "retrieval", "--data_path", str(data))) == 0
     rows = _read(tmp_path / "short-context" / "mixed.jsonl")
     assert [r["error"] is None for r in rows] == [True, False, True]
-    assert rows[1]["error"].startswith("normal: ValueError: the prompt has ")
-    assert "; parallel: ValueError: the prompt has " in rows[1]["error"]
+    assert rows[1]["first_mode"] == "parallel"  # odd row: errors in the order the modes ran
+    assert rows[1]["error"].startswith("parallel: ValueError: the prompt has ")
+    assert "; normal: ValueError: the prompt has " in rows[1]["error"]
     assert rows[1]["normal_response"] is None and rows[2]["normal_response"] is not None
-    assert "row 1: normal: ValueError" in capsys.readouterr().err
+    assert "row 1: parallel: ValueError" in capsys.readouterr().err
 
 
 # --- bad input: one line, exit 2, nothing written over ---------------------------------------------------------
@@ -380,6 +438,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     broken.write_text('{"prompt": "a"}\n{"question": "b"}\n')
     assert f"{broken}:2: row has no 'prompt' field" in _bad_input(capsys, [*base, "--data_path", str(broken)])
     assert "--max_samples must be >= 1" in _bad_input(capsys, [*base, "--max_samples", "0"])
+    elsewhere = ["--model_path", str(model_dir), "--task", "retrieval", "--output_dir", str(tmp_path / "other")]
+    assert "--normal_stock_flash_attn needs --attn_implementation flash_attention_2" in \
+        _bad_input(capsys, [*elsewhere, "--normal_stock_flash_attn"])
     assert f"{sentinel}:1: does not parse as JSON (Expecting value); pass --overwrite to start again" in \
         _bad_input(capsys, base)
     assert sentinel.read_text() == "earlier results\n"
@@ -494,18 +555,43 @@ def test_output_path_naming():
 def test_flash_attention_backends_per_mode(monkeypatch):
     import torch
 
+    from parallel_decoding.comparison import attention_backends, describe_attention
     from parallel_decoding.model_io import BRANCH_KERNEL
 
-    cpu = torch.device("cpu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert generate.attention_backends("sdpa", cpu) == {"normal": "sdpa", "parallel": "sdpa"}
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(generate.UsageError, match="needs a CUDA device"):
-        generate.attention_backends("flash_attention_2", cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    backends = generate.attention_backends("flash_attention_2", cpu)
-    assert backends == {"normal": BRANCH_KERNEL, "parallel": BRANCH_KERNEL}  # no stock flash-attn on a CPU
-    assert "normal decoding uses the project's Triton kernel" in generate.describe_attention("flash_attention_2",
-                                                                                            backends)
+    backends = generate.attention_backends("flash_attention_2", cpu)  # tests run Triton's interpreter
+    assert backends == {"normal": BRANCH_KERNEL, "parallel": BRANCH_KERNEL}  # one kernel for sequential steps
+    assert "for both modes, causal for sequential steps, branch-aware for tree steps" in describe_attention(backends)
+    # on a GPU with flash_attn installed the default is still the project's kernel for both modes ...
+    assert attention_backends("flash_attention_2", BRANCH_KERNEL, cuda, False, False, True) == backends
+    # ... and stock flash-attn for normal decoding only on request
+    stock = attention_backends("flash_attention_2", BRANCH_KERNEL, cuda, True, False, True)
+    assert stock == {"normal": "flash_attention_2", "parallel": BRANCH_KERNEL}
+    assert "normal decoding uses stock flash-attn" in describe_attention(stock)
+    with pytest.raises(generate.UsageError, match="--normal_stock_flash_attn needs a CUDA device"):
+        generate.attention_backends("flash_attention_2", cpu, normal_stock_flash_attn=True)
+    with pytest.raises(generate.UsageError, match="needs --attn_implementation flash_attention_2"):
+        generate.attention_backends("sdpa", cpu, normal_stock_flash_attn=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        attention_backends("flash_attention_2", BRANCH_KERNEL, cpu, False, False, False)
+
+
+def test_flash_attention_rows_run_one_kernel_in_both_modes(model_dir, tokenizer):
+    """Under Triton's interpreter (slow: a two-token prompt, three tokens per mode, run_row without the CLI)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    backends = generate.attention_backends("flash_attention_2", torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=backends["normal"]).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
+    row = generate.run_row(model, tokenizer, {"prompt": "Hi"}, "Hi", generate.MODES, backends,
+                           {"max_new_tokens": 3, "do_sample": False})
+    assert row["error"] is None and row["normal_length"] == row["parallel_length"] == 3
+    assert row["normal_response"] == row["parallel_response"]  # no block: the same sequential steps, same kernel
+    assert row["normal_attention"] == row["parallel_attention"] == "branch_attention" and row["first_mode"] == "normal"
+    assert set(seen) == {"branch_attention"} and len(seen) >= 6
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="the Triton kernel needs a CUDA device")
@@ -515,7 +601,7 @@ def test_cli_flash_attention_on_gpu(tmp_path, model_dir):
                           capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stderr
-    assert "parallel stage uses the project's branch-aware Triton kernel" in proc.stderr
+    assert "the project's Triton kernel (branch_attention) for both modes" in proc.stderr
     rows = _read(tmp_path / "tiny-qwen2" / "retrieval_4.jsonl")
     assert len(rows) == 2 and all(r["error"] is None and r["parallel_length"] >= 1 for r in rows)
 

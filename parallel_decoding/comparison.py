@@ -1,0 +1,76 @@
+"""What makes the normal and the parallel run of one row comparable, beyond sharing the engine's decode loop.
+
+- **Random streams.** Each mode of each row samples from its own ``torch.Generator``, seeded with
+  :func:`mode_seed` (``--seed``, the row's index in the dataset file, the mode). A mode's answer then depends on
+  nothing the other mode did, so ``--modes parallel`` reproduces the parallel half of ``--modes both`` exactly.
+- **Order.** :func:`mode_order`: even rows run normal first, odd rows parallel first, so whatever the first run
+  of a row pays (or leaves warm: caches, allocator, clocks) falls on each mode for half the rows.
+- **Kernel.** :func:`attention_backends`: the same attention kernel for the same kind of step. Sequential steps of
+  both modes run one kernel; only the parallel mode's tree steps (branch prefill and branch decoding) use the
+  branch mask. With ``flash_attention_2`` that kernel is the project's Triton kernel, in causal mode for sequential
+  steps, as in ``python -m parallel_decoding.bench``; stock flash-attn for normal decoding only on request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+MODES = ("normal", "parallel")
+STOCK_FLASH = "flash_attention_2"  # transformers' name for the flash_attn package
+
+
+def mode_seed(seed: int, row_index: int, mode: str) -> int:
+    """Seed of one mode of one row: the first 8 bytes (little-endian) of SHA-256 of ``"{seed}:{row_index}:{mode}"``,
+    cut to 63 bits. Stable across processes, machines and Python versions (unlike ``hash``)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    digest = hashlib.sha256(f"{seed}:{row_index}:{mode}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def mode_generator(seed: int, row_index: int, mode: str, device):
+    """A ``torch.Generator`` on ``device`` (where the logits are sampled) seeded with :func:`mode_seed`."""
+    import torch
+
+    return torch.Generator(device=device).manual_seed(mode_seed(seed, row_index, mode))
+
+
+def mode_order(row_index: int, modes: tuple[str, ...]) -> tuple[str, ...]:
+    """The order the modes of row ``row_index`` run in: as given on even rows, reversed on odd rows."""
+    return tuple(modes) if row_index % 2 == 0 else tuple(reversed(modes))
+
+
+class BackendError(ValueError):
+    """An attention choice this machine cannot run (the CLI prints it as a usage error)."""
+
+
+def attention_backends(attn_implementation: str, branch_kernel: str | None, device, stock_flash_for_normal: bool,
+                       interpreter: bool, stock_flash_installed: bool) -> dict[str, str]:
+    """transformers attention name per mode.
+
+    ``branch_kernel``: the name the project's Triton kernel is registered under (needed for ``flash_attention_2``).
+    ``stock_flash_for_normal`` runs normal decoding on stock flash-attn instead (a different kernel from the
+    parallel mode's sequential steps: a comparison of kernels as much as of decoding schemes).
+    """
+    if stock_flash_for_normal and attn_implementation != "flash_attention_2":
+        raise BackendError("--normal_stock_flash_attn needs --attn_implementation flash_attention_2")
+    if attn_implementation != "flash_attention_2":
+        return {"normal": attn_implementation, "parallel": attn_implementation}
+    if device.type != "cuda" and not interpreter:
+        raise BackendError("--attn_implementation flash_attention_2 runs Triton kernels: it needs a CUDA device "
+                           "(or TRITON_INTERPRET=1 on a CPU, for correctness checks only)")
+    if stock_flash_for_normal and not (device.type == "cuda" and stock_flash_installed):
+        raise BackendError("--normal_stock_flash_attn needs a CUDA device and the flash_attn package")
+    return {"normal": STOCK_FLASH if stock_flash_for_normal else branch_kernel, "parallel": branch_kernel}
+
+
+def describe_attention(backends: dict[str, str]) -> str:
+    """One log line naming the kernel of each kind of step."""
+    normal, parallel = backends["normal"], backends["parallel"]
+    if normal == parallel:
+        if parallel in ("sdpa", "eager"):
+            return f"attention: {parallel} for both modes (tree steps with a 4D branch mask)"
+        return (f"attention: the project's Triton kernel ({parallel}) for both modes, causal for sequential steps, "
+                f"branch-aware for tree steps")
+    return (f"attention: normal decoding uses stock flash-attn ({normal}); parallel decoding uses the project's "
+            f"Triton kernel ({parallel}) for all of its steps")
