@@ -2,6 +2,9 @@
 
     python generate.py --task retrieval                       # the embedded tiny model, data/retrieval_4.jsonl
     python generate.py --model_path Qwen/Qwen2.5-7B-Instruct --task planning --attn_implementation sdpa
+    torchrun --nproc_per_node 8 generate.py --tp --model_path Qwen/Qwen2.5-72B-Instruct --task planning
+    torchrun --nproc_per_node 4 generate.py --data_parallel --model_path Qwen/Qwen2.5-7B-Instruct --task retrieval
+    python generate.py --device_map auto --model_path Qwen/Qwen2.5-72B-Instruct --task planning
 
 Output: <output_dir>/<basename of model_path>/<stem of dataset file>.jsonl, one JSON object per dataset row: the
 row's own columns, then the columns in RESULT_COLUMNS. The file is rewritten atomically after every row, so an
@@ -13,14 +16,17 @@ time writes a results file (a lock beside it). See docs/generate.md.
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import sys
 from pathlib import Path
 
+from parallel_decoding import distributed
 from parallel_decoding.comparison import MODES, BackendError, mode_generator, mode_order
 from parallel_decoding.comparison import attention_backends as choose_attention_backends
 from parallel_decoding.comparison import describe_attention
+from parallel_decoding.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
 from parallel_decoding.results import ResultsError, ResultsFile
 from parallel_decoding.tasks import (
     TASKS,
@@ -101,6 +107,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="UTF-8 text file that replaces the format instruction; a {task} placeholder in it wraps the "
                         "task text (default: the model directory's format_prompt.txt, else the project's)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom modeling code from the model repo")
+    scale = p.add_argument_group("more than one device (docs/generate.md)")
+    scale.add_argument("--tp", action="store_true",
+                       help="tensor parallel over the processes of `torchrun --nproc_per_node N` (one model, sharded)")
+    scale.add_argument("--data_parallel", action="store_true",
+                       help="data parallel over the processes of `torchrun --nproc_per_node N` (a full model each)")
+    scale.add_argument("--device_map", default=None,
+                       help="spread one model over devices with accelerate: auto, balanced, balanced_low_0, "
+                            "sequential, or a JSON file {module name: device}")
+    scale.add_argument("--offload_folder", default=None, help="where --device_map puts layers mapped to \"disk\"")
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max_samples must be >= 1, got {args.max_samples}")
@@ -110,10 +125,67 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    check_scale_flags(args)
     if args.compile == "on" and args.attn_implementation == "flash_attention_2":
         raise UsageError("--compile on needs --attn_implementation sdpa or eager (the fast path builds its own mask "
                          "over the KV arena; the Triton kernel runs eagerly)")
+    if args.compile == "on" and (args.tp or args.device_map is not None):
+        raise UsageError(f"--compile on with {'--tp' if args.tp else '--device_map'} is not supported: the KV arena "
+                         f"holds every head of every layer on one device; use --compile off")
     return args
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_scale_flags(args) -> None:
+    """The combinations of --tp, --data_parallel, --device_map and --device that this script runs."""
+    if args.tp and args.data_parallel:
+        raise UsageError("--tp with --data_parallel is not supported; use one of them (tensor parallel shards one "
+                         "model over all processes, data parallel gives each process a full model)")
+    if args.device_map is not None and (args.tp or args.data_parallel):
+        raise UsageError(f"--device_map with {'--tp' if args.tp else '--data_parallel'} is not supported: "
+                         f"--device_map spreads one model over the devices of a single process")
+    if args.device is not None and (args.tp or args.device_map is not None):
+        raise UsageError(f"--device with {'--tp' if args.tp else '--device_map'}: the devices are chosen for you "
+                         f"({'cuda:LOCAL_RANK per process' if args.tp else 'by accelerate'}); drop --device")
+    if args.offload_folder is not None and args.device_map is None:
+        raise UsageError("--offload_folder is only used with --device_map")
+    if args.device_map is not None and args.device_map not in DEVICE_MAP_STRATEGIES:
+        args.device_map = read_device_map(args.device_map)
+
+
+def read_device_map(path: str) -> dict:
+    try:
+        device_map = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"--device_map {path}: not one of {', '.join(DEVICE_MAP_STRATEGIES)} and not a readable "
+                         f"file ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--device_map {path}: does not parse as JSON ({e})") from None
+    if not isinstance(device_map, dict) or not all(isinstance(k, str) and isinstance(v, (str, int))
+                                                   for k, v in device_map.items()):
+        raise UsageError(f"--device_map {path}: expected a JSON object {{module name: device}}, "
+                         f"e.g. {{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}}")
+    for module, device in device_map.items():
+        if not usable_map_device(device):
+            raise UsageError(f"--device_map {path}: {module!r} -> {device!r} is not a device of this machine "
+                             f"(use \"cpu\", \"disk\", or a CUDA index such as 0 or \"cuda:0\")")
+    return device_map
+
+
+def usable_map_device(device) -> bool:
+    """"cpu", "disk", or a CUDA device (0, "0", "cuda", "cuda:0") that this machine has."""
+    import torch
+
+    if device in ("cpu", "disk"):
+        return True
+    text = str(device).removeprefix("cuda").removeprefix(":") or "0"
+    return text.isdigit() and int(text) < torch.cuda.device_count()
+
+
+def run_mode(args) -> str:
+    return TENSOR_PARALLEL if args.tp else DATA_PARALLEL if args.data_parallel else SINGLE
 
 
 # --- inputs and the output file ---------------------------------------------------------------------------------
@@ -225,11 +297,11 @@ def set_attention(model, attn_implementation: str) -> None:
         model.set_attn_implementation(attn_implementation)
 
 
-def choose_device(args):
+def choose_device(args, ranks: Ranks = Ranks()):
     import torch
 
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = ranks.device(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -238,17 +310,25 @@ def choose_device(args):
     return device, dtype
 
 
-def load_model(args, model_path: str, attn_implementation: str, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(args, model_path: str, attn_implementation: str, device, dtype, ranks: Ranks = Ranks()):
+    """The tokenizer and the model: on `device`, sharded over the ranks (--tp) or spread by --device_map."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation, "trust_remote_code": args.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=args.trust_remote_code)
+        if ranks.mode == TENSOR_PARALLEL:
+            config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+            distributed.check_heads_divide(config, ranks.world_size, model_path)
+            kwargs.update(distributed.tensor_parallel_kwargs(ranks.world_size))
+        elif args.device_map is not None:
+            kwargs.update(distributed.device_map_kwargs(args.device_map, args.offload_folder))
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise UsageError(f"cannot load model {model_path}: {one_line(e)}") from None
-    model.to(device).eval()
-    return model, tokenizer
+    if ranks.mode != TENSOR_PARALLEL and args.device_map is None:
+        model.to(device)
+    return model.eval(), tokenizer
 
 
 def usable_context(model, max_new_tokens: int):
@@ -260,10 +340,11 @@ def usable_context(model, max_new_tokens: int):
 # --- decoding ---------------------------------------------------------------------------------------------------
 
 def compile_setting(args, device) -> bool:
-    """--compile resolved for this run: the fast path builds its own mask, so the Triton kernel keeps the eager one."""
+    """--compile resolved for this run: the fast path builds its own mask, so the Triton kernel keeps the eager one,
+    and its arena holds every layer's heads on one device, so a model split by --tp or --device_map does too."""
     from parallel_decoding.decoders import compile_enabled
 
-    if args.attn_implementation == "flash_attention_2":
+    if args.attn_implementation == "flash_attention_2" or args.tp or args.device_map is not None:
         return False
     return compile_enabled(args.compile, device)
 
@@ -352,15 +433,17 @@ def mean_speedup(rows: list):
 
 
 def earlier_rows(args, results_file: ResultsFile, settings: dict, log) -> list:
-    """The rows an earlier run left in the results file (none with --overwrite); SettingsMismatch if they were made
-    with other settings. Call with the file locked, so that no other run changes it after this read."""
+    """The rows an earlier run left in the results file (none with --overwrite); SettingsMismatch if they, or the
+    rows in the shards of an interrupted data-parallel run, were made with other settings. Call with the file
+    locked, so that no other run changes it after this read."""
     if args.overwrite:
         return []
     try:
         existing = results_file.read()
+        shard_rows = [row for _, row in results_file.read_shards()]
     except ResultsError as e:
         raise ResultsError(f"{e}; pass --overwrite to start again") from None
-    unrecorded = results_file.check_settings(existing, settings, IMPLIED_SETTINGS)
+    unrecorded = results_file.check_settings(existing + shard_rows, settings, IMPLIED_SETTINGS)
     if unrecorded:
         log(f"{unrecorded} rows of {results_file} record no settings (an earlier version or the reference "
             f"implementation wrote them): kept and resumed as if made with this run's settings")
@@ -368,12 +451,38 @@ def earlier_rows(args, results_file: ResultsFile, settings: dict, log) -> list:
 
 
 def main(argv=None) -> int:
+    ranks = Ranks()
+    try:
+        args = parse_args(argv)
+        ranks = distributed.start(run_mode(args))
+        if ranks.mode == SINGLE and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError(f"torchrun started {os.environ['WORLD_SIZE']} processes: pass --tp (one model sharded "
+                             f"over them) or --data_parallel (a full model each), or run without torchrun")
+    except (UsageError, DistributedError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, ranks)
+    finally:
+        distributed.stop(ranks)
+
+
+def run(args, ranks: Ranks) -> int:
+    """Rank 0 locks and reads the results file, every rank loads the model, then the rows are decoded. Bad input seen
+    by any rank stops every rank (exit code 2), with one line from rank 0."""
     def log(message):
-        print(f"generate: {message}", file=sys.stderr, flush=True)
+        if ranks.is_main:
+            print(f"generate: {message}", file=sys.stderr, flush=True)
+
+    def stopped_by(error) -> bool:
+        error = distributed.first_error(ranks, None if error is None else str(error))
+        if error is not None and ranks.is_main:
+            print(f"generate.py: error: {error}", file=sys.stderr)
+        return error is not None
 
     with contextlib.ExitStack() as held:
+        error = None
         try:
-            args = parse_args(argv)
             data_path = args.data_path or str(default_data_path(args.task))
             rows = load_dataset(args.task, data_path)
             model_path = resolve_model_path(args.model_path)
@@ -381,30 +490,45 @@ def main(argv=None) -> int:
             format_prompt = resolve_format_prompt(args.format_prompt_file, model_path)
             settings = run_settings(args)
             results_file = ResultsFile(out_path, RESULT_COLUMNS, required_column="full_prompt")
-            held.enter_context(results_file.locked(hint="wait for it to finish, or use another --output_dir"))
-            existing = earlier_rows(args, results_file, settings, log)
+            existing = []
+            if ranks.is_main:  # the run's one writer of the results file; data-parallel ranks write only shards
+                held.enter_context(results_file.locked(hint="wait for it to finish, or use another --output_dir"))
+                existing = earlier_rows(args, results_file, settings, log)
             modes = run_modes(args)
-            device, dtype = choose_device(args)
+            device, dtype = choose_device(args, ranks)
             backends = attention_backends(args.attn_implementation, device, args.normal_stock_flash_attn)
-            model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype)
-        except (UsageError, DatasetError, FormatPromptError, ResultsError) as e:
-            print(f"generate.py: error: {e}", file=sys.stderr)
-            return 2
+        except (UsageError, DatasetError, FormatPromptError, ResultsError, DistributedError) as e:
+            error = e
         except KeyboardInterrupt:
-            print("generate: interrupted before the first row was decoded; no results file was changed",
-                  file=sys.stderr)
+            log("interrupted before the first row was decoded; no results file was changed")
             return 130
+        if stopped_by(error):
+            return 2
+        try:  # collective under --tp: every rank loads its part of the weights
+            model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype, ranks)
+        except (UsageError, DistributedError) as e:
+            error = e
+        except KeyboardInterrupt:
+            log("interrupted before the first row was decoded; no results file was changed")
+            return 130
+        if stopped_by(error):
+            return 2
         try:
             return decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings,
-                               format_prompt, results_file, existing, log)
+                               format_prompt, results_file, existing, log, ranks)
         except KeyboardInterrupt:
-            log(f"interrupted: {out_path} holds every finished row; run the same command again to resume")
+            where = f"{out_path} and its shards hold" if ranks.mode == DATA_PARALLEL else f"{out_path} holds"
+            log(f"interrupted: {where} every finished row; run the same command again to resume")
             return 130
 
 
 def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings, format_prompt,
-                results_file, existing, log) -> int:
-    """Decode the selected rows that have no result yet, rewriting the results file after each one."""
+                results_file, existing, log, ranks: Ranks = Ranks()) -> int:
+    """Decode the selected rows that have no result yet.
+
+    One process, or tensor parallel: rank 0 rewrites the results file after each row. Data parallel: each rank
+    decodes its share of the rows and adds each finished row to its own shard; rank 0 merges the shards into the
+    results file once all ranks are done (and, at the start, merges those an interrupted run left)."""
     from tqdm import tqdm
 
     from parallel_decoding import chat_prompt_ids
@@ -412,12 +536,17 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
     out_path = results_file.path
     log(describe_attention(backends))
     log(format_prompt.describe())
-    log(f"model {settings['model']} on {device} ({str(dtype).replace('torch.', '')}); task {args.task}; "
-        f"{len(rows)} rows in {data_path}; output {out_path}")
+    log(f"model {settings['model']} {describe_placement(args, ranks, model, device)} "
+        f"({str(dtype).replace('torch.', '')}); task {args.task}; {len(rows)} rows in {data_path}; output {out_path}")
 
     # Earlier results stay in the file (in dataset order, also beyond --max_samples); selected rows that have none,
-    # or whose earlier run recorded an error, are decoded now.
+    # or whose earlier run recorded an error, are decoded now. Rank 0 decides; the other ranks follow its list.
     results, unmatched = results_file.match(rows, existing)
+    if ranks.is_main:
+        if args.overwrite:
+            results_file.remove_shards()
+        elif merged := results_file.merge_shards(rows, results, unmatched):
+            log(f"merged {merged} rows from the shards of an interrupted data-parallel run into {out_path}")
     if unmatched:
         log(f"{len(unmatched)} rows of {out_path} match no row of {data_path}; they are kept at the end")
     selected = range(len(rows) if args.max_samples is None else min(args.max_samples, len(rows)))
@@ -425,17 +554,19 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
     if len(pending) < len(selected):
         log(f"resuming: {len(selected) - len(pending)} rows already done")
 
-    prompts = {i: build_prompt(args.task, rows[i], format_prompt.text) for i in pending}
     limit = usable_context(model, args.max_new_tokens)
     skipped = []
     if get_task(args.task).skip_too_long and limit is not None:
-        skipped = [i for i in pending if len(chat_prompt_ids(tokenizer, prompts[i])) > limit]
+        skipped = [i for i in pending
+                   if len(chat_prompt_ids(tokenizer, build_prompt(args.task, rows[i], format_prompt.text))) > limit]
         if skipped:
             log(f"skipped {len(skipped)} rows whose prompt exceeds the usable context of {limit} tokens "
                 f"(max positions minus --max_new_tokens {args.max_new_tokens})")
             pending = [i for i in pending if i not in set(skipped)]
             for i in skipped:
                 results[i] = None  # an earlier errored attempt of a row that cannot run is not kept either
+    pending = distributed.from_main(ranks, pending)
+    prompts = {i: build_prompt(args.task, rows[i], format_prompt.text) for i in pending}
 
     def write() -> int:
         file_rows = [r for r in results if r is not None] + unmatched
@@ -444,7 +575,7 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
 
     total = len(selected) - len(skipped)
     if not pending:
-        in_file = write()  # drops a torn last line of an earlier run
+        in_file = write() if ranks.is_main else 0  # drops a torn last line of an earlier run
         log(f"nothing to do: the {total} selected rows are done; {in_file} rows are in {out_path}")
         return 0
 
@@ -460,30 +591,61 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
         prepare_fast_decoder(model, capacity, warm_up=True)
     else:
         log("compile: off (eager reference path)")
-    warm_up(model, tokenizer, [prompts[i] for i in pending[:3]], modes, backends, gen, log)
+    mine = ranks.share(pending)
+    shard = results_file.shard(ranks.rank) if ranks.mode == DATA_PARALLEL else None
+    warm_up(model, tokenizer, [prompts[i] for i in mine[:3]], modes, backends, gen, log)
 
     errors = in_file = 0
-    bar = tqdm(total=total, initial=total - len(pending), desc=args.task, unit="row", dynamic_ncols=True)
+    if shard is None:
+        bar = tqdm(total=total, initial=total - len(pending), desc=args.task, unit="row", dynamic_ncols=True,
+                   disable=not ranks.is_main)
+    else:
+        bar = tqdm(total=len(mine), desc=f"{args.task} (rank 0's share)", unit="row", dynamic_ncols=True,
+                   disable=not ranks.is_main)
     try:
-        for i in pending:
+        for i in mine:
+            # Sampling draws from a generator seeded by (seed, row, mode): the same on every rank, so tensor-parallel
+            # ranks pick the same tokens, and a row decoded by any data-parallel rank samples as in one process.
             results[i] = run_row(model, tokenizer, rows[i], prompts[i], modes, backends, gen, row_index=i, seed=args.seed)
             results[i]["settings"] = settings
-            in_file = write()
+            if shard is not None:
+                shard.add(i, results[i])
+            elif ranks.is_main:
+                in_file = write()
             if results[i]["error"]:
                 errors += 1
-                bar.write(f"row {i}: {results[i]['error']}", file=sys.stderr)
+                if ranks.is_main or shard is not None:
+                    tqdm.write(f"{'' if ranks.is_main else f'rank {ranks.rank}: '}row {i}: {results[i]['error']}",
+                               file=sys.stderr)
             speedup = mean_speedup([results[j] for j in selected if results[j] is not None])
             if speedup is not None:
                 bar.set_postfix(speedup=f"{speedup:.2f}x")
             bar.update(1)
     finally:
         bar.close()
+    if shard is not None:
+        distributed.wait_for_all(ranks)  # every shard is complete
+        if ranks.is_main:
+            results_file.merge_shards(rows, results, unmatched)
+            in_file = sum(r is not None for r in results) + len(unmatched)
+            errors = sum(results[i] is not None and results[i]["error"] is not None for i in pending)
     speedup = mean_speedup([results[j] for j in selected if results[j] is not None])
     summary = f"{total} selected rows, {in_file} rows in {out_path} ({errors} with errors this run)"
     if speedup is not None:
         summary += f"; mean speedup {speedup:.2f}x"
     log(summary)
-    return 1 if errors == len(pending) else 0
+    return distributed.from_main(ranks, 1 if errors == len(pending) else 0)
+
+
+def describe_placement(args, ranks: Ranks, model, device) -> str:
+    if ranks.mode == TENSOR_PARALLEL:
+        return f"sharded over {ranks.world_size} processes (tensor parallel, {device.type})"
+    if ranks.mode == DATA_PARALLEL:
+        return f"copied to each of {ranks.world_size} processes (data parallel, {device.type})"
+    if args.device_map is not None:
+        placed = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
+        return f"spread by --device_map over {', '.join(placed) or model.device}"
+    return f"on {device}"
 
 
 if __name__ == "__main__":

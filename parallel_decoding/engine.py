@@ -189,7 +189,7 @@ def normal_decode(model, tokenizer, prompt: str, logits_processor=None, compile=
     config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
     stop_ids = stop_token_ids(model, tokenizer)
     decoder = _decoder(model, compile, prompt_ids, budget)
-    timer = StageTimer(model.device)
+    timer = StageTimer.for_model(model)
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
     logits = decoder.forward(prompt_ids)
     stop = decode_sequential(decoder, seq, logits, budget, config, stop_ids, processor=logits_processor)
@@ -242,7 +242,7 @@ def parallel_decode(
     stop_ids = stop_token_ids(model, tokenizer)
     markers = marker_vocab(tokenizer)
     decoder = _decoder(model, compile, prompt_ids, budget)
-    timer = StageTimer(model.device)
+    timer = StageTimer.for_model(model)
 
     # Room for the whole answer: the budget bounds skeletons, merged blocks and continuation alike.
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)

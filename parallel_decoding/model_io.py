@@ -155,20 +155,28 @@ def synchronize(device: torch.device) -> None:
 
 
 class StageTimer:
-    """Wall-clock time per stage, read after a device sync so GPU work is counted where it ran.
+    """Wall-clock time per stage, read after ``sync`` so device work is counted where it ran.
 
-    ``lap(stage)`` adds the time since the previous lap (or the start) to ``stage``: a stage can be named after
-    its work is done, as when a sequential segment turns out to have been a skeleton.
+    ``StageTimer.for_model(model)`` waits for every CUDA device the model is on and, for a tensor-parallel model,
+    for every rank (see ``distributed.timing_sync``). ``lap(stage)`` adds the time since the previous lap (or the
+    start) to ``stage``: a stage can be named after its work is done, as when a sequential segment turns out to
+    have been a skeleton.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, sync=lambda: None):
+        self.sync = sync
         self.totals: dict[str, float] = {}
-        synchronize(device)
+        sync()
         self._last = time.perf_counter()
 
+    @classmethod
+    def for_model(cls, model) -> "StageTimer":
+        from .distributed import timing_sync
+
+        return cls(timing_sync(model))
+
     def lap(self, stage: str) -> None:
-        synchronize(self.device)
+        self.sync()
         now = time.perf_counter()
         self.totals[stage] = self.totals.get(stage, 0.0) + now - self._last
         self._last = now

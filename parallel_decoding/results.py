@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import tempfile
@@ -161,6 +162,25 @@ def settings_difference(recorded: dict, current: dict, implied: dict | None = No
     return differences
 
 
+# --- data-parallel shards --------------------------------------------------------------------------------------
+
+SHARD_INFIX = ".shard-"  # rank r of a data-parallel run writes <results file>.shard-<r>
+
+
+class RowShard:
+    """The rows one data-parallel rank has finished: ``<results file>.shard-<rank>``, one line per row,
+    ``{"index": <dataset row index>, "row": <result row>}``, rewritten atomically after every row, so a rank that is
+    killed loses no finished row. Rows already in the file (none after ``merge_shards``) are kept."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.entries = [entry for _, entry in read_numbered_rows(self.path)]
+
+    def add(self, index: int, row: dict) -> None:
+        self.entries.append({"index": index, "row": row})
+        write_rows_atomic(self.path, self.entries)
+
+
 # --- the results file -------------------------------------------------------------------------------------------
 
 class ResultsFile:
@@ -187,6 +207,62 @@ class ResultsFile:
 
     def match(self, rows: list, existing: list) -> tuple:
         return match_existing(rows, existing, self.result_columns)
+
+    # Data-parallel shards. The lock covers them: rank 0 of a data-parallel run holds the results file's lock for
+    # the whole run, merges the shards it finds before the ranks start (so every run begins with none, whatever the
+    # number of ranks of the run that left them) and after they all finish; the other ranks write only their own
+    # shard, between those two merges.
+
+    def shard(self, rank: int) -> RowShard:
+        return RowShard(self.path.with_name(f"{self.path.name}{SHARD_INFIX}{rank}"))
+
+    def shard_paths(self) -> list:
+        prefix = self.path.name + SHARD_INFIX
+        found = self.path.parent.glob(glob.escape(prefix) + "*")
+        return sorted((p for p in found if p.name[len(prefix):].isdigit()), key=lambda p: int(p.name[len(prefix):]))
+
+    def read_shards(self) -> list:
+        """(dataset row index, result row) of every shard entry; ResultsError naming file:line for a bad entry."""
+        entries = []
+        for path in self.shard_paths():
+            for lineno, entry in read_numbered_rows(path):
+                index, row = entry.get("index"), entry.get("row")
+                if (not isinstance(index, int) or isinstance(index, bool) or index < 0 or not isinstance(row, dict)
+                        or (self.required_column is not None and self.required_column not in row)):
+                    raise ResultsError(f"{path}:{lineno}: not a shard entry {{\"index\": <row index>, \"row\": "
+                                       f"<result row>}}")
+                entries.append((index, row))
+        return entries
+
+    def place_shard_rows(self, rows: list, results: list, unmatched: list, entries: list) -> int:
+        """Put each shard row at its dataset index in ``results`` (over the results file's row there: a shard row
+        is newer); a row that does not match the dataset row at its index (the dataset changed) joins
+        ``unmatched``. Returns how many shard rows were placed."""
+        placed = 0
+        for index, row in entries:
+            if index < len(rows) and row_key(row, self.result_columns) == row_key(rows[index], self.result_columns):
+                results[index] = row
+                placed += 1
+            else:
+                unmatched.append(row)
+        return placed
+
+    def merge_shards(self, rows: list, results: list, unmatched: list) -> int:
+        """Move the shards' rows into ``results``/``unmatched`` and the results file (dataset order), then remove the
+        shards. A crash between the write and the removals leaves rows in both, which the next merge places at the
+        same index again. Returns how many shard rows were merged."""
+        paths = self.shard_paths()
+        if not paths:
+            return 0
+        merged = self.place_shard_rows(rows, results, unmatched, self.read_shards())
+        self.write([r for r in results if r is not None] + unmatched)
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return merged
+
+    def remove_shards(self) -> None:
+        for path in self.shard_paths():
+            path.unlink(missing_ok=True)
 
     def check_settings(self, existing: list, current: dict, implied: dict | None = None) -> int:
         """SettingsMismatch naming every differing setting (old -> new) of the first row made with other settings;

@@ -444,6 +444,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     assert "--compile on needs --attn_implementation sdpa or eager" in _bad_input(
         capsys, [*base, "--compile", "on", "--attn_implementation", "flash_attention_2"])
     assert "invalid choice: 'fast'" in _bad_input(capsys, [*base, "--compile", "fast"])
+    assert "--compile on with --tp is not supported" in _bad_input(capsys, [*base, "--compile", "on", "--tp"])
     elsewhere = ["--model_path", str(model_dir), "--task", "retrieval", "--output_dir", str(tmp_path / "other")]
     assert "--normal_stock_flash_attn needs --attn_implementation flash_attention_2" in \
         _bad_input(capsys, [*elsewhere, "--normal_stock_flash_attn"])

@@ -161,3 +161,39 @@ def test_a_killed_holder_never_blocks_the_next_run(tmp_path):
     assert ResultsFile(path).lock_path.exists()  # left behind by the killed run ...
     with ResultsFile(path).locked():  # ... and no obstacle: the kernel released its flock
         pass
+
+
+# --- data-parallel shards ---------------------------------------------------------------------------------------
+
+def test_shards_merge_at_their_dataset_index_and_are_removed(tmp_path):
+    results_file = ResultsFile(tmp_path / "r.jsonl", RESULT_COLUMNS, required_column="full_prompt")
+    rows = [{"q": "a"}, {"q": "b"}, {"q": "c"}, {"q": "a"}]  # rows 0 and 3 have the same content
+    done = [dict(row, full_prompt=row["q"], normal_response=f"answer {i}", error=None) for i, row in enumerate(rows)]
+    results_file.write([dict(done[1], error="normal: RuntimeError: out of memory")])
+    shard = results_file.shard(1)
+    shard.add(3, done[3])
+    assert results_file.shard(1).entries == [{"index": 3, "row": done[3]}]  # a reopened shard keeps its rows
+    results_file.shard(4).add(1, done[1])
+    stale = dict(done[2], q="changed since")  # its dataset row no longer matches: kept, as unmatched
+    results_file.shard(4).add(2, stale)
+    (tmp_path / "r.jsonl.shard-x").write_text("not a shard of this file\n")
+    assert [p.name for p in results_file.shard_paths()] == ["r.jsonl.shard-1", "r.jsonl.shard-4"]
+
+    results, unmatched = results_file.match(rows, results_file.read())
+    assert results_file.merge_shards(rows, results, unmatched) == 2
+    assert results == [None, done[1], None, done[3]]  # the shard's row replaced the file's errored one
+    assert unmatched == [stale]
+    assert read_rows(results_file.path) == [done[1], done[3], stale]
+    assert results_file.shard_paths() == []
+    assert results_file.merge_shards(rows, results, unmatched) == 0  # nothing left to merge
+
+
+def test_a_bad_shard_entry_names_its_file_and_line(tmp_path):
+    results_file = ResultsFile(tmp_path / "r.jsonl", RESULT_COLUMNS, required_column="full_prompt")
+    shard = tmp_path / "r.jsonl.shard-0"
+    shard.write_text('{"index": 0, "row": {"full_prompt": "p"}}\n{"index": -1, "row": {"full_prompt": "p"}}\n')
+    with pytest.raises(ResultsError, match=rf"^{shard}:2: not a shard entry"):
+        results_file.read_shards()
+    shard.write_text('{"index": 0, "row": {"normal_response": "no prompt"}}\n')
+    with pytest.raises(ResultsError, match=rf"^{shard}:1: not a shard entry"):
+        results_file.read_shards()
