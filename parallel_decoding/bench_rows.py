@@ -21,7 +21,7 @@ import torch
 from .arena import prepare_fast_decoder
 from .bench import cpu_model
 from .engine import chat_prompt_ids, normal_decode, parallel_decode
-from .tasks import build_prompt, load_dataset
+from .tasks import build_prompt, load_dataset, resolve_format_prompt
 
 SETTINGS = [("normal", False), ("normal", True), ("parallel", False), ("parallel", True)]
 
@@ -34,7 +34,9 @@ def run(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     rows = load_dataset(args.task, args.data_path)[: args.max_samples]
-    prompts = [build_prompt(args.task, row) for row in rows]
+    # The model's own format instruction where it has one, as generate.py uses: the toy never saw the default's.
+    format_prompt = resolve_format_prompt(None, args.model_path)
+    prompts = [build_prompt(args.task, row, format_prompt.text) for row in rows]
     capacity = max(len(chat_prompt_ids(tokenizer, p)) for p in prompts) + args.max_new_tokens
     prepare_fast_decoder(model, capacity, warm_up=True)
     decode = {"normal": normal_decode, "parallel": parallel_decode}
