@@ -481,38 +481,36 @@ def run(args, ranks: Ranks) -> int:
         return error is not None
 
     with contextlib.ExitStack() as held:
-        error = None
-        try:
-            data_path = args.data_path or str(default_data_path(args.task))
-            rows = load_dataset(args.task, data_path)
-            model_path = resolve_model_path(args.model_path)
-            out_path = output_path(args.output_dir, model_path, data_path)
-            format_prompt = resolve_format_prompt(args.format_prompt_file, model_path)
-            settings = run_settings(args)
-            results_file = ResultsFile(out_path, RESULT_COLUMNS, required_column="full_prompt")
-            existing = []
-            if ranks.is_main:  # the run's one writer of the results file; data-parallel ranks write only shards
-                held.enter_context(results_file.locked(hint="wait for it to finish, or use another --output_dir"))
-                existing = earlier_rows(args, results_file, settings, log)
-            modes = run_modes(args)
-            device, dtype = choose_device(args, ranks)
-            backends = attention_backends(args.attn_implementation, device, args.normal_stock_flash_attn)
-        except (UsageError, DatasetError, FormatPromptError, ResultsError, DistributedError) as e:
-            error = e
+        try:  # a Ctrl-C before the first row changes no file: one line, not a traceback
+            error = None
+            try:
+                data_path = args.data_path or str(default_data_path(args.task))
+                rows = load_dataset(args.task, data_path)
+                model_path = resolve_model_path(args.model_path)
+                out_path = output_path(args.output_dir, model_path, data_path)
+                format_prompt = resolve_format_prompt(args.format_prompt_file, model_path)
+                settings = run_settings(args)
+                results_file = ResultsFile(out_path, RESULT_COLUMNS, required_column="full_prompt")
+                existing = []
+                if ranks.is_main:  # the run's one writer of the results file; data-parallel ranks write only shards
+                    held.enter_context(results_file.locked(hint="wait for it to finish, or use another --output_dir"))
+                    existing = earlier_rows(args, results_file, settings, log)
+                modes = run_modes(args)
+                device, dtype = choose_device(args, ranks)
+                backends = attention_backends(args.attn_implementation, device, args.normal_stock_flash_attn)
+            except (UsageError, DatasetError, FormatPromptError, ResultsError, DistributedError) as e:
+                error = e
+            if stopped_by(error):
+                return 2
+            try:  # collective under --tp: every rank loads its part of the weights
+                model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype, ranks)
+            except (UsageError, DistributedError) as e:
+                error = e
+            if stopped_by(error):
+                return 2
         except KeyboardInterrupt:
             log("interrupted before the first row was decoded; no results file was changed")
             return 130
-        if stopped_by(error):
-            return 2
-        try:  # collective under --tp: every rank loads its part of the weights
-            model, tokenizer = load_model(args, model_path, backends[modes[0]], device, dtype, ranks)
-        except (UsageError, DistributedError) as e:
-            error = e
-        except KeyboardInterrupt:
-            log("interrupted before the first row was decoded; no results file was changed")
-            return 130
-        if stopped_by(error):
-            return 2
         try:
             return decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, backends, settings,
                                format_prompt, results_file, existing, log, ranks)
