@@ -36,6 +36,7 @@ from parallel_decoding.tasks import (
     default_data_path,
     get_task,
     load_dataset,
+    model_task_warning,
     resolve_format_prompt,
 )
 
@@ -508,6 +509,9 @@ def run(args, ranks: Ranks) -> int:
                 error = e
             if stopped_by(error):
                 return 2
+            warning = model_task_warning(model_path, args.task)  # the toy on planning: said before decoding
+            if warning:
+                log(warning)
         except KeyboardInterrupt:
             log("interrupted before the first row was decoded; no results file was changed")
             return 130

@@ -43,6 +43,8 @@ FORMAT_INSTRUCTION_ZH = (
 TASK_PLACEHOLDER = "{task}"
 # A model directory may hold the format instruction the model was trained with (see docs/tiny_model.md).
 MODEL_FORMAT_PROMPT_FILE = "format_prompt.txt"
+# ... and the tasks it was trained for, one per line: the embedded toy knows retrieval only.
+MODEL_TASKS_FILE = "trained_tasks.txt"
 
 # --- task instructions ----------------------------------------------------------------------------------------
 
@@ -231,6 +233,21 @@ def resolve_format_prompt(format_prompt_file, model_path) -> FormatPrompt:
         except FormatPromptError as e:
             raise FormatPromptError(f"the model's format instruction {e}") from None
     return FormatPrompt(None, None, "default")
+
+
+def model_task_warning(model_path, task: str) -> str | None:
+    """One line for a model whose directory lists the tasks it was trained for (``trained_tasks.txt``) when `task`
+    is not one of them; None otherwise (a real checkpoint has no such file)."""
+    tasks_file = Path(model_path) / MODEL_TASKS_FILE
+    if not tasks_file.is_file():
+        return None
+    text = tasks_file.read_text(encoding="utf-8", errors="replace")
+    tasks = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if task in tasks:
+        return None
+    trained = ", ".join(tasks) or "no task"
+    return (f"warning: {model_path} was trained for {trained} only, so its {task} answers mean nothing: pass "
+            f"--model_path with a real checkpoint (a hub id such as Qwen/Qwen2.5-7B-Instruct, or a local directory)")
 
 
 def validate_row(task: str, row, where: str) -> None:

@@ -121,9 +121,12 @@ def test_reads_the_prompt_on_a_held_out_row(model, tokenizer):
     out = parallel_decode(model, tokenizer, prompt, max_new_tokens=200)
     assert out["fallback"] is None
     assert [b["title"] for b in out["branches"]] == [s["name"] for s in row["students"]]
+    low, high = row["gpa_range"]
     for branch, student in zip(out["branches"], row["students"]):
-        assert branch["text"].startswith(f" GPA {format_gpa(student['gpa'])},"), branch
-    assert "####%%%%" in out["response"] and "Final answer:" in out["response"]
+        verdict = "inside" if low <= student["gpa"] <= high else "outside"
+        assert branch["text"].startswith(f" GPA {format_gpa(student['gpa'])} {verdict} the range."), branch
+    assert "####%%%%" in out["response"]
+    assert out["response"].rstrip().endswith(f"Final answer: {row['gold_keys']}")
 
 
 def _model_format_prompt() -> str:
@@ -147,6 +150,78 @@ def test_committed_weights_have_the_loss_the_training_log_reports(script, model,
     with torch.no_grad():
         loss = script.tree_loss(model, batch).item()
     assert loss < 3 * max(log["loss"][-50:]) < log["loss"][0] / 10
+
+
+def _verdicts(script, model, tokenizer, rows: list) -> list:
+    """(residual verdict, logit gap " inside" - " outside", truth) at every step's GPA, teacher-forced on the full
+    answer."""
+    layout = script.ResidualLayout.for_width(model.config.hidden_size)
+    inside, outside = (tokenizer.convert_tokens_to_ids(t) for t in (" inside", " outside"))
+    found = []
+    for row in rows:
+        example = script.build_example(tokenizer, row)
+        index = [i for i, s in enumerate(example.segment) if s <= 1]  # the prompt and the full answer
+        ids = [example.input_ids[i] for i in index]
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), output_hidden_states=True)
+        for i in range(len(ids) - 1):
+            if ids[i + 1] in (inside, outside):
+                verdict = out.hidden_states[2][0, i, layout.dim("verdict")].item()
+                gap = (out.logits[0, i, inside] - out.logits[0, i, outside]).item()
+                found.append((verdict, gap, ids[i + 1] == inside))
+    return found
+
+
+def test_committed_model_judges_every_held_out_step_right(script, model, tokenizer):
+    """Teacher-forced on held-out rows, every step's verdict (the token after its GPA) is the right one."""
+    from parallel_decoding.tasks import load_dataset
+
+    rows = load_dataset("retrieval", REPO / "data" / "retrieval_10.jsonl")[:10]
+    found = _verdicts(script, model, tokenizer, rows)
+    assert len(found) == 100
+    assert all((gap > 0) == truth for _, gap, truth in found)
+
+
+def test_committed_model_keeps_the_hand_set_range_check(script, model, tokenizer):
+    """Training restored the range check's entries after every step: the committed weights hold exactly what
+    make_model sets (seeded as the script seeds it), up to the bfloat16 the weights are stored in."""
+    torch.manual_seed(0)
+    fresh = script.make_model(tokenizer, script.ModelSize())
+    committed = dict(model.named_parameters())
+    checked = 0
+    for param, mask in script.frozen_entries(fresh):
+        name = next(n for n, p in fresh.named_parameters() if p is param)
+        expected = param.detach().to(torch.bfloat16).float()[mask]
+        torch.testing.assert_close(committed[name].detach()[mask], expected, rtol=0, atol=0, msg=name)
+        checked += int(mask.sum())
+    assert checked > 10_000
+
+
+def _row_with_gpas(gpas: list, gpa_range: list) -> dict:
+    """A retrieval row whose students have exactly these GPAs (names from the generator's lists)."""
+    from parallel_decoding.datagen.retrieval import FIRST_NAMES, LAST_NAMES, question_text
+
+    students = [{"name": f"{FIRST_NAMES[i]} {LAST_NAMES[i]}", "age": 20 + i, "university": "MIT", "gpa": g,
+                 "interests": ["chess", "jazz"], "intro": "I enjoy solving puzzles."} for i, g in enumerate(gpas)]
+    return {"prompt": question_text(students, gpa_range), "students": students, "gpa_range": gpa_range,
+            "gold_keys": ", ".join(s["name"] for s in students if gpa_range[0] <= s["gpa"] <= gpa_range[1]),
+            "num_students": len(students)}
+
+
+def test_range_check_is_exact_at_the_ends_before_any_training(script, tokenizer):
+    """Untrained, the hand-set range check reads both ends of the asked range and judges GPAs one hundredth either
+    side of each end right: inclusive ends, exact in hundredths, anywhere in a 10-student prompt."""
+    torch.manual_seed(0)
+    model = script.make_model(tokenizer, script.ModelSize()).eval()
+    rows = [
+        _row_with_gpas([3.49, 3.50, 3.61, 3.62], [3.50, 3.61]),
+        _row_with_gpas([1.99, 2.00, 2.01, 2.02, 2.10, 2.11, 3.99, 4.00, 2.05, 2.06], [2.01, 2.01]),
+        _row_with_gpas([4.00, 3.99, 3.98, 2.00], [3.99, 3.99]),
+    ]
+    found = _verdicts(script, model, tokenizer, rows)
+    assert len(found) == 18
+    for verdict, _, truth in found:
+        assert verdict == pytest.approx(8.0 if truth else -8.0, abs=1e-3)
 
 
 # --- the training script ----------------------------------------------------------------------------------------
@@ -228,11 +303,11 @@ def _copy_accuracy(model, vocab_size: int, length: int = 60) -> float:
 
 
 def test_structured_init_copies_repeated_sequences(script, tokenizer):
-    """Before any training, layers 0-1 form an induction circuit: in a random token sequence shown twice, most of
-    the second copy is predicted from the first. A plain random start predicts next to none of it."""
+    """Before any training, layers 0-1 form an induction circuit: in a random token sequence shown twice, half of
+    the second copy or more is predicted from the first. A plain random start predicts next to none of it."""
     structured = _copy_accuracy(_fresh_model(script, tokenizer), len(tokenizer))
     plain = _copy_accuracy(_fresh_model(script, tokenizer, structured_init=False), len(tokenizer))
-    assert structured > 0.6 and plain < 0.05, (structured, plain)
+    assert structured > 0.5 and plain < 0.05, (structured, plain)
 
 
 def test_structured_init_heads_on_a_prompt(script, tokenizer):
@@ -285,6 +360,15 @@ def test_training_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "loss.png").stat().st_size > 0
     saved_instruction = (tmp_path / "a" / "format_prompt.txt").read_text(encoding="utf-8")
     assert saved_instruction == _load_script().FORMAT_INSTRUCTION + "\n"
+
+
+def test_training_rows_never_repeat_a_held_out_prompt(script):
+    args = script.parse_args([])
+    num_rows = args.steps * args.batch_size
+    rows = script.make_rows(num_rows, round(num_rows * args.frac_10), args.data_seed)
+    held_out = script.held_out_prompts()
+    assert len(held_out) == 100
+    assert not held_out & {row["prompt"] for row in rows}
 
 
 def test_refuses_the_held_out_seed(tmp_path):
