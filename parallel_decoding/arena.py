@@ -13,6 +13,8 @@ depend on the bucket only, so nothing recompiles as the cache grows or from one 
   see that slot alone, and no real row sees it, so padding changes nothing;
 - the mask is built inside the compiled pass from ``key_branch`` and the query slots: a query sees the slots up to
   its own that hold shared text or its own branch. The mask spans the capacity, as the keys do;
+- the pass returns the rows' float logits and their argmax, so a greedy step takes its tokens inside the graph
+  and reads back one id per row;
 - on CUDA the compiled pass is captured as CUDA graphs (``mode="reduce-overhead"``), one per bucket; the arena
   tensors are marked as static addresses so the graphs write into them in place.
 
@@ -181,8 +183,12 @@ class FastDecoder:
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
-    def _pass(self, packed: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
-        """One forward pass; packed (4, W): token ids, positions, slots, branch ids. Returns float logits (W', V)."""
+    def _pass(self, packed: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass; packed (4, W): token ids, positions, slots, branch ids.
+
+        Returns the kept rows' float logits (W', V) and their argmax (W',): a greedy step reads back the tokens
+        alone, and on CUDA the argmax is part of the captured graph.
+        """
         token_ids, positions, slots, branch = packed  # each (W,)
         self.arena.write_slots[: slots.shape[0]] = slots
         mask = self.arena.tree_mask(slots, branch, self.model.dtype)  # (1, 1, W, C + 1)
@@ -194,10 +200,15 @@ class FastDecoder:
             logits_to_keep=logits_to_keep,
             **{self._cache_argument: self.arena},
         )
-        return out.logits[0].float()  # (W', V)
+        logits = out.logits[0].float()  # (W', V)
+        return logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()
-    def forward(self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, rows=None):
+    def forward(
+        self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, rows=None,
+        greedy: bool = False,
+    ):
+        """As ``EagerDecoder.forward``: the float logits of ``rows`` (T', V), or with ``greedy`` their argmax (T',)."""
         start, count = self.arena.length, len(token_ids)
         if start + count > self.capacity:
             raise ArenaFullError(f"the KV arena holds {self.capacity} tokens; appending {count} after {start} overflows it")
@@ -219,22 +230,24 @@ class FastDecoder:
         )  # (4, W)
         if width is None:  # more rows than the largest bucket: the same pass, uncompiled, at its exact size
             keep = torch.tensor(keep, device=self.device) if not isinstance(keep, int) else keep
-            logits = self._pass(packed, keep)
+            logits, tokens = self._pass(packed, keep)
+            out = tokens if greedy else logits
         else:
             if self.use_cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = self._compiled(packed)  # (W, V)
+            logits, tokens = self._compiled(packed)  # (W, V), (W,): every row, padding included
+            out = tokens if greedy else logits
             if keep == 1:
-                logits = logits[count - 1 : count]
+                out = out[count - 1 : count]
             elif keep == 0:
-                logits = logits[:count]
+                out = out[:count]
             else:
-                logits = logits[torch.tensor(keep, device=self.device)]
-            if self.use_cuda_graphs:  # the graph's output buffer is overwritten by the next replay
-                logits = logits.clone()
+                out = out[torch.tensor(keep, device=self.device)]
+            if self.use_cuda_graphs:  # the graph's output buffers are overwritten by the next replay
+                out = out.clone()
         self.arena.length += count
         self.steps += 1
-        return logits
+        return out
 
     @torch.inference_mode()
     def warm_up(self, buckets: tuple[int, ...] | None = None) -> None:

@@ -61,20 +61,28 @@ def decode_branches_cached(
 
     num_branches = len(branch_prefixes)
     prefix_lens = [len(p) for p in branch_prefixes]
+    # Greedy: the decoder takes the argmax inside its step and hands back one token per row.
+    argmax_in_step = not sampler.do_sample
+
+    def next_tokens(*args, **kwargs) -> torch.Tensor:
+        if argmax_in_step:
+            return decoder.forward(*args, greedy=True, **kwargs)
+        return sampler(decoder.forward(*args, **kwargs))
+
     # Tree prefill: every branch's forced start in one pass; logits only at each branch's last forced token.
-    logits = decoder.forward(
+    tokens = next_tokens(
         [t for p in branch_prefixes for t in p],
         positions=[prefix_len + j for n in prefix_lens for j in range(n)],
         branch_ids=[b for b, n in enumerate(prefix_lens) for _ in range(n)],
         rows=[sum(prefix_lens[: b + 1]) - 1 for b in range(num_branches)],
-    )  # (N, V)
+    )  # (N,)
 
     outputs: list[list[int]] = [[] for _ in range(num_branches)]
     stops = ["cap"] * num_branches
     active = list(range(num_branches))
     while active:
-        token_list = sampler(logits).tolist()  # (A,): the one host sync of the step
-        still_active, next_tokens = [], []
+        token_list = tokens.tolist()  # (A,): the one host sync of the step
+        still_active, step_tokens = [], []
         for b, t in zip(active, token_list):
             if t in stop:
                 stops[b] = "stop_token"
@@ -83,7 +91,7 @@ def decode_branches_cached(
             total_left -= 1
             if len(outputs[b]) < max_new_tokens:
                 still_active.append(b)
-                next_tokens.append(t)
+                step_tokens.append(t)
         if len(still_active) > total_left:  # the next step would overflow the budget of all branches together
             for b in still_active:
                 stops[b] = "budget"
@@ -93,7 +101,7 @@ def decode_branches_cached(
         active = still_active
         # One token per active branch, each at the position it would have alone: prefix + its own tokens so far.
         positions = [prefix_len + prefix_lens[b] + len(outputs[b]) - 1 for b in active]
-        logits = decoder.forward(next_tokens, positions=positions, branch_ids=active, rows="all")  # (A, V)
+        tokens = next_tokens(step_tokens, positions=positions, branch_ids=active, rows="all")  # (A,)
     return [BranchResult(tokens=o, stop=s) for o, s in zip(outputs, stops)]
 
 
@@ -138,15 +146,15 @@ def decode_branches_one_by_one(
     outputs = []
     for branch_prefix in branch_prefixes:
         decoder.crop(prefix_len)
-        logits = decoder.forward(list(branch_prefix))  # (1, V)
+        next_token = decoder.forward(list(branch_prefix), greedy=True)  # (1,)
         tokens: list[int] = []
         while len(tokens) < max_new_tokens:
-            token = int(greedy(logits))  # one host sync per step, as in normal decoding
+            token = int(next_token)  # one host sync per step, as in normal decoding
             if token in stops:
                 break
             tokens.append(token)
             if len(tokens) < max_new_tokens:
-                logits = decoder.forward([token])
+                next_token = decoder.forward([token], greedy=True)
         outputs.append(tokens)
     return outputs
 

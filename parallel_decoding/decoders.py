@@ -4,7 +4,11 @@ The engine never touches a cache directly. It asks a decoder to append tokens at
 tagged with its branch (``SHARED`` for the sequential text), and gets the logits of the rows it asks for:
 
     logits = decoder.forward(token_ids, positions=None, branch_ids=None, rows=None)
+    tokens = decoder.forward(token_ids, ..., greedy=True)   # the argmax of those rows instead, (T',) on the device
     decoder.crop(length); decoder.length; decoder.steps
+
+``greedy=True`` lets the fast decoder take the argmax inside its compiled step, so a greedy step without logits
+processors reads back one token per row, not the rows' logits.
 
 ``EagerDecoder`` is the readable reference: transformers' ``DynamicCache``, the stock forward called once per pass,
 plain causal attention for sequential text and a 4D tree mask (or the project kernel's branch ids) for branches.
@@ -75,8 +79,12 @@ class EagerDecoder:
     def crop(self, length: int) -> None:
         crop_cache(self.cache, length)
 
-    def forward(self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, rows=None):
-        """Append ``token_ids`` after the cache; returns the float logits of ``rows`` (see :func:`logits_rows`).
+    def forward(
+        self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, rows=None,
+        greedy: bool = False,
+    ):
+        """Append ``token_ids`` after the cache; returns the float logits of ``rows`` (see :func:`logits_rows`),
+        (T', V), or with ``greedy`` their argmax, (T',).
 
         ``positions`` default to the next slots (sequential text); ``branch_ids`` default to ``SHARED``, which
         leaves the model's own causal mask in charge.
@@ -107,7 +115,7 @@ class EagerDecoder:
             **attention,
         )
         self.steps += 1
-        return logits
+        return logits.argmax(dim=-1) if greedy else logits
 
 
 COMPILE_CHOICES = ("auto", "on", "off")

@@ -134,10 +134,15 @@ def decode_sequential(
     forces after a title's colon are appended without sampling and go through the model in the colon's pass, one
     pass for ``:`` ``......`` ``\n`` ``####`` instead of four. Greedy decoding gives the same tokens either way.
     """
+    # Greedy with no processor to apply: the decoder takes the argmax inside its step (compiled on the fast path).
+    argmax_in_step = processor is None and not config.sampler.do_sample
+    next_token = None  # (1,) on the device: the step's argmax when the decoder took it
     written = 0
     while written < budget:
-        scores = processor(seq.ids, logits) if processor is not None else logits
-        token = int(config.sampler(scores))  # the one host sync of the step
+        if next_token is None:
+            scores = processor(seq.ids, logits) if processor is not None else logits
+            next_token = config.sampler(scores)
+        token = int(next_token)  # the one host sync of the step
         if token in stop_ids:
             return "eos"
         previous = int(seq.buffer[0, seq.length - 1])
@@ -151,8 +156,11 @@ def decode_sequential(
             seq.extend(forced)
             written += len(forced)
             pending += forced
-        if written < budget:
-            logits = decoder.forward(pending)  # (1, V): the logits after the last appended token
+        if written < budget:  # the logits after the last appended token, (1, V), or their argmax, (1,)
+            if argmax_in_step:
+                next_token = decoder.forward(pending, greedy=True)
+            else:
+                logits, next_token = decoder.forward(pending), None
     return "budget"
 
 

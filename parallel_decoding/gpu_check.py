@@ -66,12 +66,12 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 def greedy_tokens(decoder, prompt: list[int], count: int) -> list[int]:
     """``count`` greedy tokens after ``prompt``, one pass each, reading each token back as the engine does."""
     decoder.reset()
-    logits = decoder.forward(prompt)
+    next_token = decoder.forward(prompt, greedy=True)  # (1,)
     tokens = []
     for _ in range(count):
-        token = int(logits[-1].argmax())
+        token = int(next_token)
         tokens.append(token)
-        logits = decoder.forward([token])
+        next_token = decoder.forward([token], greedy=True)
     return tokens
 
 
@@ -82,11 +82,11 @@ def normal_steps(decoder, prompt: list[int], steps: int) -> float:
     def run():
         decoder.reset()
         decoder.forward(prompt)
-        token = [int(decoder.forward([prompt[-1]])[-1].argmax())]
+        token = decoder.forward([prompt[-1]], greedy=True).tolist()
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
-            token = [int(decoder.forward(token)[-1].argmax())]
+            token = decoder.forward(token, greedy=True).tolist()  # the argmax is taken in the step
         synchronize(device)
         return time.perf_counter() - start
 
@@ -114,8 +114,7 @@ def parallel_steps(decoder: FastDecoder, prompt: list[int], titles: list[list[in
         start = time.perf_counter()
         for step in range(steps):
             positions = [prefix_len + title_len + step] * len(titles)
-            logits = decoder.forward(tokens, positions=positions, branch_ids=branches, rows="all")
-            tokens = logits.argmax(-1).tolist()
+            tokens = decoder.forward(tokens, positions=positions, branch_ids=branches, rows="all", greedy=True).tolist()
         synchronize(device)
         return time.perf_counter() - start
 

@@ -17,7 +17,7 @@ from transformers import LogitsProcessorList
 
 from conftest import tiny_decoder
 from parallel_decoding import decode_branches, decode_branches_reference, normal_decode, parallel_decode
-from parallel_decoding.arena import PADDING, ArenaFullError, FastDecoder, prepare_fast_decoder
+from parallel_decoding.arena import PADDING, ArenaFullError, FastDecoder, fast_decoder, prepare_fast_decoder
 from parallel_decoding.decoders import SHARED, EagerDecoder, compile_enabled
 from test_engine import TITLES, ForwardCounter, _encode, _scripted
 
@@ -95,11 +95,12 @@ def test_padding_rows_change_nothing():
         decoder.forward(prefix)
     start = len(prefix)
     rows = [[7, 8, 9], [start, start, start + 1], [start, start + 1, start + 2], [0, 1, 0]]  # ids, pos, slots, branch
-    logits_exact = exact._pass(torch.tensor(rows))  # (3, V)
+    logits_exact, tokens_exact = exact._pass(torch.tensor(rows))  # (3, V), (3,)
     spare = padded.arena.spare_slot
     garbage = [[3, 99, 17, 250, 4], [900, 0, 5, 1, 2], [spare] * 5, [PADDING] * 5]
-    logits_padded = padded._pass(torch.tensor([r + g for r, g in zip(rows, garbage)]))  # (8, V)
+    logits_padded, tokens_padded = padded._pass(torch.tensor([r + g for r, g in zip(rows, garbage)]))  # (8, V), (8,)
     torch.testing.assert_close(logits_padded[:3], logits_exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens_padded[:3], tokens_exact)
     for x, y in zip(exact.arena.layers, padded.arena.layers):
         torch.testing.assert_close(y.keys[:, :, : start + 3], x.keys[:, :, : start + 3], rtol=1e-5, atol=1e-5)
         assert not y.keys[:, :, start + 3 : spare].any()  # nothing written between the real rows and the spare slot
@@ -119,6 +120,36 @@ def test_a_too_small_arena_raises_before_decoding(qwen_vocab_model):
 
 
 # --- compiled decoding equals the eager reference -------------------------------------------------------------------
+
+def test_the_greedy_step_returns_the_argmax_of_its_logits(qwen_vocab_model):
+    """``greedy=True`` takes the argmax inside the compiled step (bucket 1, bucket 4 with padding, chosen rows) and
+    in the uncompiled exact-size pass; both equal the argmax of the logits the same pass returns, and the eager
+    reference's."""
+    model, _ = qwen_vocab_model
+    prefix = list(range(100, 117))
+    passes = [  # token ids, positions, branch ids, rows
+        ([5], None, None, None),
+        ([5, 6, 7], [17, 17, 17], [0, 1, 2], "all"),
+        ([5, 6, 7], [17, 18, 17], [0, 0, 1], [1, 2]),
+        ([5, 6, 7, 8, 9, 10], None, None, None),
+    ]
+    fast, eager = fast_decoder(model), EagerDecoder(model)
+    with no_recompiles(), torch.inference_mode():
+        for decoder in (fast, eager):
+            decoder.reset()
+            decoder.forward(prefix)
+        for token_ids, positions, branch_ids, rows in passes:
+            results = []
+            for decoder in (fast, eager):
+                for greedy in (False, True):
+                    decoder.crop(len(prefix))
+                    results.append(decoder.forward(token_ids, positions, branch_ids, rows, greedy=greedy))
+            fast_logits, fast_tokens, eager_logits, eager_tokens = results
+            assert fast_tokens.shape == fast_logits.shape[:1] and fast_tokens.dtype == torch.long
+            assert torch.equal(fast_tokens, fast_logits.argmax(-1))
+            assert torch.equal(fast_tokens, eager_tokens)
+            torch.testing.assert_close(fast_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
 
 def test_branches_on_the_arena_equal_the_reference(small_model):
     prefix = torch.randint(0, 256, (1, 17), generator=torch.Generator().manual_seed(1))
