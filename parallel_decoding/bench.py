@@ -471,22 +471,30 @@ def run(args: argparse.Namespace) -> dict:
     return {"rows": rows, "summary": summary}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        out = run(args)
-    except BenchError as e:
-        print(f"parallel_decoding.bench: error: {e}", file=sys.stderr)
-        return 2
+def print_report(out: dict, sweep: bool) -> None:
     s = out["summary"]
     print(f"{s['model']} ({s['dtype']}, {s['device_name']}), P={s['prefix_len']}, L={s['branch_len']}, "
           f"title {s['title_len']} tokens, median of {s['repeats']}; "
           f"{s['weight_bytes_per_pass'] / 1e9:.3f} GB weights read per pass")
     print(format_table(out["rows"]))
-    if args.sweep:
+    if sweep:
         print(f"wrote {s['csv']} and {s['png']}")
     print(json.dumps(s))
+
+
+def exit_status(prog: str, command) -> int:
+    """Run ``command()``: 0, or a :class:`BenchError` as one line on stderr and status 2."""
+    try:
+        command()
+    except BenchError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return exit_status("parallel_decoding.bench", lambda: print_report(run(args), args.sweep))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .arena import BUCKETS, FastDecoder
-from .bench import DTYPES, BenchError, device_name, random_model, random_tokens, weight_bytes
+from .bench import DTYPES, BenchError, device_name, exit_status, random_model, random_tokens, weight_bytes
 from .configs import MODEL_CONFIGS
 from .decoders import EagerDecoder
 from .model_io import synchronize
@@ -227,13 +227,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        text = run(args)
-    except BenchError as e:
-        print(f"parallel_decoding.gpu_check: error: {e}", file=sys.stderr)
-        return 2
-    print(text, end="")
-    return 0
+    return exit_status("parallel_decoding.gpu_check", lambda: print(run(args), end=""))
 
 
 if __name__ == "__main__":

@@ -206,6 +206,11 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _ratio(numerator, denominator):
+    """numerator / denominator, or None when either is missing or the denominator is 0."""
+    return numerator / denominator if denominator and numerator is not None else None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Summaries
 
@@ -246,19 +251,13 @@ def speed_summary(rows):
         summary[f"{mode}_time"] = _mean(as_number(r[f"{mode}_time"]) for r in usable) if present else None
         summary[f"{mode}_length"] = _mean(as_number(r[f"{mode}_length"]) for r in usable) if present else None
         summary[f"{mode}_speed"] = _mean(row_speed(r, mode) for r in usable) if present else None
-    if summary["normal_speed"] and summary["parallel_speed"] is not None:
-        summary["speedup"] = summary["parallel_speed"] / summary["normal_speed"]
-    else:
-        summary["speedup"] = None
+    summary["speedup"] = _ratio(summary["parallel_speed"], summary["normal_speed"])
     stepped = [r for r in usable if all(row_tokens_per_step(r, m) is not None for m in modes)]
     for mode in MODES:
         present = mode in modes and bool(stepped)
         summary[f"{mode}_steps"] = _mean(as_number(r[f"{mode}_steps"]) for r in stepped) if present else None
         summary[f"{mode}_tokens_per_step"] = _mean(row_tokens_per_step(r, mode) for r in stepped) if present else None
-    if summary["normal_tokens_per_step"] and summary["parallel_tokens_per_step"] is not None:
-        summary["step_ratio"] = summary["parallel_tokens_per_step"] / summary["normal_tokens_per_step"]
-    else:
-        summary["step_ratio"] = None
+    summary["step_ratio"] = _ratio(summary["parallel_tokens_per_step"], summary["normal_tokens_per_step"])
     if "normal" in modes and "parallel" in modes and usable:
         summary["time_ratio"] = _mean(as_number(r["normal_time"]) / as_number(r["parallel_time"]) for r in usable)
     else:

@@ -119,6 +119,17 @@ def test_a_too_small_arena_raises_before_decoding(qwen_vocab_model):
         compile_enabled("fast", torch.device("cpu"))
 
 
+def test_a_changed_attention_implementation_is_refused():
+    """The compiled step does not guard on the model's modules, so the decoder checks the one setting that can
+    change under it."""
+    model = tiny_decoder("qwen2", attn_implementation="sdpa")
+    decoder = FastDecoder(model, 32, compile=False)
+    decoder.forward([1, 2, 3])
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="attention implementation changed from 'sdpa' to 'eager' after its fast decoder"):
+        decoder.forward([4])
+
+
 # --- compiled decoding equals the eager reference -------------------------------------------------------------------
 
 def test_the_greedy_step_returns_the_argmax_of_its_logits(qwen_vocab_model):
