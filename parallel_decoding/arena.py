@@ -12,7 +12,8 @@ depend on the bucket only, so nothing recompiles as the cache grows or from one 
 - padding rows write to one spare slot past the capacity and carry the branch id ``PADDING``; the mask lets them
   see that slot alone, and no real row sees it, so padding changes nothing;
 - the mask is built inside the compiled pass from ``key_branch`` and the query slots: a query sees the slots up to
-  its own that hold shared text or its own branch. The mask spans the capacity, as the keys do;
+  its own that hold shared text or its own branch. The mask spans the capacity, as the keys do (the uncompiled
+  exact-size pass below sees the written slots only);
 - the pass returns the rows' float logits and their argmax, so a greedy step takes its tokens inside the graph
   and reads back one id per row;
 - on CUDA the compiled pass is captured as CUDA graphs (inductor's ``triton.cudagraphs``, what
@@ -66,10 +67,11 @@ class ArenaLayer(CacheLayerMixin):
         slots = self.arena.write_slots[: key_states.shape[-2]]  # (T,)
         self.keys[:, :, slots] = key_states  # (1, H_kv, T, D) into (1, H_kv, C + 1, D)
         self.values[:, :, slots] = value_states
-        return self.keys, self.values
+        visible = self.arena.visible_slots
+        return self.keys[:, :, :visible], self.values[:, :, :visible]  # (1, H_kv, S, D)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[2], 0
+        return self.arena.visible_slots, 0
 
     def get_seq_length(self) -> int:
         return self.arena.length
@@ -111,6 +113,9 @@ class KVArena(Cache):
         self.key_branch = torch.full((slots,), SHARED, dtype=torch.long, device=device)
         self.key_branch[self.spare_slot] = PADDING
         self.slot_index = torch.arange(slots, device=device)
+        # Slots a pass attends over, S: all of them in a compiled pass (one shape for every length), only the
+        # written ones in an uncompiled exact-size pass (a prefill or a merge need not scan the empty arena).
+        self.visible_slots = slots
         for tensor in [self.write_slots, self.key_branch, *(t for layer in layers for t in (layer.keys, layer.values))]:
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs write into these in place
 
@@ -125,19 +130,19 @@ class KVArena(Cache):
         self.length = keep
 
     def tree_mask(self, slots: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Record the queries' branch ids and return their additive mask over every slot, (1, 1, T, C + 1).
+        """Record the queries' branch ids and return their additive mask over the visible slots, (1, 1, T, S).
 
         slots, branch: (T,). A query sees the slots up to its own holding shared text or its own branch; a
         padding query sees padding slots only (the spare slot).
         """
         self.key_branch[slots] = branch
-        keys = self.key_branch[None, :]  # (1, C + 1)
-        causal = self.slot_index[None, :] <= slots[:, None]  # (T, C + 1)
+        keys = self.key_branch[None, : self.visible_slots]  # (1, S)
+        causal = self.slot_index[None, : self.visible_slots] <= slots[:, None]  # (T, S)
         own = keys == branch[:, None]
         shared = (keys == SHARED) & (branch[:, None] != PADDING)
         visible = causal & (own | shared)
         mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=slots.device)
-        return mask.masked_fill(visible, 0.0)[None, None]  # (1, 1, T, C + 1)
+        return mask.masked_fill(visible, 0.0)[None, None]  # (1, 1, T, S)
 
 
 class FastDecoder:
@@ -174,6 +179,9 @@ class FastDecoder:
         apart, so they stay.
         """
         options = {"triton.cudagraphs": True} if self.use_cuda_graphs else {}  # what mode="reduce-overhead" sets
+        # Inductor's Python checks of its extern kernels' output sizes and strides run at every call (67 a pass
+        # for the embedded model, 2.4 % of a parallel row's time); the tests hold the graphs to the eager path.
+        options["size_asserts"] = False
         if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
             options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
             return {"options": options, "isolate_recompiles": True, "recompile_limit": len(self.buckets)}
@@ -211,7 +219,7 @@ class FastDecoder:
         """
         token_ids, positions, slots, branch = packed  # each (W,)
         self.arena.write_slots[: slots.shape[0]] = slots
-        mask = self.arena.tree_mask(slots, branch, self.model.dtype)  # (1, 1, W, C + 1)
+        mask = self.arena.tree_mask(slots, branch, self.model.dtype)  # (1, 1, W, S)
         out = self.model(
             input_ids=token_ids[None],  # (1, W)
             position_ids=positions[None],  # (1, W)
@@ -256,7 +264,11 @@ class FastDecoder:
         )  # (4, W)
         if width is None:  # more rows than the largest bucket: the same pass, uncompiled, at its exact size
             keep = torch.tensor(keep, device=self.device) if not isinstance(keep, int) else keep
-            logits, tokens = self._pass(packed, keep)
+            self.arena.visible_slots = start + count
+            try:
+                logits, tokens = self._pass(packed, keep)
+            finally:
+                self.arena.visible_slots = self.arena.capacity + 1
             out = tokens if greedy else logits
         else:
             if self.use_cuda_graphs:

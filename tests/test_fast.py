@@ -107,6 +107,20 @@ def test_padding_rows_change_nothing():
     assert padded.arena.key_branch[spare] == PADDING and padded.arena.key_branch[0] == SHARED
 
 
+@torch.inference_mode()
+def test_an_exact_size_pass_over_the_written_slots_equals_a_padded_pass_over_all():
+    model = tiny_decoder("qwen2")
+    exact = FastDecoder(model, 64, buckets=(1,), compile=False)  # five rows: uncompiled, sees 25 slots
+    padded = FastDecoder(model, 64, buckets=(8,), compile=False)  # five rows padded to eight, sees all 65
+    for decoder in (exact, padded):
+        decoder.forward(list(range(5, 25)))
+    rows = ([7, 8, 9, 10, 11], [20, 20, 21, 20, 21], [0, 1, 1, 2, 2])  # ids, positions, branch ids
+    logits_exact = exact.forward(*rows, rows="all")
+    logits_padded = padded.forward(*rows, rows="all")
+    torch.testing.assert_close(logits_exact, logits_padded, rtol=1e-5, atol=1e-5)
+    assert exact.arena.visible_slots == exact.capacity + 1  # back to the compiled passes' shape
+
+
 def test_a_too_small_arena_raises_before_decoding(qwen_vocab_model):
     model, tokenizer = qwen_vocab_model
     small = tiny_decoder("qwen2", vocab_size=len(tokenizer))
