@@ -125,9 +125,9 @@ def compile_enabled(setting, device: torch.device) -> bool:
     """``compile`` as given to the engine (True/False or "auto"/"on"/"off") for a model on ``device``.
 
     "auto" is on for CUDA, where the compiled step is captured as CUDA graphs, and off on a CPU: on the project's
-    2-core CPU the compiled step makes the embedded model's rows faster (1.22x normal tokens/s), but compiling the
+    2-core CPU the compiled step makes the embedded model's rows faster (1.53x normal tokens/s), but compiling the
     seven buckets (53 s with inductor's cache already warm, more when cold) costs more than it saves on a 50-row
-    dataset (about 0.55 s a row); docs/bench.md has the numbers.
+    dataset (about 0.34 s a 10-student row, both modes); docs/bench.md has the numbers.
     """
     if isinstance(setting, bool):
         return setting
