@@ -22,23 +22,27 @@ import re
 import sys
 from pathlib import Path
 
-from parallel_decoding import distributed
-from parallel_decoding.comparison import MODES, BackendError, mode_generator, mode_order
-from parallel_decoding.comparison import attention_backends as choose_attention_backends
-from parallel_decoding.comparison import describe_attention
-from parallel_decoding.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
-from parallel_decoding.results import ResultsError, ResultsFile
-from parallel_decoding.tasks import (
-    TASKS,
-    DatasetError,
-    FormatPromptError,
-    build_prompt,
-    default_data_path,
-    get_task,
-    load_dataset,
-    model_task_warning,
-    resolve_format_prompt,
-)
+try:  # torch and transformers load here, for seconds: a Ctrl-C now ends the run in one line, not a traceback
+    from parallel_decoding import distributed
+    from parallel_decoding.comparison import MODES, BackendError, mode_generator, mode_order
+    from parallel_decoding.comparison import attention_backends as choose_attention_backends
+    from parallel_decoding.comparison import describe_attention
+    from parallel_decoding.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
+    from parallel_decoding.results import ResultsError, ResultsFile
+    from parallel_decoding.tasks import (
+        TASKS,
+        DatasetError,
+        FormatPromptError,
+        build_prompt,
+        default_data_path,
+        get_task,
+        load_dataset,
+        model_task_warning,
+        resolve_format_prompt,
+    )
+except KeyboardInterrupt:
+    print("generate.py: interrupted while loading; no results file was changed", file=sys.stderr)
+    sys.exit(130)
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "tiny-qwen2-retrieval"

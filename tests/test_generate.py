@@ -652,3 +652,24 @@ def test_compile_setting_and_arena_size():
     args = generate.parse_args(["--task", "retrieval", "--attn_implementation", "flash_attention_2"])
     assert generate.compile_setting(args, torch.device("cuda")) is False  # auto: the Triton kernel runs eagerly
     assert generate.arena_capacity([120, 300, 90], 64) == 300 + 64
+
+
+@pytest.mark.parametrize("script, message", [
+    ("generate.py", "generate.py: interrupted while loading; no results file was changed"),
+    ("eval.py", "eval.py: interrupted while loading"),
+])
+def test_a_ctrl_c_while_the_libraries_load_is_one_line(script, message):
+    """Both CLIs spend seconds importing torch before main() runs; a Ctrl-C there exits 130 with one line."""
+    code = (
+        "import builtins, runpy\n"
+        "real_import = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name.startswith('parallel_decoding'):\n"
+        "        raise KeyboardInterrupt  # as if Ctrl-C came while the project (and torch) were importing\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        f"runpy.run_path({script!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == message
