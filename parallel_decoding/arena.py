@@ -25,7 +25,8 @@ depend on the bucket only, so nothing recompiles as the cache grows or from one 
 A pass with more rows than the largest bucket (a long prefill, a merge) runs the same function uncompiled at its
 exact size. ``warm_up()`` compiles every bucket on padding rows only, which write nothing but the spare slot.
 (transformers guards the graphs on its registry of model classes built so far: building a model of a new class
-after compiling recompiles once; a run loads its one model first.)
+after compiling recompiles each bucket once, which the graph limits leave room for; a run loads its one model
+first.)
 """
 
 from __future__ import annotations
@@ -172,20 +173,26 @@ class FastDecoder:
 
         Dynamo checks every guard before every call, and for a stock transformers model most guards are on its
         modules (types, attributes, config): about 0.11 of 0.14 ms a call for 4 layers and 0.27 of 0.33 ms for 28
-        (tiny Qwen2 configs, medians on the project's 2-core CPU). With ``isolate_recompiles`` (newer torch) this
-        decoder's graphs are looked up apart from other decoders', so the module guards can go: nothing they
-        watch changes while a decoder lives but the attention implementation, which ``forward`` checks itself.
-        Older torch shares one cache per function among all decoders, and there the module guards tell the models
-        apart, so they stay.
+        (tiny Qwen2 configs, medians on the project's 2-core CPU). Where torch can keep this decoder's graphs apart
+        from other decoders' (``isolate_recompiles``), the module guards go. That assumes the model is not changed
+        in place while its decoder lives: the one setting the engine itself may change, the attention
+        implementation, ``forward`` checks; a model moved to another device or dtype no longer fits its arena and
+        fails there. Older torch shares one cache per function among all decoders, and there the module guards
+        tell the models apart, so they stay.
+
+        Each bucket may compile twice: transformers guards the graphs on its registry of model classes, so a model
+        of a new class built after warm-up recompiles every bucket once.
         """
+        graphs = 2 * len(self.buckets)
         options = {"triton.cudagraphs": True} if self.use_cuda_graphs else {}  # what mode="reduce-overhead" sets
         # Inductor's Python checks of its extern kernels' output sizes and strides run at every call (67 a pass
         # for the embedded model, 2.4 % of a parallel row's time); the tests hold the graphs to the eager path.
         options["size_asserts"] = False
-        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        isolated = isolates_recompiles()
+        _reserve_compiled_graphs(graphs, per_function=not isolated)
+        if isolated:
             options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-            return {"options": options, "isolate_recompiles": True, "recompile_limit": len(self.buckets)}
-        _reserve_compiled_graphs(len(self.buckets))  # every bucket of every decoder keeps its graph
+            return {"options": options, "isolate_recompiles": True, "recompile_limit": graphs}
         return {"options": options}
 
     @property
@@ -299,16 +306,23 @@ class FastDecoder:
             self._compiled(packed)
 
 
+def isolates_recompiles() -> bool:
+    """Whether this torch's ``torch.compile`` can keep one call's graphs apart (``isolate_recompiles``)."""
+    return "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
 _compiled_graphs = 0
 
 
-def _reserve_compiled_graphs(count: int) -> None:
-    """Raise dynamo's per-function graph limit so every bucket of every fast decoder keeps its own graph."""
+def _reserve_compiled_graphs(count: int, per_function: bool) -> None:
+    """Raise dynamo's limits so every graph of every fast decoder is kept: the process-wide count, and with
+    ``per_function`` (decoders sharing one cache for ``_pass``) the per-function one."""
     global _compiled_graphs
     _compiled_graphs += count
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), _compiled_graphs))
+    if per_function:
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), _compiled_graphs))
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, _compiled_graphs)
 

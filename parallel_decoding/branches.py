@@ -62,7 +62,7 @@ def decode_branches_cached(
     num_branches = len(branch_prefixes)
     prefix_lens = [len(p) for p in branch_prefixes]
     # Greedy: the decoder takes the argmax inside its step and hands back one token per row.
-    argmax_in_step = not sampler.do_sample
+    argmax_in_step = not getattr(sampler, "do_sample", True)  # a plain callable sampler gets the logits
 
     def next_tokens(*args, **kwargs) -> torch.Tensor:
         if argmax_in_step:

@@ -295,3 +295,42 @@ def test_embedded_model_compiled_equals_eager(embedded):
             _same_answer(eager_normal, normal_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True))
             _same_answer(eager_parallel, parallel_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True))
         assert eager_parallel["num_para"] > 0
+
+
+# --- compile settings and graph limits (last in the module: the new model class below changes what every graph
+# compiled before it guards on) ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_compile_settings_with_and_without_isolated_graphs(monkeypatch, isolated):
+    """torch with ``isolate_recompiles`` (2.13 here): this decoder's own graphs, without module guards; older
+    torch (the GPU machine may have one): the shared cache with every guard and a raised per-function limit."""
+    import parallel_decoding.arena as arena
+
+    monkeypatch.setattr(arena, "isolates_recompiles", lambda: isolated)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    decoder = FastDecoder(tiny_decoder("qwen2"), 16, buckets=(1, 2, 4, 8, 16), compile=False)
+    settings = decoder._compile_settings()
+    assert settings["options"]["size_asserts"] is False
+    assert "triton.cudagraphs" not in settings["options"]  # CPU
+    if isolated:
+        assert settings["isolate_recompiles"] is True and settings["recompile_limit"] == 10
+        assert settings["options"]["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    else:
+        assert set(settings) == {"options"} and "guard_filter_fn" not in settings["options"]
+        assert torch._dynamo.config.recompile_limit > 8
+    assert torch._dynamo.config.accumulated_recompile_limit >= 10
+
+
+def test_a_model_of_a_new_class_built_after_warm_up_recompiles_instead_of_failing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tiny_decoder("qwen2", attn_implementation="sdpa")
+    decoder = prepare_fast_decoder(model, 32, buckets=(1,), warm_up=True)
+    decoder.forward([1, 2, 3])  # exact size: uncompiled
+    expected = EagerDecoder(model)
+    expected.forward([1, 2, 3])
+    fresh_class = type("RegistryProbeForCausalLM", (LlamaForCausalLM,), {})
+    fresh_class(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1))  # a class transformers never saw
+    logits = decoder.forward([4])  # bucket 1 compiles again (the registry grew), within the decoder's limit
+    torch.testing.assert_close(logits, expected.forward([4]), rtol=1e-4, atol=1e-4)
