@@ -29,6 +29,23 @@ def test_pyproject_pins_are_requirements_txt():
     assert "torch>=2.4,<=2.13.0" in declared  # pip keeps the CPU build on disk here, and a user's CUDA build
 
 
+def test_every_dependency_has_a_tested_upper_bound():
+    tomllib = pytest.importorskip("tomllib")
+    kernel = tomllib.loads((REPO / "flash-attention" / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    requirements = _requirement_lines((REPO / "requirements.txt").read_text(encoding="utf-8"))
+    requirements += kernel["dependencies"] + [r for extra in kernel["optional-dependencies"].values() for r in extra]
+    unbounded = [r for r in requirements if not re.search(r"<=?\s*[\d.]+", r.split(";")[0])]
+    assert not unbounded, f"no upper bound: {unbounded}"
+
+
+def test_ci_installs_into_fresh_virtual_environments():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert ci.count('python3 -m venv "$work/$1"') == 1 and ci.count("\nfresh_venv ") == 2
+    assert "python -m pip install -q torch==2.13.0\n" in ci  # the CPU build on disk, before anything pulls a CUDA one
+    assert 'python -m pip install -q -e ".[test]" ./flash-attention "transformers==5.17.0"\n' in ci
+    assert ci.count("python -m pytest -q\n") == 2 and "python generate.py --task retrieval\n" in ci
+
+
 def test_ci_runs_the_readme_install_step():
     quick_start = re.search(r"## Quick start\n+```bash\n(.*?)```", README, re.S).group(1)
     install = quick_start.splitlines()[0].split(" && ")[0]
