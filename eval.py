@@ -21,11 +21,12 @@ import sys
 import threading
 
 try:  # torch loads here, for seconds: a Ctrl-C now ends the run in one line, not a traceback
-    from parallel_decoding import metrics, report
-    from parallel_decoding.judge import Judge, JudgeCancelled, JudgeError
-    from parallel_decoding.metrics import MODES, is_blank
-    from parallel_decoding.results import (ResultsError, ResultsFile, atomic_file, read_numbered_rows, write_rows_atomic,
-                                           write_text_atomic)
+    from parallel_decoding.evaluation import metrics, report
+    from parallel_decoding.evaluation.judge import Judge, JudgeCancelled, JudgeError
+    from parallel_decoding.evaluation.metrics import MODES, is_blank
+    from parallel_decoding.runs.results import (
+        ResultsError, ResultsFile, atomic_file, read_numbered_rows, write_rows_atomic, write_text_atomic,
+    )
 except KeyboardInterrupt:
     print("eval.py: interrupted while loading", file=sys.stderr)
     sys.exit(130)

@@ -23,22 +23,15 @@ import sys
 from pathlib import Path
 
 try:  # torch and transformers load here, for seconds: a Ctrl-C now ends the run in one line, not a traceback
-    from parallel_decoding import distributed
-    from parallel_decoding.comparison import MODES, BackendError, mode_generator, mode_order
-    from parallel_decoding.comparison import attention_backends as choose_attention_backends
-    from parallel_decoding.comparison import describe_attention
-    from parallel_decoding.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
-    from parallel_decoding.results import ResultsError, ResultsFile
+    from parallel_decoding.runs import distributed
+    from parallel_decoding.runs.comparison import MODES, BackendError, mode_generator, mode_order
+    from parallel_decoding.runs.comparison import attention_backends as choose_attention_backends
+    from parallel_decoding.runs.comparison import describe_attention
+    from parallel_decoding.runs.distributed import DATA_PARALLEL, SINGLE, TENSOR_PARALLEL, DistributedError, Ranks
+    from parallel_decoding.runs.results import ResultsError, ResultsFile
     from parallel_decoding.tasks import (
-        TASKS,
-        DatasetError,
-        FormatPromptError,
-        build_prompt,
-        default_data_path,
-        get_task,
-        load_dataset,
-        model_task_warning,
-        resolve_format_prompt,
+        TASKS, DatasetError, FormatPromptError, build_prompt, default_data_path, get_task, load_dataset,
+        model_task_warning, resolve_format_prompt,
     )
 except KeyboardInterrupt:
     print("generate.py: interrupted while loading; no results file was changed", file=sys.stderr)
@@ -264,22 +257,12 @@ def output_path(output_dir: str, model_path: str, data_path: str) -> Path:
 # --- model ------------------------------------------------------------------------------------------------------
 
 def register_branch_kernel() -> str:
-    """Register the project's Triton kernel with transformers; returns the attention name the engine looks for."""
-    try:
-        from flash_attn_branch.hf import register
-    except ImportError:
-        sys.path.insert(0, str(REPO_ROOT / "flash-attention"))  # not pip-installed: the working tree's copy
-        try:
-            from flash_attn_branch.hf import register
-        except ImportError as e:
-            raise UsageError(f"--attn_implementation flash_attention_2 needs the project's kernel package "
-                             f"flash_attn_branch (pip install -e flash-attention): {e}") from None
-    from parallel_decoding.model_io import BRANCH_KERNEL
+    from parallel_decoding.decoding.attention import KernelUnavailable, register_branch_kernel as register
 
-    name = register()
-    if name != BRANCH_KERNEL:
-        raise UsageError(f"the kernel registers as {name!r} but the engine looks for {BRANCH_KERNEL!r}")
-    return name
+    try:
+        return register()
+    except KernelUnavailable as e:
+        raise UsageError(str(e)) from None
 
 
 def attention_backends(attn_implementation: str, device, normal_stock_flash_attn: bool = False) -> dict:
@@ -347,7 +330,7 @@ def usable_context(model, max_new_tokens: int):
 def compile_setting(args, device) -> bool:
     """--compile resolved for this run: the fast path builds its own mask, so the Triton kernel keeps the eager one,
     and its arena holds every layer's heads on one device, so a model split by --tp or --device_map does too."""
-    from parallel_decoding.decoders import compile_enabled
+    from parallel_decoding.decoding.interface import compile_enabled
 
     if args.attn_implementation == "flash_attention_2" or args.tp or args.device_map is not None:
         return False
@@ -406,7 +389,7 @@ def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backend
         result[f"{mode}_steps"] = out["steps"]
         result[f"{mode}_caps"] = out["caps"]
         if mode == "parallel":
-            result["num_parallel_branches"] = out["num_para"]
+            result["num_parallel_branches"] = out["num_branches"]
             result["stage1_response"] = out["stage1_response"]
             result["branches"] = out["branches"]
             for stage in ("stage1_time", "stage2_time", "stage3_time", "fallback"):
@@ -589,7 +572,7 @@ def decode_rows(args, rows, data_path, model, tokenizer, device, dtype, modes, b
     gen["compile"] = compile_setting(args, device)
     if gen["compile"]:
         # One arena for the whole run, and every bucket compiled now: nothing compiles inside a timed row.
-        from parallel_decoding.arena import prepare_fast_decoder
+        from parallel_decoding.decoding.arena import prepare_fast_decoder
 
         capacity = arena_capacity([len(chat_prompt_ids(tokenizer, prompts[i])) for i in pending], args.max_new_tokens)
         log(f"compile: on; KV arena of {capacity} tokens; compiling the step for every bucket (untimed)")

@@ -1,21 +1,22 @@
 """Parallel decoding of independent reasoning branches inside one sequence.
 
-Names are imported on first use (PEP 562), so the CPU-only parts (metrics, tasks, eval) load without torch.
+The public API. Names are imported on first use (PEP 562), so the parts without torch (tasks, evaluation) load
+without it. docs/architecture.md maps the folders: ``engine`` (the method), ``decoding`` (one forward pass),
+``runs`` (what generate.py drives), ``evaluation`` (eval.py), ``tasks`` (datasets and prompts), ``bench``.
 """
 
 import importlib
 
 _EXPORTS = {
-    "GenerationConfig": "engine",
-    "chat_prompt_ids": "engine",
-    "normal_decode": "engine",
-    "parallel_decode": "engine",
-    "branch_mask": "branches",
-    "decode_branches": "branches",
-    "decode_branches_reference": "branches",
-    "MarkerVocab": "skeleton",
-    "SkeletonLogitsProcessor": "skeleton",
-    "parse_skeleton": "skeleton",
+    "GenerationConfig": "engine.decode",
+    "chat_prompt_ids": "engine.decode",
+    "normal_decode": "engine.decode",
+    "parallel_decode": "engine.decode",
+    "decode_branches": "engine.branches",
+    "MarkerVocab": "engine.skeleton",
+    "SkeletonLogitsProcessor": "engine.skeleton",
+    "parse_skeleton": "engine.skeleton",
+    "branch_mask": "decoding.interface",
     "build_prompt": "tasks",
     "load_dataset": "tasks",
 }

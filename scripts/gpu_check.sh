@@ -4,7 +4,7 @@
 #
 #     bash scripts/gpu_check.sh            # writes results/gpu_check.md
 #
-# 1. python -m parallel_decoding.gpu_check: ms/token of the eager and the fast normal step, ms per fast parallel
+# 1. python -m parallel_decoding.bench.gpu_check: ms/token of the eager and the fast normal step, ms per fast parallel
 #    step for N in {1, 2, 4, 8, 16}, achieved GB/s against the bytes each step reads (weights + KV) and the ratio
 #    to the bandwidth floor, the greedy token match rate of fast vs eager on the same random prompt;
 # 2. python -m flash_attn_branch.bench: the project's Triton kernel against SDPA with a mask.
@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 CHECK_LIMIT_S=360   # model build + 5 compiled buckets + measurements
 KERNEL_LIMIT_S=100  # 360 + 100 s: under 8 minutes with the start
 
-timeout "$CHECK_LIMIT_S" python3 -m parallel_decoding.gpu_check --config qwen2.5-7b --device cuda --dtype bfloat16 \
+timeout "$CHECK_LIMIT_S" python3 -m parallel_decoding.bench.gpu_check --config qwen2.5-7b --device cuda --dtype bfloat16 \
     --prompt_len 1024 --steps 32 --branches 1 2 4 8 16 --match_tokens 64 --out "$OUT"
 echo "gpu_check exit status $?"
 

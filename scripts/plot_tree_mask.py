@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from parallel_decoding.branches import SHARED, branch_mask  # noqa: E402
+from parallel_decoding.decoding.interface import SHARED, branch_mask  # noqa: E402
 
 
 def example_layout() -> tuple[list[int], list[str]]:

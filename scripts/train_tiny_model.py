@@ -3,7 +3,7 @@
     python scripts/train_tiny_model.py                      # ~55 min on 2 CPU cores -> models/tiny-qwen2-retrieval
     python scripts/train_tiny_model.py --tiny --steps 3 --output_dir /tmp/tiny   # smoke run, seconds
 
-Everything is made here from the project's own retrieval generator (``parallel_decoding.datagen.retrieval``) and
+Everything is made here from the project's own retrieval generator (``parallel_decoding.tasks.retrieval``) and
 prompt builder (``parallel_decoding.tasks.build_prompt``) with the format instruction ``FORMAT_INSTRUCTION`` below,
 which is saved with the model as ``format_prompt.txt``, so the prompts are byte for byte those ``generate.py``
 sends. Held-out evaluation rows use seed 1234; training rows use ``--data_seed`` (must differ from 1234).
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from parallel_decoding.datagen.retrieval import (  # noqa: E402
+from parallel_decoding.tasks.retrieval import (  # noqa: E402
     FIRST_NAMES,
     GPA_MAX_HUNDREDTHS,
     GPA_MIN_HUNDREDTHS,
@@ -65,7 +65,7 @@ from parallel_decoding.datagen.retrieval import (  # noqa: E402
     format_gpa,
     make_retrieval_rows,
 )
-from parallel_decoding.engine import chat_prompt_ids  # noqa: E402
+from parallel_decoding.engine.decode import chat_prompt_ids  # noqa: E402
 from parallel_decoding.tasks import MODEL_FORMAT_PROMPT_FILE, MODEL_TASKS_FILE, build_prompt  # noqa: E402
 
 EVAL_SEED = 1234  # seed of the held-out data/retrieval_*.jsonl files; training never uses it

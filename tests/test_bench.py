@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from parallel_decoding import bench
-from parallel_decoding.branches import decode_branches_one_by_one
-from parallel_decoding.configs import MODEL_CONFIGS, qwen2_config
+from parallel_decoding.bench import branch_stage as bench
+from reference import decode_branches_one_by_one
+from parallel_decoding.bench.configs import MODEL_CONFIGS, qwen2_config
 
 TINY = ["--config", "tiny", "--prefix_len", "12", "--branch_len", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "float32"]
 REQUIRED = {
@@ -102,7 +102,7 @@ def test_model_path_loads_a_checkpoint(tmp_path, capsys):
 
 
 def test_gpu_check_report_on_a_tiny_cpu_model(tmp_path, capsys):
-    from parallel_decoding import gpu_check
+    from parallel_decoding.bench import gpu_check
 
     out = tmp_path / "gpu_check.md"
     argv = ["--config", "tiny", "--device", "cpu", "--dtype", "float32", "--compile", "off", "--prompt_len", "24",
@@ -121,7 +121,7 @@ def test_gpu_check_report_on_a_tiny_cpu_model(tmp_path, capsys):
 
 
 def test_compiled_bench_compiles_every_bucket_it_uses_before_timing(monkeypatch, capsys):
-    from parallel_decoding import arena
+    from parallel_decoding.decoding import arena
 
     real_warm_up = arena.FastDecoder.warm_up
 

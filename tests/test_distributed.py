@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import generate
-from parallel_decoding import distributed
+from parallel_decoding.runs import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = generate.DEFAULT_MODEL_PATH  # the embedded model: 4 query heads, 2 key/value heads

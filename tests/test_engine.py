@@ -7,8 +7,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import tiny_decoder
-from parallel_decoding import branch_mask, decode_branches, decode_branches_reference, normal_decode, parallel_decode
-from parallel_decoding.engine import chat_prompt_ids, marker_vocab, stop_token_ids
+from parallel_decoding import branch_mask, decode_branches, normal_decode, parallel_decode
+from parallel_decoding.engine.decode import chat_prompt_ids, marker_vocab, stop_token_ids
+from reference import decode_branches_reference
 
 TITLES = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24, 25, 26, 27, 28]]  # 5 ragged titles
 
@@ -142,7 +143,7 @@ def test_parallel_decode_runs_three_stages(qwen_model):
         logits_processor=_scripted(tokenizer, prompt, skeleton),
     )
     assert out["fallback"] is None
-    assert out["num_para"] == 3 and out["num_blocks"] == 1
+    assert out["num_branches"] == 3 and out["num_blocks"] == 1
     assert [b["title"] for b in out["branches"]] == ["Alpha", "Beta two", "Gamma"]
     assert out["stage1_response"] == skeleton
     # every branch equals that branch decoded alone after the shared prefix
@@ -213,7 +214,7 @@ def test_two_blocks_both_run_in_parallel(qwen_model):
         logits_processor=_scripted(tokenizer, prompt, first, second),
     )
     assert out["fallback"] is None
-    assert out["num_blocks"] == 2 and out["num_para"] == 5
+    assert out["num_blocks"] == 2 and out["num_branches"] == 5
     assert [(b["block"], b["title"]) for b in out["branches"]] == [(0, "A"), (0, "B"), (1, "C"), (1, "D"), (1, "E")]
     assert out["response"].count("####%%%%") >= 2
 
@@ -234,7 +235,7 @@ def test_no_block_falls_back_to_the_sequential_answer(qwen_model):
     prompt = "Say something."
     normal = normal_decode(model, tokenizer, prompt, max_new_tokens=20)
     parallel = parallel_decode(model, tokenizer, prompt, max_new_tokens=20)
-    assert parallel["num_para"] == 0
+    assert parallel["num_branches"] == 0
     assert "no ####Title: block" in parallel["fallback"]
     assert parallel["response"] == normal["response"]
     assert parallel["length"] == normal["length"] == 20
@@ -298,7 +299,7 @@ def test_bad_prompts_and_models_raise_one_clear_sentence(qwen_model):
 
 
 def test_token_ids_become_text_only_after_the_timer_stops(qwen_model, monkeypatch):
-    import parallel_decoding.engine as engine
+    import parallel_decoding.engine.decode as engine
 
     model, tokenizer = qwen_model
     events = []
@@ -324,7 +325,7 @@ def test_token_ids_become_text_only_after_the_timer_stops(qwen_model, monkeypatc
     monkeypatch.setattr(engine, "marker_vocab", lambda _: markers)
     out = parallel_decode(model, wrapped, prompt, max_new_tokens=24, max_branch_tokens=3,
                           logits_processor=_scripted(tokenizer, prompt, skeleton))
-    assert out["num_para"] == 2 and events.count("lap") >= 3
+    assert out["num_branches"] == 2 and events.count("lap") >= 3
     assert "decode" not in events[: len(events) - events[::-1].index("lap")]  # no decode before the last lap
     events.clear()
     normal_decode(model, wrapped, prompt, max_new_tokens=6)

@@ -17,9 +17,9 @@ import time
 import pytest
 
 import eval as eval_cli
-from parallel_decoding import judge as judge_mod
-from parallel_decoding import metrics
-from parallel_decoding import report as report_mod
+from parallel_decoding.evaluation import judge as judge_mod
+from parallel_decoding.evaluation import metrics
+from parallel_decoding.evaluation import report as report_mod
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-key-0123456789abcdef"
@@ -700,7 +700,7 @@ def test_step_ratio_beside_the_speedup(tmp_path, capsys):
 
 
 def test_judging_a_file_another_run_writes_is_refused(tmp_path, capsys):
-    from parallel_decoding.results import ResultsFile
+    from parallel_decoding.runs.results import ResultsFile
 
     path = write_jsonl(tmp_path / "plan.jsonl", planning_rows(2))
     before = path.read_bytes()

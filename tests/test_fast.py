@@ -16,9 +16,11 @@ import torch
 from transformers import LogitsProcessorList
 
 from conftest import tiny_decoder
-from parallel_decoding import decode_branches, decode_branches_reference, normal_decode, parallel_decode
-from parallel_decoding.arena import PADDING, ArenaFullError, FastDecoder, fast_decoder, prepare_fast_decoder
-from parallel_decoding.decoders import SHARED, EagerDecoder, compile_enabled
+from parallel_decoding import decode_branches, normal_decode, parallel_decode
+from parallel_decoding.decoding.arena import PADDING, ArenaFullError, FastDecoder, fast_decoder, prepare_fast_decoder
+from parallel_decoding.decoding.interface import SHARED, compile_enabled
+from parallel_decoding.decoding.eager import EagerDecoder
+from reference import decode_branches_reference
 from test_engine import TITLES, ForwardCounter, _encode, _scripted
 
 SMALL_BUCKETS = (1, 4)
@@ -118,8 +120,8 @@ def test_an_exact_size_pass_over_the_written_slots_equals_a_padded_pass_over_all
     for decoder in (exact, padded):
         decoder.forward(list(range(5, 25)))
     rows = ([7, 8, 9, 10, 11], [20, 20, 21, 20, 21], [0, 1, 1, 2, 2])  # ids, positions, branch ids
-    logits_exact = exact.forward(*rows, rows="all")
-    logits_padded = padded.forward(*rows, rows="all")
+    logits_exact = exact.forward(*rows, keep="all")
+    logits_padded = padded.forward(*rows, keep="all")
     torch.testing.assert_close(logits_exact, logits_padded, rtol=1e-5, atol=1e-5)
     assert exact.arena.visible_slots == exact.capacity + 1  # back to the compiled passes' shape
 
@@ -194,7 +196,7 @@ def test_branches_on_the_arena_equal_the_reference(small_model):
 
 
 def _same_answer(a: dict, b: dict) -> None:
-    keys = ("response", "length", "num_para", "num_blocks", "stage1_response", "branches", "fallback", "caps", "steps")
+    keys = ("response", "length", "num_branches", "num_blocks", "stage1_response", "branches", "fallback", "caps", "steps")
     assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
 
 
@@ -237,7 +239,7 @@ def test_sampling_with_a_fixed_seed_is_the_same_compiled(qwen_vocab_model):
                 generator=torch.Generator().manual_seed(7), **settings,
             ))
     _same_answer(*outputs)
-    assert outputs[0]["num_para"] == 3
+    assert outputs[0]["num_branches"] == 3
 
 
 # --- jump-forward ---------------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_jump_forward_keeps_the_embedded_models_answers(embedded):
         fast = parallel_decode(model, tokenizer, prompt, max_new_tokens=160)
         slow = parallel_decode(model, tokenizer, prompt, max_new_tokens=160, jump_forward=False)
         _same_answer({**fast, "steps": None}, {**slow, "steps": None})
-        assert fast["num_para"] > 0 and slow["steps"] - fast["steps"] == 3 * fast["num_para"]
+        assert fast["num_branches"] > 0 and slow["steps"] - fast["steps"] == 3 * fast["num_branches"]
 
 
 # --- the embedded model: compile on vs off over rows of both retrieval files ----------------------------------------
@@ -297,7 +299,7 @@ def test_embedded_model_compiled_equals_eager(embedded):
         with no_recompiles():
             _same_answer(eager_normal, normal_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True))
             _same_answer(eager_parallel, parallel_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True))
-        assert eager_parallel["num_para"] > 0
+        assert eager_parallel["num_branches"] > 0
 
 
 # --- compile settings and graph limits (last in the module: the new model class below changes what every graph
@@ -307,7 +309,7 @@ def test_embedded_model_compiled_equals_eager(embedded):
 def test_compile_settings_with_and_without_isolated_graphs(monkeypatch, isolated):
     """torch with ``isolate_recompiles`` (2.13 here): this decoder's own graphs, without module guards; older
     torch (the GPU machine may have one): the shared cache with every guard and a raised per-function limit."""
-    import parallel_decoding.arena as arena
+    import parallel_decoding.decoding.arena as arena
 
     monkeypatch.setattr(arena, "isolates_recompiles", lambda: isolated)
     decoder = FastDecoder(tiny_decoder("qwen2"), 16, buckets=(1, 2, 4, 8, 16), compile=False)

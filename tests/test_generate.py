@@ -326,7 +326,7 @@ def test_rows_without_settings_load_and_resume_with_a_note(tmp_path, model_dir, 
 
 
 def test_a_second_writer_is_refused_before_loading_the_model(tmp_path, model_dir, capsys, monkeypatch):
-    from parallel_decoding.results import ResultsFile
+    from parallel_decoding.runs.results import ResultsFile
 
     out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
     _no_model_load(monkeypatch)
@@ -589,8 +589,8 @@ def test_output_path_naming():
 def test_flash_attention_backends_per_mode(monkeypatch):
     import torch
 
-    from parallel_decoding.comparison import attention_backends, describe_attention
-    from parallel_decoding.model_io import BRANCH_KERNEL
+    from parallel_decoding.runs.comparison import attention_backends, describe_attention
+    from parallel_decoding.decoding.attention import BRANCH_KERNEL
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert generate.attention_backends("sdpa", cpu) == {"normal": "sdpa", "parallel": "sdpa"}

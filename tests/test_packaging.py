@@ -75,7 +75,7 @@ def test_installed_package_imports_from_any_directory(tmp_path):
     probe = "import importlib.metadata as m; m.distribution('parallel-decoding')"
     if subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True).returncode != 0:
         pytest.skip('parallel_decoding is not pip-installed here (pip install -e ".[test]" ./flash-attention)')
-    code = "import parallel_decoding, parallel_decoding.datagen, parallel_decoding.results; print('ok')"
+    code = "import parallel_decoding, parallel_decoding.tasks.retrieval, parallel_decoding.runs.results; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from parallel_decoding.results import (ResultsError, ResultsFile, ResultsLocked, SettingsMismatch, atomic_file,
-                                       match_existing, read_numbered_rows, read_rows, settings_difference,
-                                       write_rows_atomic, write_text_atomic)
+from parallel_decoding.runs.results import (
+    ResultsError, ResultsFile, ResultsLocked, SettingsMismatch, atomic_file, match_existing, read_numbered_rows,
+    read_rows, settings_difference, write_rows_atomic, write_text_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_COLUMNS = ("full_prompt", "normal_response", "error", "settings")
@@ -139,7 +140,7 @@ def test_one_writer_per_file(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from parallel_decoding.results import ResultsFile
+from parallel_decoding.runs.results import ResultsFile
 with ResultsFile(sys.argv[1]).locked():
     print("locked", flush=True)
     time.sleep(600)

@@ -4,26 +4,15 @@ import json
 
 import pytest
 
-from parallel_decoding.datagen.multi_doc_qa import make_multi_doc_qa_rows
-from parallel_decoding.datagen.planning import main as planning_main
-from parallel_decoding.datagen.planning import make_planning_rows
-from parallel_decoding.datagen.retrieval import main as retrieval_main
-from parallel_decoding.datagen.retrieval import make_retrieval_rows, student_line, write_jsonl
+from parallel_decoding.tasks.multi_doc_qa import make_multi_doc_qa_rows
+from parallel_decoding.tasks.planning import main as planning_main
+from parallel_decoding.tasks.planning import make_planning_rows
+from parallel_decoding.tasks.retrieval import main as retrieval_main
+from parallel_decoding.tasks.retrieval import make_retrieval_rows, student_line, write_jsonl
 from parallel_decoding.tasks import (
-    DATA_DIR,
-    FORMAT_INSTRUCTION_EN,
-    FORMAT_INSTRUCTION_ZH,
-    MULTI_DOC_QA_INSTRUCTION,
-    PLANNING_INSTRUCTION_ZH,
-    RETRIEVAL_INSTRUCTION,
-    DatasetError,
-    FormatPromptError,
-    build_prompt,
-    default_data_path,
-    format_prompt_digest,
-    load_dataset,
-    read_format_prompt,
-    task_text,
+    DATA_DIR, FORMAT_INSTRUCTION_EN, FORMAT_INSTRUCTION_ZH, MULTI_DOC_QA_INSTRUCTION, PLANNING_INSTRUCTION_ZH,
+    RETRIEVAL_INSTRUCTION, DatasetError, FormatPromptError, build_prompt, default_data_path, format_prompt_digest,
+    load_dataset, read_format_prompt, task_text,
 )
 
 LONGBENCH_KEYS = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}

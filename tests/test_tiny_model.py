@@ -113,7 +113,7 @@ def test_reads_the_prompt_on_a_held_out_row(model, tokenizer):
     """Stage 1 titles the steps with the students' names in prompt order, and every branch states that student's
     GPA, copied from the prompt (the row's seed was never trained on)."""
     from parallel_decoding import parallel_decode
-    from parallel_decoding.datagen.retrieval import format_gpa
+    from parallel_decoding.tasks.retrieval import format_gpa
     from parallel_decoding.tasks import build_prompt, load_dataset
 
     row = load_dataset("retrieval", REPO / "data" / "retrieval_4.jsonl")[0]
@@ -199,7 +199,7 @@ def test_committed_model_keeps_the_hand_set_range_check(script, model, tokenizer
 
 def _row_with_gpas(gpas: list, gpa_range: list) -> dict:
     """A retrieval row whose students have exactly these GPAs (names from the generator's lists)."""
-    from parallel_decoding.datagen.retrieval import FIRST_NAMES, LAST_NAMES, question_text
+    from parallel_decoding.tasks.retrieval import FIRST_NAMES, LAST_NAMES, question_text
 
     students = [{"name": f"{FIRST_NAMES[i]} {LAST_NAMES[i]}", "age": 20 + i, "university": "MIT", "gpa": g,
                  "interests": ["chess", "jazz"], "intro": "I enjoy solving puzzles."} for i, g in enumerate(gpas)]
@@ -230,7 +230,7 @@ def test_range_check_is_exact_at_the_ends_before_any_training(script, tokenizer)
 def test_tree_example_matches_the_engine_layout(script, tokenizer):
     """The packed tree: shared prefix + full answer equals the plain chat encoding; every other segment starts at
     the prefix's length, as the engine places branches."""
-    from parallel_decoding.engine import chat_prompt_ids
+    from parallel_decoding.engine.decode import chat_prompt_ids
     from parallel_decoding.tasks import build_prompt
 
     row = script.make_rows(1, 0, 7)[0]
@@ -313,7 +313,7 @@ def test_structured_init_copies_repeated_sequences(script, tokenizer):
 def test_structured_init_heads_on_a_prompt(script, tokenizer):
     """Layer 0 starts with a previous-token head (query head 2) and a head that reads the current line's name
     (query head 0): at every GPA of a resume line it attends to that line's first or last name."""
-    from parallel_decoding.engine import chat_prompt_ids
+    from parallel_decoding.engine.decode import chat_prompt_ids
     from parallel_decoding.tasks import build_prompt
 
     model = _fresh_model(script, tokenizer)

@@ -6,7 +6,7 @@ to its own earlier tokens only, and its positions continue from the prefix as if
 ``t``-th token (forced title tokens included) sits at position ``P + t``. Under that mask and those positions every
 branch's logits are those of the branch decoded alone, which the tests check token for token.
 
-Each pass goes through a decoder (``decoders.EagerDecoder``, the reference, or ``arena.FastDecoder``), which keeps
+Each pass goes through a decoder (``decoding.eager.EagerDecoder``, the reference, or ``decoding.arena.FastDecoder``), which keeps
 the branch id of every cache slot (-1 for the shared prefix) and turns the queries' branch ids into the tree mask;
 this module only knows about branches.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoders import SHARED, EagerDecoder, branch_mask  # noqa: F401  (branch_mask: public API)
-from .model_io import Sampler, greedy
+from ..decoding.select import decoder_for
+from .sampling import Sampler, greedy
 
 
 @dataclass
@@ -74,7 +74,7 @@ def decode_branches_cached(
         [t for p in branch_prefixes for t in p],
         positions=[prefix_len + j for n in prefix_lens for j in range(n)],
         branch_ids=[b for b, n in enumerate(prefix_lens) for _ in range(n)],
-        rows=[sum(prefix_lens[: b + 1]) - 1 for b in range(num_branches)],
+        keep=[sum(prefix_lens[: b + 1]) - 1 for b in range(num_branches)],
     )  # (N,)
 
     outputs: list[list[int]] = [[] for _ in range(num_branches)]
@@ -101,7 +101,7 @@ def decode_branches_cached(
         active = still_active
         # One token per active branch, each at the position it would have alone: prefix + its own tokens so far.
         positions = [prefix_len + prefix_lens[b] + len(outputs[b]) - 1 for b in active]
-        tokens = next_tokens(step_tokens, positions=positions, branch_ids=active, rows="all")  # (A,)
+        tokens = next_tokens(step_tokens, positions=positions, branch_ids=active, keep="all")  # (A,)
     return [BranchResult(tokens=o, stop=s) for o, s in zip(outputs, stops)]
 
 
@@ -134,52 +134,9 @@ def decode_branches(
     return [r.tokens for r in results]
 
 
-def decode_branches_one_by_one(
-    decoder, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int, stop_token_ids=()
-) -> list[list[int]]:
-    """Plain reference for :func:`decode_branches_cached`: each branch alone after the cached prefix, greedy.
-
-    Per branch: crop the cache to the prefix, prefill the branch's forced start, then one pass per token, exactly
-    as normal decoding writes one branch after another.
-    """
-    stops = set(stop_token_ids)
-    outputs = []
-    for branch_prefix in branch_prefixes:
-        decoder.crop(prefix_len)
-        next_token = decoder.forward(list(branch_prefix), greedy=True)  # (1,)
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens:
-            token = int(next_token)  # one host sync per step, as in normal decoding
-            if token in stops:
-                break
-            tokens.append(token)
-            if len(tokens) < max_new_tokens:
-                next_token = decoder.forward([token], greedy=True)
-        outputs.append(tokens)
-    return outputs
-
-
-def decode_branches_reference(
-    model,
-    prefix_ids: torch.Tensor,
-    branch_prefixes: list[list[int]],
-    max_new_tokens: int,
-    eos_token_id: int | list[int] | None = None,
-) -> list[list[int]]:
-    """Plain reference for :func:`decode_branches`: each branch decoded alone, greedy, one after another."""
-    decoder = _prefilled_decoder(model, prefix_ids, compile=False)
-    return decode_branches_one_by_one(decoder, prefix_ids.shape[1], branch_prefixes, max_new_tokens, _id_set(eos_token_id))
-
-
 def _prefilled_decoder(model, prefix_ids: torch.Tensor, compile: bool):
     if prefix_ids.dim() != 2 or prefix_ids.shape[0] != 1 or prefix_ids.shape[1] == 0:
         raise ValueError(f"prefix_ids must be a non-empty (1, P) tensor, got shape {tuple(prefix_ids.shape)}")
-    if compile:
-        from .arena import fast_decoder
-
-        decoder = fast_decoder(model)
-        decoder.reset()
-    else:
-        decoder = EagerDecoder(model)
+    decoder = decoder_for(model, compile)
     decoder.forward(prefix_ids[0].tolist())
     return decoder

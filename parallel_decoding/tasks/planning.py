@@ -3,7 +3,7 @@
 The tasks live in ``planning_tasks_en.py`` and ``planning_tasks_zh.py`` (written by hand for this project); this
 script checks them and writes ``data/planning.jsonl``:
 
-    python -m parallel_decoding.datagen.planning --output data/planning.jsonl
+    python -m parallel_decoding.tasks.planning --output data/planning.jsonl
 """
 
 import argparse

@@ -32,17 +32,19 @@ from pathlib import Path
 
 import torch
 
-from . import model_io
-from .arena import prepare_fast_decoder
-from .branches import decode_branches_cached, decode_branches_one_by_one
+from ..decoding.arena import prepare_fast_decoder
+from ..decoding.attention import KernelUnavailable, kernel_interpreter_enabled, register_branch_kernel, set_attention
+from ..decoding.eager import EagerDecoder
+from ..engine.branches import decode_branches_cached
+from ..engine.decode import GenerationConfig
+from ..engine.sequential import Sequence, decode_sequential
+from ..engine.timing import synchronize
 from .configs import MODEL_CONFIGS, qwen2_config
-from .decoders import EagerDecoder
-from .model_io import synchronize
 
 ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SWEEP_BRANCHES = (1, 2, 4, 8, 16, 32)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class BenchError(Exception):
@@ -50,31 +52,6 @@ class BenchError(Exception):
 
 
 # --- model --------------------------------------------------------------------------------------------------------
-
-def register_branch_kernel() -> str:
-    """Register the project's Triton kernel with transformers; returns its attention name.
-
-    The name must be the one the engine looks for (``model_io.BRANCH_KERNEL``) or the engine would build a 4D mask
-    instead of passing branch ids; a mismatch is reported rather than papered over.
-    """
-    try:
-        from flash_attn_branch.hf import register
-    except ImportError:
-        # Not pip-installed: use the working tree's copy, as the kernel's own tests do.
-        sys.path.insert(0, str(REPO / "flash-attention"))
-        try:
-            from flash_attn_branch.hf import register
-        except ImportError as e:
-            raise BenchError(
-                f"--attn_implementation flash_attention_2 needs the project's kernel package flash_attn_branch "
-                f"(pip install -e flash-attention): {e}"
-            ) from None
-    name = register()
-    if name != model_io.BRANCH_KERNEL:
-        raise BenchError(f"the kernel registers as {name!r} but the engine (parallel_decoding/model_io.py "
-                         f"BRANCH_KERNEL) looks for {model_io.BRANCH_KERNEL!r}; they must agree")
-    return name
-
 
 def transformers_attention(name: str, device: torch.device) -> str:
     """The transformers attention name for a ``--attn_implementation`` choice.
@@ -84,11 +61,12 @@ def transformers_attention(name: str, device: torch.device) -> str:
     """
     if name != "flash_attention_2":
         return name
-    registered = register_branch_kernel()
+    try:
+        registered = register_branch_kernel()
+    except KernelUnavailable as e:
+        raise BenchError(str(e)) from None
     if device.type != "cuda":
-        from flash_attn_branch._mode import interpreter_enabled
-
-        if not interpreter_enabled():
+        if not kernel_interpreter_enabled():
             raise BenchError("--attn_implementation flash_attention_2 runs a Triton kernel: it needs --device cuda "
                              "(or TRITON_INTERPRET=1 on CPU, for correctness only)")
     return registered
@@ -149,11 +127,6 @@ def checkpoint_model(path: str, device: torch.device, dtype: torch.dtype, attn: 
     return model.to(device).eval()
 
 
-def set_attention(model, attn: str) -> None:
-    if getattr(model.config, "_attn_implementation", None) != attn:
-        model.set_attn_implementation(attn)
-
-
 def weight_bytes(model) -> int:
     """Bytes of weights one forward pass reads, gpt-fast style: every parameter once, except the input embedding.
 
@@ -172,6 +145,20 @@ def weight_bytes(model) -> int:
 
 # --- the two ways of decoding N branches ----------------------------------------------------------------------------
 
+def decode_branches_one_after_another(decoder, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int):
+    """What normal decoding does: each branch after the cached prefix, its title prefilled, then the engine's own
+    sequential loop, one pass per token, greedy and without stop tokens."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    outputs = []
+    for branch_prefix in branch_prefixes:
+        decoder.crop(prefix_len)
+        seq = Sequence(list(branch_prefix), len(branch_prefix) + max_new_tokens)
+        logits = decoder.forward(list(branch_prefix))
+        decode_sequential(decoder, seq, logits, max_new_tokens, config, stop_ids=frozenset())
+        outputs.append(seq.answer)
+    return outputs
+
+
 def decode_branches_together(decoder, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int):
     """The engine: every branch in one sequence; without stop tokens each makes exactly ``max_new_tokens``."""
     results = decode_branches_cached(decoder, prefix_len, branch_prefixes, max_new_tokens, stop_token_ids=())
@@ -180,7 +167,7 @@ def decode_branches_together(decoder, prefix_len: int, branch_prefixes: list[lis
     return outputs
 
 
-MODES = {"sequential": decode_branches_one_by_one, "parallel": decode_branches_together}
+MODES = {"sequential": decode_branches_one_after_another, "parallel": decode_branches_together}
 
 
 # --- measurement ----------------------------------------------------------------------------------------------------

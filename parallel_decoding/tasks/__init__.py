@@ -96,7 +96,7 @@ def find_data_dir() -> Path:
     """data/ of the source checkout the package is imported from (an editable install, or the repo root on
     sys.path); a regular install has no data/ beside it, so there it is data/ in the working directory (the repo
     root, when the commands run from there)."""
-    beside = Path(__file__).resolve().parents[1] / "data"
+    beside = Path(__file__).resolve().parents[2] / "data"
     return beside if (beside / TASKS["retrieval"].default_data).is_file() else Path.cwd() / "data"
 
 

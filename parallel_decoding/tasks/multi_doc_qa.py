@@ -13,7 +13,7 @@ Row fields follow LongBench: ``input`` (question), ``context`` (``Passage i:\\n<
 ``answers`` (list), ``length`` (words in context), ``dataset``, ``language``, ``all_classes`` (null), ``_id``.
 Extra fields ``type`` and ``evidence_titles`` say what kind of question it is and which passages hold the facts.
 
-    python -m parallel_decoding.datagen.multi_doc_qa --num_rows 30 --seed 1234 --output data/multi_document_qa.jsonl
+    python -m parallel_decoding.tasks.multi_doc_qa --num_rows 30 --seed 1234 --output data/multi_document_qa.jsonl
 """
 
 import argparse

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .arena import BUCKETS, FastDecoder
-from .bench import DTYPES, BenchError, device_name, exit_status, random_model, random_tokens, weight_bytes
+from ..decoding.arena import BUCKETS, FastDecoder
+from .branch_stage import DTYPES, BenchError, device_name, exit_status, random_model, random_tokens, weight_bytes
 from .configs import MODEL_CONFIGS
-from .decoders import EagerDecoder
-from .model_io import synchronize
+from ..decoding.eager import EagerDecoder
+from ..engine.timing import synchronize
 
 # Peak memory bandwidth (GB/s) of the devices this check is meant for; the floor is bytes / peak.
 PEAK_GB_PER_S = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
@@ -107,14 +107,14 @@ def parallel_steps(decoder: FastDecoder, prompt: list[int], titles: list[list[in
             [t for title in titles for t in title],
             positions=[prefix_len + j for _ in titles for j in range(title_len)],
             branch_ids=[b for b in branches for _ in range(title_len)],
-            rows=[(b + 1) * title_len - 1 for b in branches],
+            keep=[(b + 1) * title_len - 1 for b in branches],
         )
         tokens = [title[-1] for title in titles]
         synchronize(device)
         start = time.perf_counter()
         for step in range(steps):
             positions = [prefix_len + title_len + step] * len(titles)
-            tokens = decoder.forward(tokens, positions=positions, branch_ids=branches, rows="all", greedy=True).tolist()
+            tokens = decoder.forward(tokens, positions=positions, branch_ids=branches, keep="all", greedy=True).tolist()
         synchronize(device)
         return time.perf_counter() - start
 

@@ -155,37 +155,6 @@ def tensor_parallel_kwargs(world_size: int) -> dict:
     return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=world_size)}
 
 
-def _mesh_group(model):
-    """The process group a tensor-parallel model's parameters are sharded over; None for an unsharded model."""
-    from torch.distributed.tensor import DTensor
-
-    for param in model.parameters():
-        if isinstance(param, DTensor):
-            return param.device_mesh.get_group()
-    return None
-
-
-def model_devices(model) -> list[torch.device]:
-    """Every device that holds some of the model's weights (several under a device map); meta = offloaded."""
-    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
-    return sorted((d for d in devices if d.type != "meta"), key=str)
-
-
-def timing_sync(model):
-    """What a stage timer must wait for before reading the clock: every CUDA device of the model and, for a
-    tensor-parallel model, every rank (a barrier), so a stage's time on rank 0 covers the slowest rank."""
-    cuda_devices = [d for d in model_devices(model) if d.type == "cuda"]
-    group = _mesh_group(model) if dist.is_available() and dist.is_initialized() else None
-
-    def sync() -> None:
-        for device in cuda_devices:
-            torch.cuda.synchronize(device)
-        if group is not None:
-            dist.barrier(group=group)
-
-    return sync
-
-
 # --- device map -------------------------------------------------------------------------------------------------
 
 def device_map_kwargs(device_map, offload_folder: str | None) -> dict:

@@ -4,7 +4,7 @@ Each row lists N fictional students (name, age, university, GPA, interests, a on
 which student's GPA lies in a range [lo, hi] that exactly one student satisfies. Checking a student against the
 range does not depend on any other student, so the task splits naturally into one parallel branch per student.
 
-    python -m parallel_decoding.datagen.retrieval --num_students 30 --num_rows 100 --seed 1234 \
+    python -m parallel_decoding.tasks.retrieval --num_students 30 --num_rows 100 --seed 1234 \
         --output data/generated/retrieval_30.jsonl
 
 Rows are generated from a per-row random stream keyed by (seed, num_students, row index), so the first k rows of a

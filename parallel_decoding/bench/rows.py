@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-from .arena import prepare_fast_decoder
-from .bench import cpu_model
-from .engine import chat_prompt_ids, normal_decode, parallel_decode
-from .tasks import build_prompt, load_dataset, resolve_format_prompt
+from ..decoding.arena import prepare_fast_decoder
+from .branch_stage import cpu_model
+from ..engine.decode import chat_prompt_ids, normal_decode, parallel_decode
+from ..tasks import build_prompt, load_dataset, resolve_format_prompt
 
 SETTINGS = [("normal", False), ("normal", True), ("parallel", False), ("parallel", True)]
 

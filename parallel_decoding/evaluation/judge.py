@@ -20,7 +20,7 @@ import time
 
 import openai
 
-from parallel_decoding.metrics import SCORE_MAX, SCORE_MIN, has_cjk
+from .metrics import SCORE_MAX, SCORE_MIN, has_cjk
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompts (the project's own wording)

@@ -37,8 +37,9 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .decoders import SHARED, logits_rows
-from .model_io import cache_argument, context_length, uses_branch_kernel
+from .interface import SHARED, logits_to_keep
+from .hf import cache_argument, context_length
+from .attention import uses_branch_kernel
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # query rows per compiled pass
 PADDING = -2  # branch id of padding rows
@@ -240,10 +241,10 @@ class FastDecoder:
 
     @torch.inference_mode()
     def forward(
-        self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, rows=None,
+        self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, keep=None,
         greedy: bool = False,
     ):
-        """As ``EagerDecoder.forward``: the float logits of ``rows`` (T', V), or with ``greedy`` their argmax (T',)."""
+        """As ``EagerDecoder.forward``: the float logits of the ``keep`` rows (T', V), or with ``greedy`` their argmax (T',)."""
         if self.model.config._attn_implementation != self.attn_implementation:
             raise ValueError(
                 f"the model's attention implementation changed from {self.attn_implementation!r} to "
@@ -257,7 +258,7 @@ class FastDecoder:
             positions = list(range(start, start + count))
         if branch_ids is None:
             branch_ids = [SHARED] * count
-        keep = logits_rows(rows, count)
+        keep = logits_to_keep(keep)
         width = self.bucket(count)
         pad = 0 if width is None else width - count
         packed = torch.tensor(

@@ -1,0 +1,54 @@
+"""Attention backends a decoder can run on: transformers' own (``sdpa``, ``eager``) and the project's Triton kernel.
+
+The kernel (package ``flash_attn_branch`` in ``flash-attention/``) applies the tree mask from per-token branch ids,
+so a decoder on it passes branch ids instead of a 4D mask (:func:`uses_branch_kernel`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BRANCH_KERNEL = "branch_attention"  # name flash_attn_branch.hf.register() uses (transformers reserves "flash")
+KERNEL_SOURCE = Path(__file__).resolve().parents[2] / "flash-attention"  # the working tree's copy of the package
+
+
+class KernelUnavailable(ValueError):
+    """The project's Triton kernel cannot be imported or registered."""
+
+
+def uses_branch_kernel(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == BRANCH_KERNEL
+
+
+def register_branch_kernel() -> str:
+    """Register the project's Triton kernel with transformers; returns the attention name the decoders look for.
+
+    An installed ``flash_attn_branch`` is used first, else the working tree's copy (as the kernel's own tests do).
+    The name must be :data:`BRANCH_KERNEL`, or a decoder would build a 4D mask instead of passing branch ids.
+    """
+    try:
+        from flash_attn_branch.hf import register
+    except ImportError:
+        sys.path.insert(0, str(KERNEL_SOURCE))
+        try:
+            from flash_attn_branch.hf import register
+        except ImportError as e:
+            raise KernelUnavailable(f"--attn_implementation flash_attention_2 needs the project's kernel package "
+                                    f"flash_attn_branch (pip install -e flash-attention): {e}") from None
+    name = register()
+    if name != BRANCH_KERNEL:
+        raise KernelUnavailable(f"the kernel registers as {name!r} but the decoders look for {BRANCH_KERNEL!r}")
+    return name
+
+
+def kernel_interpreter_enabled() -> bool:
+    """Whether Triton runs the kernel in its interpreter (CPU tensors, for correctness only)."""
+    from flash_attn_branch._mode import interpreter_enabled
+
+    return interpreter_enabled()
+
+
+def set_attention(model, attn_implementation: str) -> None:
+    if getattr(model.config, "_attn_implementation", None) != attn_implementation:
+        model.set_attn_implementation(attn_implementation)

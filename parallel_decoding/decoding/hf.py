@@ -1,0 +1,82 @@
+"""How a decoder talks to a stock Hugging Face causal LM: one forward call, the cache, the model checks.
+
+Version differences of transformers are absorbed here and nowhere else: 5.24 names the cache argument ``cache``
+(older 5.x: ``past_key_values``) and has no ``cache_position``; ``Cache.crop`` takes a negative count of tokens to
+drop on every 5.x release, so that is the form used.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(model_cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_cls.forward).parameters)
+
+
+def cache_argument(model) -> str:
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+
+
+def check_model(model) -> None:
+    """The engine needs explicit positions and rotary embeddings: branch positions restart after the prefix."""
+    params = _forward_params(type(model))
+    if "position_ids" not in params:
+        raise ValueError(f"{type(model).__name__}.forward takes no position_ids; parallel decoding needs a RoPE decoder")
+    config = model.config.get_text_config()
+    has_rope = any(hasattr(config, a) for a in ("rope_theta", "rope_parameters", "rope_scaling")) or any(
+        "rotary" in type(m).__name__.lower() for m in model.modules()
+    )
+    if not has_rope:
+        raise ValueError(f"{type(model).__name__} has no rotary position embedding; parallel decoding needs a RoPE decoder")
+
+
+def context_length(model) -> int:
+    return int(model.config.get_text_config().max_position_embeddings)
+
+
+def new_cache(model) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` slots of the cache."""
+    excess = cache.get_seq_length() - length
+    if excess < 0:
+        raise ValueError(f"cannot crop a cache of {cache.get_seq_length()} tokens to {length}")
+    if excess:
+        cache.crop(-excess)
+
+
+def forward(
+    model,
+    cache: DynamicCache,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    logits_to_keep: int | torch.Tensor = 1,
+    attention_mask: torch.Tensor | None = None,
+    **attention_kwargs,
+) -> torch.Tensor:
+    """Append ``input_ids`` (1, T) at ``position_ids`` (1, T) to ``cache``; returns the kept logits (T', V).
+
+    ``attention_mask`` is None (plain causal) or a (1, 1, T, K) additive mask that transformers passes through
+    unchanged. ``attention_kwargs`` (branch ids for the project's kernel) reach the attention function.
+    """
+    kwargs = {cache_argument(model): cache}
+    if "cache_position" in _forward_params(type(model)):
+        start = cache.get_seq_length()
+        kwargs["cache_position"] = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        **kwargs,
+        **attention_kwargs,
+    )
+    return out.logits[0].float()  # (T', V)
