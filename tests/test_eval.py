@@ -1,4 +1,4 @@
-"""eval.py, parallel_decoding.judge and parallel_decoding.metrics.
+"""eval.py, parallel_decoding.evaluation.judge and parallel_decoding.evaluation.metrics.
 
 The judge tests talk to a real HTTP server on 127.0.0.1 (ephemeral port, http.server in a thread) that speaks the
 OpenAI chat-completions API and is scripted per test, through the real ``openai`` client. No other network.

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from import_graph import folder_of, module_graph  # noqa: E402  (scripts/ is not a package)
+
 PACKAGE = REPO / "parallel_decoding"
 MAX_FUNCTION_LINES = 80
 MAX_CLI_LINES = 250
@@ -23,46 +27,13 @@ FORBIDDEN = {
 }
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
-
-
-def _imports(name: str, path: Path, modules: dict) -> set[str]:
-    """Package modules that ``name`` imports anywhere in its file (module level or inside a function)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
-        else:
-            continue
-        for target in targets:
-            while target and target not in modules:  # a name inside a module: the module
-                target = target.rpartition(".")[0]
-            if target.startswith("parallel_decoding") and target != name:
-                found.add(target)
-    return found
-
-
 def _graph() -> dict[str, set[str]]:
-    modules = _modules()
-    return {name: _imports(name, path, modules) for name, path in modules.items()}
+    return module_graph(REPO)
 
 
 def _folder(module: str) -> str | None:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else None
+    folder = folder_of(module, REPO)
+    return folder if (PACKAGE / folder).is_dir() else None
 
 
 def test_no_import_cycle_counting_imports_inside_functions():

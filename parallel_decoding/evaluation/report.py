@@ -16,6 +16,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runs.results import write_text_atomic
+from .figures import pyplot, save_png_atomic
+from .tables import cell, markdown_page, text_table
+
 SUMMARY_SUFFIX = ".summary.json"
 REPORT_FILES = ("report.csv", "report.md", "report.png")
 
@@ -101,6 +105,8 @@ def load_summary(path) -> dict:
 
 
 def _number(value):
+    """``value`` if it is a finite int or float, else None. Unlike metrics.as_number, an int stays an int (the CSV
+    writes rows as ``4``, not ``4.0``) and a numeric string is not a number: a summary holds JSON numbers."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return value if math.isfinite(value) else None
@@ -159,14 +165,6 @@ def to_csv(rows: list) -> str:
     return out.getvalue()
 
 
-def _cell(value, digits) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and digits is not None:
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def table(rows: list, with_path: bool = True) -> tuple:
     """(headers, lines of cells) of the readable table; columns empty in every row are left out."""
     columns = [c for c in TABLE_COLUMNS if with_path or c[0] != "path"]
@@ -175,7 +173,7 @@ def table(rows: list, with_path: bool = True) -> tuple:
     for row in rows:
         cells = []
         for _, names, digits in columns:
-            values = [_cell(row[name], digits) for name in names]
+            values = [cell(row[name], digits, missing="") for name in names]
             cells.append(" / ".join(v or "-" for v in values) if len(values) > 1 and any(values) else values[0])
         lines.append(cells)
     return [c[0] for c in columns], lines
@@ -184,31 +182,27 @@ def table(rows: list, with_path: bool = True) -> tuple:
 def format_text(rows: list) -> str:
     """The table for the terminal (without the path column)."""
     headers, lines = table(rows, with_path=False)
-    widths = [max(len(x) for x in column) for column in zip(headers, *lines)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in lines]
-    return "\n".join(out) + "\n"
+    return "\n".join(text_table(headers, lines, "<" * len(headers))) + "\n"
+
+
+MARKDOWN_NOTE = (
+    "n / p: normal / parallel decoding. speedup: mean parallel tokens/s over mean normal tokens/s; "
+    "uncapped speedup: the same over the rows neither mode capped (capped: rows either mode capped). "
+    "adherence: share of rows whose parallel answer wrote a closed `####` block. Empty: the summary has "
+    "no such figure. See docs/eval.md."
+)
 
 
 def format_markdown(rows: list, folder) -> str:
+    """The table with the path column as Markdown, under a title naming ``folder``, with a note on the columns."""
     headers, lines = table(rows)
-    out = [f"# Runs under {folder}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in lines]
-    out += ["", "n / p: normal / parallel decoding. speedup: mean parallel tokens/s over mean normal tokens/s; "
-            "uncapped speedup: the same over the rows neither mode capped (capped: rows either mode capped). "
-            "adherence: share of rows whose parallel answer wrote a closed `####` block. Empty: the summary has "
-            "no such figure. See docs/eval.md."]
-    return "\n".join(out) + "\n"
+    return markdown_page(f"Runs under {folder}", headers, lines, "<" * len(headers), [MARKDOWN_NOTE])
 
 
 def plot(rows: list):
     """A matplotlib figure: speedup per model x dataset (left) next to the quality change parallel - normal (right),
     one bar pair per run on a shared axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [f"{row['model']} / {row['dataset']}" for row in rows]
     positions = list(range(len(rows)))[::-1]  # first row on top
     height = max(2.5, 0.45 * len(rows) + 1.2)
@@ -245,3 +239,12 @@ def plot(rows: list):
     right.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def write_report(rows: list, folder) -> tuple:
+    """report.csv, report.md and report.png in ``folder``, each written atomically; returns their paths."""
+    csv_path, md_path, png_path = (Path(folder) / name for name in REPORT_FILES)
+    write_text_atomic(csv_path, to_csv(rows))
+    write_text_atomic(md_path, format_markdown(rows, folder))
+    save_png_atomic(plot(rows), png_path)
+    return csv_path, md_path, png_path
