@@ -6,6 +6,7 @@ import argparse
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_ROWS_FAILED = 1  # generate.py: every row it decoded in this run failed
 
 
 class UsageError(Exception):

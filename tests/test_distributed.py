@@ -1,7 +1,7 @@
 """generate.py beyond one process: --tp and --data_parallel under torchrun (2 processes, gloo, CPU), --device_map.
 
-Each torchrun case pays two interpreter starts and a process-group rendezvous (about 10 s on 2 busy cores), so the
-cases are few and each checks several things. The reference is one plain in-process run of the same rows.
+Each torchrun case pays two interpreter starts and a process-group rendezvous, so the cases are few and each checks
+several things. The reference is one plain in-process run of the same rows.
 """
 
 import json
@@ -130,6 +130,26 @@ def test_head_check_counts_query_and_key_value_heads():
 
 
 # --- data parallel ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [distributed.DATA_PARALLEL, distributed.TENSOR_PARALLEL])
+def test_each_rank_makes_its_cuda_device_the_current_one(monkeypatch, mode):
+    """On GPUs every process starts on cuda:0; a data- or tensor-parallel rank switches to cuda:LOCAL_RANK when it
+    picks its device (torch.cuda faked here: this machine has no GPU). A plain run and a CPU device change nothing."""
+    import torch
+
+    from parallel_decoding.runs import loading
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    args = generate.parse_args(["--task", "retrieval", *(["--tp"] if mode == distributed.TENSOR_PARALLEL else [])])
+    device, dtype = loading.choose_device(args, distributed.Ranks(mode, rank=1, local_rank=1, world_size=2))
+    assert device == torch.device("cuda", 1) and dtype == torch.bfloat16
+    assert calls == [torch.device("cuda", 1)]
+    loading.choose_device(args)  # one process: the device torch already has
+    distributed.set_current_device(distributed.Ranks(mode, 1, 1, 2), torch.device("cpu"))
+    assert calls == [torch.device("cuda", 1)]
+
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the torchrun worker whose environment says RANK=rank."""

@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 
 import generate
+from parallel_decoding.cli import UsageError
+from parallel_decoding.runs import comparison, loading
+from parallel_decoding.runs.settings import (
+    IMPLIED_SETTINGS, arena_capacity, compile_refusal, compile_setting, output_path, run_settings,
+)
 from parallel_decoding.tasks import build_prompt, default_data_path, format_prompt_digest, load_dataset, task_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +98,7 @@ def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
     assert len(rows) == 2
     assert [r["first_mode"] for r in rows] == ["normal", "parallel"]  # the order alternates per row
     for row, source in zip(rows, dataset):
-        assert list(row) == list(source) + list(generate.RESULT_COLUMNS)
+        assert list(row) == list(source) + list(comparison.RESULT_COLUMNS)
         assert row["normal_attention"] == row["parallel_attention"] == "sdpa"
         for mode in ("normal", "parallel"):
             assert isinstance(row[f"{mode}_caps"], list)
@@ -190,7 +195,7 @@ def test_resume_after_a_crash_keeps_finished_rows(tmp_path, model_dir, capsys):
     assert generate.main(args) == 0
     assert f"nothing to do: the 2 selected rows are done; 2 rows are in {out}" in capsys.readouterr().err
     assert _read(out) == resumed
-    assert all(r["settings"] == generate.run_settings(generate.parse_args(args)) for r in resumed)
+    assert all(r["settings"] == run_settings(generate.parse_args(args)) for r in resumed)
 
     assert generate.main([*args[:-1], "1"]) == 0  # --max_samples 1 leaves the other finished row in the file
     assert _read(out) == resumed
@@ -215,13 +220,13 @@ def _no_model_load(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(generate, "load_model", fail)
+    monkeypatch.setattr(loading, "load_model", fail)
 
 
 def _finished_row(settings, row_index=0, **overrides):
     """A result row as generate.py writes it, without decoding (the columns that matter for resume)."""
     row = load_dataset("retrieval", default_data_path("retrieval"))[row_index]
-    result = dict(row, **{column: None for column in generate.RESULT_COLUMNS})
+    result = dict(row, **{column: None for column in comparison.RESULT_COLUMNS})
     result.update(full_prompt=build_prompt("retrieval", row), normal_response="x", parallel_response="y",
                   settings=settings, **overrides)
     return result
@@ -231,12 +236,12 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "1")
     out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
     out.parent.mkdir(parents=True)
-    settings = generate.run_settings(generate.parse_args(args))
+    settings = run_settings(generate.parse_args(args))
     assert settings == {"model": str(model_dir.resolve()), "dtype": "float32", "attn_implementation": "sdpa",
                         "max_new_tokens": MAX_NEW_TOKENS, "token_budget": "whole answer", "do_sample": False,
                         "temperature": None, "top_p": None, "seed": None, "modes": ["normal", "parallel"],
                         "format_prompt": {"file": None, "sha256": format_prompt_digest(None)}, "compile": False}
-    stock = generate.run_settings(generate.parse_args(
+    stock = run_settings(generate.parse_args(
         [*args, "--attn_implementation", "flash_attention_2", "--normal_stock_flash_attn"]))
     assert stock["attn_implementation"] == "flash_attention_2+normal_stock_flash_attn"
     # rows of the version before max_new_tokens bounded the whole parallel answer are not resumed
@@ -245,7 +250,7 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     assert 'token_budget: "each branch" -> "whole answer"' in _bad_input(capsys, args)
     out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
     before = out.read_text(encoding="utf-8")
-    real_load_model = generate.load_model
+    real_load_model = loading.load_model
     _no_model_load(monkeypatch)
     for extra, difference in [
         (["--do_sample"], "do_sample: false -> true; seed: null -> 0; temperature: null -> 1.0; top_p: null -> 1.0"),
@@ -260,7 +265,7 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     err = _bad_input(capsys, [*args, "--max_new_tokens", "64"])  # the last flag wins
     assert f"max_new_tokens: {MAX_NEW_TOKENS} -> 64" in err
     assert out.read_text(encoding="utf-8") == before  # nothing lost
-    monkeypatch.setattr(generate, "load_model", real_load_model)
+    monkeypatch.setattr(loading, "load_model", real_load_model)
     assert generate.main([*args, "--seed", "7", "--temperature", "0.5"]) == 0  # greedy: sampling flags shape nothing
     assert "nothing to do" in capsys.readouterr().err
 
@@ -274,7 +279,7 @@ def test_rerun_with_another_format_prompt_is_refused(tmp_path, model_dir, capsys
     args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "1")
     out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
     out.parent.mkdir(parents=True)
-    settings = generate.run_settings(generate.parse_args([*args, "--format_prompt_file", str(first)]))
+    settings = run_settings(generate.parse_args([*args, "--format_prompt_file", str(first)]))
     assert settings["format_prompt"] == {"file": str(first.resolve()),
                                          "sha256": format_prompt_digest(first.read_text(encoding="utf-8"))}
     out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
@@ -288,8 +293,8 @@ def test_rerun_with_another_format_prompt_is_refused(tmp_path, model_dir, capsys
     assert '"sha256": "' + settings["format_prompt"]["sha256"] in err
     assert out.read_text(encoding="utf-8") == before
     first.write_text("Steps as ####Title:, then ####%%%%.", encoding="utf-8")
-    monkeypatch.setattr(generate, "load_model", lambda *a: (None, None))
-    monkeypatch.setattr(generate, "usable_context", lambda *a: None)
+    monkeypatch.setattr(loading, "load_model", lambda *a: (None, None))
+    monkeypatch.setattr(loading, "usable_context", lambda *a: None)
     assert generate.main([*args, "--format_prompt_file", str(first)]) == 0
     assert "nothing to do" in capsys.readouterr().err
 
@@ -299,12 +304,12 @@ def test_rows_recorded_before_the_format_prompt_setting_imply_the_old_default(tm
     args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "1")
     out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
     out.parent.mkdir(parents=True)
-    settings = generate.run_settings(generate.parse_args(args))
+    settings = run_settings(generate.parse_args(args))
     del settings["format_prompt"]  # recorded by a version that did not record the format instruction yet
     out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
     _no_model_load(monkeypatch)
     err = _bad_input(capsys, args)  # made with the default of that time, which had no worked example
-    old = generate.IMPLIED_SETTINGS["format_prompt"]["sha256"]
+    old = IMPLIED_SETTINGS["format_prompt"]["sha256"]
     assert f'format_prompt: {{"file": null, "sha256": "{old}"}} -> ' in err
 
 
@@ -315,8 +320,8 @@ def test_rows_without_settings_load_and_resume_with_a_note(tmp_path, model_dir, 
     legacy = _finished_row(None)
     del legacy["settings"]  # an earlier version / the reference implementation
     out.write_text(json.dumps(legacy) + "\n", encoding="utf-8")
-    monkeypatch.setattr(generate, "load_model", lambda *a: (None, None))
-    monkeypatch.setattr(generate, "usable_context", lambda *a: None)
+    monkeypatch.setattr(loading, "load_model", lambda *a: (None, None))
+    monkeypatch.setattr(loading, "usable_context", lambda *a: None)
     assert generate.main(args) == 0
     err = capsys.readouterr().err
     assert (f"1 rows of {out} record no settings (an earlier version or the reference implementation wrote them): "
@@ -353,7 +358,7 @@ def test_ctrl_c_before_the_first_row_is_one_line(tmp_path, model_dir, capsys, mo
     def interrupted(*args, **kwargs):  # Ctrl-C while torch imports or the weights load
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate, phase, interrupted)
+    monkeypatch.setattr(loading, phase, interrupted)
     assert generate.main(_args(model_dir, tmp_path, "--task", "retrieval")) == 130
     assert capsys.readouterr().err == ("generate: interrupted before the first row was decoded; no results file was "
                                        "changed\n")
@@ -522,7 +527,7 @@ def test_bad_format_prompt_files_exit_2(tmp_path, model_dir, sentinel, capsys):
 
 
 def test_ctrl_c_leaves_finished_rows_and_exits_130(tmp_path, model_dir, monkeypatch, capsys):
-    real_run_row, calls = generate.run_row, []
+    real_run_row, calls = comparison.run_row, []
 
     def interrupted_on_second_row(*args, **kwargs):
         calls.append(1)
@@ -530,7 +535,7 @@ def test_ctrl_c_leaves_finished_rows_and_exits_130(tmp_path, model_dir, monkeypa
             raise KeyboardInterrupt
         return real_run_row(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "run_row", interrupted_on_second_row)
+    monkeypatch.setattr(comparison, "run_row", interrupted_on_second_row)
     argv = _args(model_dir, tmp_path, "--task", "planning", "--max_samples", "3", "--modes", "normal")
     assert generate.main(argv) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
@@ -564,7 +569,7 @@ def test_the_embedded_model_lists_retrieval_only():
 
 
 def test_missing_default_model_is_named(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(generate, "DEFAULT_MODEL_PATH", tmp_path / "models" / "tiny-qwen2-retrieval")
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_PATH", tmp_path / "models" / "tiny-qwen2-retrieval")
     err = _bad_input(capsys, ["--task", "retrieval", "--output_dir", str(tmp_path)])
     assert "the embedded default model" in err and "pass --model_path" in err
 
@@ -578,9 +583,9 @@ def test_unknown_task_from_the_shell_exits_2(tmp_path):
 
 
 def test_output_path_naming():
-    assert generate.output_path("results", "/m/Qwen2.5-7B-Instruct/", "data/retrieval_4.jsonl") == \
+    assert output_path("results", "/m/Qwen2.5-7B-Instruct/", "data/retrieval_4.jsonl") == \
         Path("results/Qwen2.5-7B-Instruct/retrieval_4.jsonl")
-    assert generate.output_path("r", "Qwen/Qwen2.5-0.5B-Instruct", "/x/2wikimqa.jsonl") == \
+    assert output_path("r", "Qwen/Qwen2.5-0.5B-Instruct", "/x/2wikimqa.jsonl") == \
         Path("r/Qwen2.5-0.5B-Instruct/2wikimqa.jsonl")
 
 
@@ -593,8 +598,8 @@ def test_flash_attention_backends_per_mode(monkeypatch):
     from parallel_decoding.decoding.attention import BRANCH_KERNEL
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert generate.attention_backends("sdpa", cpu) == {"normal": "sdpa", "parallel": "sdpa"}
-    backends = generate.attention_backends("flash_attention_2", cpu)  # tests run Triton's interpreter
+    assert loading.attention_backends("sdpa", cpu) == {"normal": "sdpa", "parallel": "sdpa"}
+    backends = loading.attention_backends("flash_attention_2", cpu)  # tests run Triton's interpreter
     assert backends == {"normal": BRANCH_KERNEL, "parallel": BRANCH_KERNEL}  # one kernel for sequential steps
     assert "for both modes, causal for sequential steps, branch-aware for tree steps" in describe_attention(backends)
     # on a GPU with flash_attn installed the default is still the project's kernel for both modes ...
@@ -603,10 +608,10 @@ def test_flash_attention_backends_per_mode(monkeypatch):
     stock = attention_backends("flash_attention_2", BRANCH_KERNEL, cuda, True, False, True)
     assert stock == {"normal": "flash_attention_2", "parallel": BRANCH_KERNEL}
     assert "normal decoding uses stock flash-attn" in describe_attention(stock)
-    with pytest.raises(generate.UsageError, match="--normal_stock_flash_attn needs a CUDA device"):
-        generate.attention_backends("flash_attention_2", cpu, normal_stock_flash_attn=True)
-    with pytest.raises(generate.UsageError, match="needs --attn_implementation flash_attention_2"):
-        generate.attention_backends("sdpa", cpu, normal_stock_flash_attn=True)
+    with pytest.raises(UsageError, match="--normal_stock_flash_attn needs a CUDA device"):
+        loading.attention_backends("flash_attention_2", cpu, normal_stock_flash_attn=True)
+    with pytest.raises(UsageError, match="needs --attn_implementation flash_attention_2"):
+        loading.attention_backends("sdpa", cpu, normal_stock_flash_attn=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         attention_backends("flash_attention_2", BRANCH_KERNEL, cpu, False, False, False)
 
@@ -616,11 +621,11 @@ def test_flash_attention_rows_run_one_kernel_in_both_modes(model_dir, tokenizer)
     import torch
     from transformers import AutoModelForCausalLM
 
-    backends = generate.attention_backends("flash_attention_2", torch.device("cpu"))
+    backends = loading.attention_backends("flash_attention_2", torch.device("cpu"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=backends["normal"]).eval()
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
-    row = generate.run_row(model, tokenizer, {"prompt": "Hi"}, "Hi", generate.MODES, backends,
+    row = comparison.run_row(model, tokenizer, {"prompt": "Hi"}, "Hi", comparison.MODES, backends,
                            {"max_new_tokens": 3, "do_sample": False})
     assert row["error"] is None and row["normal_length"] == row["parallel_length"] == 3
     assert row["normal_response"] == row["parallel_response"]  # no block: the same sequential steps, same kernel
@@ -645,13 +650,73 @@ def test_compile_setting_and_arena_size():
 
     args = generate.parse_args(["--task", "retrieval"])
     assert args.compile == "auto"
-    assert generate.compile_setting(args, torch.device("cuda")) is True
-    assert generate.compile_setting(args, torch.device("cpu")) is False  # measured: compiling costs more than it saves
+    assert compile_setting(args, torch.device("cuda")) is True
+    assert compile_setting(args, torch.device("cpu")) is False  # measured: compiling costs more than it saves
     args = generate.parse_args(["--task", "retrieval", "--compile", "off"])
-    assert generate.compile_setting(args, torch.device("cuda")) is False
+    assert compile_setting(args, torch.device("cuda")) is False
     args = generate.parse_args(["--task", "retrieval", "--attn_implementation", "flash_attention_2"])
-    assert generate.compile_setting(args, torch.device("cuda")) is False  # auto: the Triton kernel runs eagerly
-    assert generate.arena_capacity([120, 300, 90], 64) == 300 + 64
+    assert compile_setting(args, torch.device("cuda")) is False  # auto: the Triton kernel runs eagerly
+    assert arena_capacity([120, 300, 90], 64) == 300 + 64
+    for split in (["--tp"], ["--device_map", "auto"]):  # auto: the arena holds every head on one device
+        args = generate.parse_args(["--task", "retrieval", *split])
+        assert compile_setting(args, torch.device("cuda")) is False
+        assert compile_refusal(args).startswith(f"--compile on with {split[0]} is not supported")
+    assert compile_refusal(generate.parse_args(["--task", "retrieval"])) is None
+
+
+def test_kv_capacity_needs_the_compiled_path(tmp_path, model_dir, capsys, monkeypatch):
+    """--kv_capacity sizes the compiled path's arena: refused in one line where that path is off, before the model
+    loads (--compile auto is off on this CPU)."""
+    _no_model_load(monkeypatch)
+    base = ["--model_path", str(model_dir), "--output_dir", str(tmp_path), "--task", "retrieval"]  # --compile auto
+    assert "--kv_capacity must be >= 1, got 0" in _bad_input(capsys, [*base, "--kv_capacity", "0"])
+    needs = "--kv_capacity sizes the KV arena of the compiled path, so it needs that path (--compile on; auto is on " \
+            "for CUDA"
+    assert f"{needs}), not --compile off" in _bad_input(capsys, [*base, "--kv_capacity", "64", "--compile", "off"])
+    assert f"{needs}, off on a CPU)" in _bad_input(capsys, [*base, "--kv_capacity", "64"])
+    assert "--kv_capacity needs --attn_implementation sdpa or eager" in _bad_input(
+        capsys, [*base, "--kv_capacity", "64", "--attn_implementation", "flash_attention_2"])
+    assert "--kv_capacity with --device_map is not supported" in _bad_input(
+        capsys, [*base, "--kv_capacity", "64", "--device_map", "auto"])
+    assert not list(tmp_path.rglob("*.jsonl"))
+
+
+def test_rows_that_do_not_fit_the_kv_capacity_fail_alone(tmp_path, capsys, monkeypatch):
+    """--compile on with an arena smaller than prompt + --max_new_tokens: every row records the arena's error in
+    each mode and the run exits 1, as a run whose rows all failed does. Only the one-row bucket is compiled."""
+    from transformers import AutoTokenizer
+
+    from parallel_decoding import chat_prompt_ids
+    from parallel_decoding.decoding import arena
+
+    if not generate.DEFAULT_MODEL_PATH.is_dir():
+        pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
+    real_prepare, capacities = arena.prepare_fast_decoder, []
+
+    def one_bucket(model, capacity=None, buckets=arena.BUCKETS, warm_up=False, compile=True):
+        capacities.append(capacity)
+        return real_prepare(model, capacity, buckets=(1,), warm_up=warm_up, compile=compile)
+
+    monkeypatch.setattr(arena, "prepare_fast_decoder", one_bucket)
+    argv = ["--task", "retrieval", "--max_samples", "2", "--max_new_tokens", str(MAX_NEW_TOKENS), "--compile", "on",
+            "--kv_capacity", "260", "--output_dir", str(tmp_path)]  # the prompts have 250 to 252 tokens
+    assert generate.main(argv) == 1
+    assert capacities == [260]
+    err = capsys.readouterr().err
+    assert "compile: on; KV arena of 260 tokens (--kv_capacity); compiling the step for every bucket" in err
+    rows = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
+    assert len(rows) == 2
+    tokenizer = AutoTokenizer.from_pretrained(generate.DEFAULT_MODEL_PATH)
+    for i, row in enumerate(rows):
+        assert row["normal_response"] is None and row["parallel_response"] is None
+        n = len(chat_prompt_ids(tokenizer, row["full_prompt"]))
+        assert row["error"] == "; ".join(
+            f"{mode}: ArenaFullError: a prompt of {n} tokens and {MAX_NEW_TOKENS} new tokens needs "
+            f"{n + MAX_NEW_TOKENS} KV slots but the arena holds 260; make it larger"
+            for mode in comparison.mode_order(i, comparison.MODES))
+        assert f"row {i}: {row['error']}" in err
+        assert "kv_capacity" not in row["settings"]  # it changes which rows fit, not what a row holds
+    assert "2 selected rows, 2 rows in " in err and "(2 with errors this run)" in err
 
 
 @pytest.mark.parametrize("script, message", [

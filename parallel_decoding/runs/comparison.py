@@ -9,14 +9,28 @@
   both modes run one kernel; only the parallel mode's tree steps (branch prefill and branch decoding) use the
   branch mask. With ``flash_attention_2`` that kernel is the project's Triton kernel, in causal mode for sequential
   steps, as in ``python -m parallel_decoding.bench``; stock flash-attn for normal decoding only on request.
+
+:func:`run_row` applies all three to one dataset row and returns its result row (the row's own columns, then
+:data:`RESULT_COLUMNS`); :func:`warm_up` runs each mode once, untimed, before the first row.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+from parallel_decoding.cli import one_line
+
 MODES = ("normal", "parallel")
 STOCK_FLASH = "flash_attention_2"  # transformers' name for the flash_attn package
+RESULT_COLUMNS = (
+    "full_prompt",
+    "normal_response", "normal_time", "normal_length", "normal_speed", "normal_steps",
+    "parallel_response", "parallel_time", "parallel_length", "parallel_speed", "parallel_steps",
+    "num_parallel_branches", "stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time",
+    "fallback", "normal_caps", "parallel_caps", "first_mode", "normal_attention", "parallel_attention", "error",
+    "settings",  # runs.settings.run_settings() of the run that made the row (runs/results.py says why per row)
+)
+PARALLEL_COLUMNS = ("stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time", "fallback")
 
 
 def mode_seed(seed: int, row_index: int, mode: str) -> int:
@@ -74,3 +88,75 @@ def describe_attention(backends: dict[str, str]) -> str:
                 f"branch-aware for tree steps")
     return (f"attention: normal decoding uses stock flash-attn ({normal}); parallel decoding uses the project's "
             f"Triton kernel ({parallel}) for all of its steps")
+
+
+# --- one row ----------------------------------------------------------------------------------------------------
+
+def speed(length, seconds):
+    return length / seconds if length is not None and seconds else None
+
+
+def mean_speedup(results: list):
+    """Mean over result rows of parallel_speed / normal_speed (rows where either mode has no speed left out)."""
+    ratios = [r["parallel_speed"] / r["normal_speed"] for r in results
+              if r.get("parallel_speed") and r.get("normal_speed")]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def _decoder_of(mode: str):
+    from parallel_decoding import normal_decode, parallel_decode
+
+    return normal_decode if mode == "normal" else parallel_decode
+
+
+def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backends: dict, generation: dict,
+            row_index: int = 0, seed: int = 0) -> dict:
+    """Decode one dataset row in each mode, in the order `mode_order` gives for its index, each mode on its own
+    attention backend and sampling from its own generator; a mode that raises is recorded in `error`, the other
+    still runs. ``generation``: the keyword arguments of normal_decode / parallel_decode for this run."""
+    import torch
+
+    from parallel_decoding.decoding.attention import set_attention
+
+    result = dict(row)
+    result.update({column: None for column in RESULT_COLUMNS})
+    result["full_prompt"] = full_prompt
+    order = mode_order(row_index, modes)
+    result["first_mode"] = order[0]
+    errors = []
+    for mode in order:
+        set_attention(model, backends[mode])
+        result[f"{mode}_attention"] = backends[mode]
+        mode_generation = dict(generation)
+        if generation.get("do_sample"):
+            mode_generation["generator"] = mode_generator(seed, row_index, mode, model.device)
+        try:
+            out = _decoder_of(mode)(model, tokenizer, full_prompt, **mode_generation)
+        except (ValueError, RuntimeError) as e:  # too-long prompt, full KV arena, CUDA out of memory, kernel errors
+            errors.append(f"{mode}: {one_line(e)}")
+            if isinstance(e, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            continue
+        for column in ("response", "time", "length", "steps", "caps"):
+            result[f"{mode}_{column}"] = out[column]
+        result[f"{mode}_speed"] = speed(out["length"], out["time"])
+        if mode == "parallel":
+            result["num_parallel_branches"] = out["num_branches"]
+            result.update({column: out[column] for column in PARALLEL_COLUMNS})
+    result["error"] = "; ".join(errors) if errors else None
+    return result
+
+
+def warm_up(model, tokenizer, prompts: list, modes: tuple, backends: dict, generation: dict, log) -> None:
+    """One untimed generation per mode, with the run's settings, before the first timed row: the allocator, cuBLAS
+    and Triton compilation of every kernel variant the answers reach (branch decoding comes late in an answer)."""
+    from parallel_decoding.decoding.attention import set_attention
+
+    for mode in modes:
+        set_attention(model, backends[mode])
+        for prompt in prompts:
+            try:
+                _decoder_of(mode)(model, tokenizer, prompt, **generation)
+                break
+            except (ValueError, RuntimeError) as e:
+                log(f"warm-up ({mode}) skipped a prompt: {one_line(e)}")

@@ -59,6 +59,17 @@ class Ranks:
         return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def set_current_device(ranks: Ranks, device: torch.device) -> None:
+    """Make a rank's CUDA device (``cuda:LOCAL_RANK``) its current one, under --tp and --data_parallel alike.
+
+    Code that names no index (``torch.cuda.synchronize()``, the allocator, CUDA graphs, kernels launched on the
+    current stream) uses the current device, which is ``cuda:0`` in every process until one is set; without this
+    every rank but 0 would also touch GPU 0. Nothing for a plain run, a CPU, or a device without an index.
+    """
+    if ranks.mode != SINGLE and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 

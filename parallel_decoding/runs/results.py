@@ -4,7 +4,7 @@ files by no other means.
 
 Settings are stored per row, in a ``settings`` column, not in a sidecar file: a row then says by itself how it was
 made, a copied or concatenated file cannot lose its description, and rows of several shards or runs can be checked
-one by one. The cost (~200 bytes per row) is small next to the responses a row holds.
+one by one. The cost is small: a row's settings are short next to the responses it holds.
 """
 
 from __future__ import annotations
@@ -286,8 +286,8 @@ class ResultsFile:
     @contextlib.contextmanager
     def locked(self, hint: str = "wait for it to finish"):
         """Hold an exclusive flock on ``<file>.lock`` for the block; ResultsLocked naming the holder's pid (and
-        ending with ``hint``) if another process has it. The kernel drops the lock when its process dies, so a killed run never blocks the
-        next one; the lock file is removed on release."""
+        ending with ``hint``) if another process has it. The kernel drops the lock when its process dies, so a
+        killed run never blocks the next one; the lock file is removed on release."""
         fd = self._acquire(hint)
         try:
             yield self

@@ -1,0 +1,260 @@
+"""One generate.py run: gather its pieces before the model loads (:func:`prepare`), load the model (:func:`load`),
+then decode the selected dataset rows that have no result yet (:func:`decode_rows`).
+
+One process, or tensor parallel: rank 0 rewrites the results file after each row. Data parallel: each rank decodes
+its share of the rows and adds each finished row to its own shard; rank 0 merges the shards into the results file
+once all ranks are done (and, at the start, merges those an interrupted run left).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Callable
+
+from parallel_decoding.cli import EXIT_ROWS_FAILED
+from parallel_decoding.tasks import (
+    FormatPrompt, build_prompt, default_data_path, get_task, load_dataset, resolve_format_prompt,
+)
+
+from . import comparison, distributed, loading
+from .comparison import RESULT_COLUMNS
+from .distributed import DATA_PARALLEL, Ranks
+from .results import ResultsError, ResultsFile
+from .settings import (
+    IMPLIED_SETTINGS, arena_capacity, check_compile_flags, generation_kwargs, output_path, run_modes, run_settings,
+)
+
+
+@dataclass
+class Run:
+    """The pieces of one run: made by :func:`prepare` before the model loads; :func:`load` adds the model."""
+
+    args: object  # the parsed flags (argparse.Namespace)
+    ranks: Ranks
+    rows: list  # the dataset's rows, in file order
+    data_path: str
+    model_path: str
+    settings: dict  # run_settings(args), recorded in every result row
+    format_prompt: FormatPrompt
+    results_file: ResultsFile
+    existing: list  # the result rows an earlier run left in the results file
+    modes: tuple
+    device: object
+    dtype: object
+    backends: dict  # attention implementation per mode
+    log: Callable[[str], None]
+    model: object = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+
+@dataclass
+class Work:
+    """Which dataset rows this run decodes, and the result rows (its own and earlier ones) the file will hold."""
+
+    results: list  # per dataset row: its result row, or None
+    unmatched: list  # earlier result rows that match no dataset row: kept at the end of the file
+    selected: range  # the dataset rows --max_samples selects
+    pending: list  # indices of the selected rows decoded now (no result yet, or an earlier error)
+    skipped: list  # indices of selected rows whose prompt is longer than the model's usable context
+
+
+def logger(ranks: Ranks) -> Callable[[str], None]:
+    """`generate: ...` lines on stderr, from rank 0 only."""
+    def log(message: str) -> None:
+        if ranks.is_main:
+            print(f"generate: {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def prepare(args, ranks: Ranks, held: ExitStack, log) -> Run:
+    """Read and check every input before the model loads; rank 0 takes the results file's lock (held until `held`
+    closes) and reads what an earlier run left there. Raises UsageError, DatasetError, FormatPromptError,
+    ResultsError or DistributedError, each one line."""
+    data_path = args.data_path or str(default_data_path(args.task))
+    rows = load_dataset(args.task, data_path)
+    model_path = loading.resolve_model_path(args.model_path)
+    format_prompt = resolve_format_prompt(args.format_prompt_file, model_path)
+    settings = run_settings(args)
+    results_file = ResultsFile(output_path(args.output_dir, model_path, data_path), RESULT_COLUMNS,
+                               required_column="full_prompt")
+    existing = []
+    if ranks.is_main:  # the run's one writer of the results file; data-parallel ranks write only shards
+        held.enter_context(results_file.locked(hint="wait for it to finish, or use another --output_dir"))
+        existing = earlier_rows(args, results_file, settings, log)
+    modes = run_modes(args)
+    device, dtype = loading.choose_device(args, ranks)
+    check_compile_flags(args, device)
+    backends = loading.attention_backends(args.attn_implementation, device, args.normal_stock_flash_attn)
+    return Run(args, ranks, rows, data_path, model_path, settings, format_prompt, results_file, existing, modes,
+               device, dtype, backends, log)
+
+
+def earlier_rows(args, results_file: ResultsFile, settings: dict, log) -> list:
+    """The rows an earlier run left in the results file (none with --overwrite); SettingsMismatch if they, or the
+    rows in the shards of an interrupted data-parallel run, were made with other settings. Call with the file
+    locked, so that no other run changes it after this read."""
+    if args.overwrite:
+        return []
+    try:
+        existing = results_file.read()
+        shard_rows = [row for _, row in results_file.read_shards()]
+    except ResultsError as e:
+        raise ResultsError(f"{e}; pass --overwrite to start again") from None
+    unrecorded = results_file.check_settings(existing + shard_rows, settings, IMPLIED_SETTINGS)
+    if unrecorded:
+        log(f"{unrecorded} rows of {results_file} record no settings (an earlier version or the reference "
+            f"implementation wrote them): kept and resumed as if made with this run's settings")
+    return existing
+
+
+def load(run: Run) -> None:
+    """The model and tokenizer, on every rank (collective under --tp: each rank loads its part of the weights)."""
+    run.model, run.tokenizer = loading.load_model(run.args, run.model_path, run.backends[run.modes[0]], run.device,
+                                                  run.dtype, run.ranks)
+
+
+def decode_rows(run: Run) -> int:
+    """Decode the selected dataset rows that have no result yet; the exit status (EXIT_ROWS_FAILED when every row
+    decoded now failed)."""
+    args, ranks, log = run.args, run.ranks, run.log
+    log(comparison.describe_attention(run.backends))
+    log(run.format_prompt.describe())
+    log(f"model {run.settings['model']} {loading.describe_placement(args, ranks, run.model, run.device)} "
+        f"({str(run.dtype).replace('torch.', '')}); task {args.task}; {len(run.rows)} rows in {run.data_path}; "
+        f"output {run.results_file.path}")
+    work = plan(run)
+    total = len(work.selected) - len(work.skipped)
+    if not work.pending:
+        in_file = write(run, work) if ranks.is_main else 0  # drops a torn last line of an earlier run
+        log(f"nothing to do: the {total} selected rows are done; {in_file} rows are in {run.results_file.path}")
+        return 0
+    prompts = {i: build_prompt(args.task, run.rows[i], run.format_prompt.text) for i in work.pending}
+    generation = generation_kwargs(args, run.device)
+    if generation["compile"]:
+        prepare_compiled_path(run, [prompts[i] for i in work.pending])
+    else:
+        log("compile: off (eager reference path)")
+    errors, in_file = decode_pending(run, work, prompts, generation)
+    speedup = comparison.mean_speedup([work.results[j] for j in work.selected if work.results[j] is not None])
+    summary = f"{total} selected rows, {in_file} rows in {run.results_file.path} ({errors} with errors this run)"
+    if speedup is not None:
+        summary += f"; mean speedup {speedup:.2f}x"
+    log(summary)
+    return distributed.from_main(ranks, EXIT_ROWS_FAILED if errors == len(work.pending) else 0)
+
+
+def plan(run: Run) -> Work:
+    """Earlier results stay in the file (in dataset order, also beyond --max_samples); selected rows that have
+    none, or whose earlier run recorded an error, are pending. Rank 0 decides; the other ranks follow its list."""
+    args, log, out_path = run.args, run.log, run.results_file.path
+    results, unmatched = run.results_file.match(run.rows, run.existing)
+    if run.ranks.is_main:
+        if args.overwrite:
+            run.results_file.remove_shards()
+        elif merged := run.results_file.merge_shards(run.rows, results, unmatched):
+            log(f"merged {merged} rows from the shards of an interrupted data-parallel run into {out_path}")
+    if unmatched:
+        log(f"{len(unmatched)} rows of {out_path} match no row of {run.data_path}; they are kept at the end")
+    selected = range(len(run.rows) if args.max_samples is None else min(args.max_samples, len(run.rows)))
+    pending = [i for i in selected if results[i] is None or results[i].get("error") is not None]
+    if len(pending) < len(selected):
+        log(f"resuming: {len(selected) - len(pending)} rows already done")
+    skipped = too_long(run, pending)
+    if skipped:
+        pending = [i for i in pending if i not in set(skipped)]
+        for i in skipped:
+            results[i] = None  # an earlier errored attempt of a row that cannot run is not kept either
+    return Work(results, unmatched, selected, distributed.from_main(run.ranks, pending), skipped)
+
+
+def too_long(run: Run, pending: list) -> list:
+    """The pending rows of a task that skips prompts longer than the model's usable context (logged)."""
+    from parallel_decoding import chat_prompt_ids
+
+    limit = loading.usable_context(run.model, run.args.max_new_tokens)
+    if not get_task(run.args.task).skip_too_long or limit is None:
+        return []
+    text = run.format_prompt.text
+    skipped = [i for i in pending
+               if len(chat_prompt_ids(run.tokenizer, build_prompt(run.args.task, run.rows[i], text))) > limit]
+    if skipped:
+        run.log(f"skipped {len(skipped)} rows whose prompt exceeds the usable context of {limit} tokens "
+                f"(max positions minus --max_new_tokens {run.args.max_new_tokens})")
+    return skipped
+
+
+def prepare_compiled_path(run: Run, prompts: list) -> None:
+    """One KV arena for the whole run, and every bucket compiled now: nothing compiles inside a timed row. The
+    arena holds --kv_capacity tokens, by default the longest pending prompt and its answer; a row that does not
+    fit fails alone (ArenaFullError, in its `error` column)."""
+    from parallel_decoding import chat_prompt_ids
+    from parallel_decoding.decoding import arena
+    from parallel_decoding.decoding.attention import set_attention
+
+    if run.args.kv_capacity is not None:
+        capacity, given = run.args.kv_capacity, " (--kv_capacity)"
+    else:
+        lengths = [len(chat_prompt_ids(run.tokenizer, prompt)) for prompt in prompts]
+        capacity, given = arena_capacity(lengths, run.args.max_new_tokens), ""
+    run.log(f"compile: on; KV arena of {capacity} tokens{given}; compiling the step for every bucket (untimed)")
+    set_attention(run.model, run.backends[run.modes[0]])
+    arena.prepare_fast_decoder(run.model, capacity, warm_up=True)
+
+
+def write(run: Run, work: Work) -> int:
+    """Rewrite the results file with every result row; how many it now holds."""
+    file_rows = [r for r in work.results if r is not None] + work.unmatched
+    run.results_file.write(file_rows)
+    return len(file_rows)
+
+
+def decode_pending(run: Run, work: Work, prompts: dict, generation: dict) -> tuple:
+    """Decode this rank's share of the pending rows, writing each finished one; (rows with errors, rows in file)."""
+    from tqdm import tqdm
+
+    args, ranks, results = run.args, run.ranks, work.results
+    rank_rows = ranks.share(work.pending)  # the pending dataset-row indices this rank decodes
+    shard = run.results_file.shard(ranks.rank) if ranks.mode == DATA_PARALLEL else None
+    comparison.warm_up(run.model, run.tokenizer, [prompts[i] for i in rank_rows[:3]], run.modes, run.backends,
+                       generation, run.log)
+    errors = in_file = 0
+    if shard is None:
+        total = len(work.selected) - len(work.skipped)
+        bar = tqdm(total=total, initial=total - len(work.pending), desc=args.task, unit="row", dynamic_ncols=True,
+                   disable=not ranks.is_main)
+    else:
+        bar = tqdm(total=len(rank_rows), desc=f"{args.task} (rank 0's share)", unit="row", dynamic_ncols=True,
+                   disable=not ranks.is_main)
+    try:
+        for i in rank_rows:
+            # Sampling draws from a generator seeded by (seed, row, mode): the same on every rank, so tensor-parallel
+            # ranks pick the same tokens, and a row decoded by any data-parallel rank samples as in one process.
+            results[i] = comparison.run_row(run.model, run.tokenizer, run.rows[i], prompts[i], run.modes,
+                                            run.backends, generation, row_index=i, seed=args.seed)
+            results[i]["settings"] = run.settings
+            if shard is not None:
+                shard.add(i, results[i])
+            elif ranks.is_main:
+                in_file = write(run, work)
+            if results[i]["error"]:
+                errors += 1
+                if ranks.is_main or shard is not None:
+                    tqdm.write(f"{'' if ranks.is_main else f'rank {ranks.rank}: '}row {i}: {results[i]['error']}",
+                               file=sys.stderr)
+            speedup = comparison.mean_speedup([results[j] for j in work.selected if results[j] is not None])
+            if speedup is not None:
+                bar.set_postfix(speedup=f"{speedup:.2f}x")
+            bar.update(1)
+    finally:
+        bar.close()
+    if shard is None:
+        return errors, in_file
+    distributed.wait_for_all(ranks)  # every shard is complete
+    if ranks.is_main:
+        run.results_file.merge_shards(run.rows, results, work.unmatched)
+        in_file = sum(r is not None for r in results) + len(work.unmatched)
+        errors = sum(results[i] is not None and results[i]["error"] is not None for i in work.pending)
+    return errors, in_file
