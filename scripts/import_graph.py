@@ -57,15 +57,26 @@ def module_graph(root: Path = REPO) -> dict[str, set[str]]:
 
 def folder_of(module: str, root: Path = REPO) -> str:
     """The package folder a module lives in (``engine``, ``decoding``, ...), or the module itself at the top."""
+    if module in COMMAND_LINES:
+        return module
     parts = module.split(".")
     if len(parts) > 2 or (len(parts) == 2 and (root / PACKAGE / parts[1]).is_dir()):
         return parts[1]
     return ".".join(parts[1:]) or PACKAGE
 
 
+COMMAND_LINES = ("generate.py", "eval.py")  # the thin CLIs beside the package
+
+
 def folder_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """One node per folder of the package (and per top-level module, such as cli), plus the command lines."""
     graph: dict[str, set[str]] = {}
-    for source, targets in module_graph(root).items():
+    modules = package_modules(root)
+    edges_of = dict(module_graph(root))
+    for script in COMMAND_LINES:
+        if (root / script).is_file():
+            edges_of[script] = imports_of(script, root / script, modules)
+    for source, targets in edges_of.items():
         edges = graph.setdefault(folder_of(source, root), set())
         edges.update(folder_of(t, root) for t in targets)
     for folder, edges in graph.items():

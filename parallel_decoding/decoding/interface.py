@@ -8,7 +8,7 @@ tagged with its branch (``SHARED`` for the sequential text), and gets the logits
     decoder.crop(length); decoder.length; decoder.steps
 
 ``greedy=True`` lets the fast decoder take the argmax inside its compiled step, so a greedy step without logits
-processors reads back one token per row, not the rows' logits.
+processors that constrain the step reads back one token per row, not the rows' logits.
 
 ``EagerDecoder`` is the readable reference: transformers' ``DynamicCache``, the stock forward called once per pass,
 plain causal attention for sequential text and a 4D tree mask (or the project kernel's branch ids) for branches.

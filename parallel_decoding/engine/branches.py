@@ -45,56 +45,36 @@ def decode_branches_cached(
     branches outnumber the tokens left (no branch is favoured by writing while others wait), and the branches
     still active then end with ``stop="budget"``.
     """
-    if not branch_prefixes or any(len(p) == 0 for p in branch_prefixes):
-        raise ValueError("every branch needs a non-empty forced start (its title tokens)")
-    if max_new_tokens < 1 or (max_total_tokens is not None and max_total_tokens < len(branch_prefixes)):
-        raise ValueError(
-            f"max_new_tokens must be >= 1 and max_total_tokens >= the number of branches ({len(branch_prefixes)}), "
-            f"got {max_new_tokens} and {max_total_tokens}"
-        )
+    _check_branch_settings(branch_prefixes, max_new_tokens, max_total_tokens)
     total_left = len(branch_prefixes) * max_new_tokens
     if max_total_tokens is not None:
         total_left = min(total_left, max_total_tokens)
-    sampler = sampler or greedy
-    stop = frozenset(stop_token_ids)
+    stop_tokens = frozenset(stop_token_ids)
+    next_tokens = _step_function(decoder, sampler or greedy)
     decoder.crop(prefix_len)
 
     num_branches = len(branch_prefixes)
-    prefix_lens = [len(p) for p in branch_prefixes]
-    # Greedy: the decoder takes the argmax inside its step and hands back one token per row.
-    argmax_in_step = not getattr(sampler, "do_sample", True)  # a plain callable sampler gets the logits
-
-    def next_tokens(*args, **kwargs) -> torch.Tensor:
-        if argmax_in_step:
-            return decoder.forward(*args, greedy=True, **kwargs)
-        return sampler(decoder.forward(*args, **kwargs))
-
+    prefix_lens = [len(prefix) for prefix in branch_prefixes]
     # Tree prefill: every branch's forced start in one pass; logits only at each branch's last forced token.
-    tokens = next_tokens(
-        [t for p in branch_prefixes for t in p],
-        positions=[prefix_len + j for n in prefix_lens for j in range(n)],
-        branch_ids=[b for b, n in enumerate(prefix_lens) for _ in range(n)],
+    tokens = next_tokens(  # (N,): each branch's first generated token
+        [token for prefix in branch_prefixes for token in prefix],
+        positions=[prefix_len + j for length in prefix_lens for j in range(length)],
+        branch_ids=[b for b, length in enumerate(prefix_lens) for _ in range(length)],
         keep=[sum(prefix_lens[: b + 1]) - 1 for b in range(num_branches)],
-    )  # (N,)
+    )
 
     outputs: list[list[int]] = [[] for _ in range(num_branches)]
-    stops = ["cap"] * num_branches
-    active = list(range(num_branches))
+    stop_reasons = ["cap"] * num_branches
+    active = list(range(num_branches))  # branch indices still decoding, in order
     while active:
         token_list = tokens.tolist()  # (A,): the one host sync of the step
-        still_active, step_tokens = [], []
-        for b, t in zip(active, token_list):
-            if t in stop:
-                stops[b] = "stop_token"
-                continue
-            outputs[b].append(t)
-            total_left -= 1
-            if len(outputs[b]) < max_new_tokens:
-                still_active.append(b)
-                step_tokens.append(t)
+        written, still_active, step_tokens = _take_tokens(
+            token_list, active, outputs, stop_reasons, stop_tokens, max_new_tokens
+        )
+        total_left -= written
         if len(still_active) > total_left:  # the next step would overflow the budget of all branches together
             for b in still_active:
-                stops[b] = "budget"
+                stop_reasons[b] = "budget"
             break
         if not still_active:
             break
@@ -102,7 +82,47 @@ def decode_branches_cached(
         # One token per active branch, each at the position it would have alone: prefix + its own tokens so far.
         positions = [prefix_len + prefix_lens[b] + len(outputs[b]) - 1 for b in active]
         tokens = next_tokens(step_tokens, positions=positions, branch_ids=active, keep="all")  # (A,)
-    return [BranchResult(tokens=o, stop=s) for o, s in zip(outputs, stops)]
+    return [BranchResult(tokens=branch_tokens, stop=reason) for branch_tokens, reason in zip(outputs, stop_reasons)]
+
+
+def _check_branch_settings(branch_prefixes: list[list[int]], max_new_tokens: int, max_total_tokens: int | None):
+    if not branch_prefixes or any(len(prefix) == 0 for prefix in branch_prefixes):
+        raise ValueError("every branch needs a non-empty forced start (its title tokens)")
+    if max_new_tokens < 1 or (max_total_tokens is not None and max_total_tokens < len(branch_prefixes)):
+        raise ValueError(
+            f"max_new_tokens must be >= 1 and max_total_tokens >= the number of branches ({len(branch_prefixes)}), "
+            f"got {max_new_tokens} and {max_total_tokens}"
+        )
+
+
+def _step_function(decoder, sampler: Sampler):
+    """A branch pass that returns the next token of every kept row, (N,): greedy takes the decoder's argmax inside
+    its step and hands back one token per row; sampling (or a plain callable sampler) draws from the logits."""
+    argmax_in_step = not getattr(sampler, "do_sample", True)  # a plain callable sampler gets the logits
+
+    def next_tokens(*args, **kwargs) -> torch.Tensor:
+        if argmax_in_step:
+            return decoder.forward(*args, greedy=True, **kwargs)
+        return sampler(decoder.forward(*args, **kwargs))
+
+    return next_tokens
+
+
+def _take_tokens(token_list, active, outputs, stop_reasons, stop_tokens, max_new_tokens: int):
+    """Append each active branch's token to its output; a stop token ends the branch instead (and is not kept), and
+    a branch that reached ``max_new_tokens`` ends at its cap. Returns the number of tokens appended, the branches
+    that go on and their tokens."""
+    written, still_active, step_tokens = 0, [], []
+    for b, token in zip(active, token_list):
+        if token in stop_tokens:
+            stop_reasons[b] = "stop_token"
+            continue
+        outputs[b].append(token)
+        written += 1
+        if len(outputs[b]) < max_new_tokens:
+            still_active.append(b)
+            step_tokens.append(token)
+    return written, still_active, step_tokens
 
 
 def _id_set(token_ids: int | list[int] | set[int] | None) -> set[int]:
@@ -129,8 +149,9 @@ def decode_branches(
     fast decoder (KV arena, compiled step) instead of the eager reference.
     """
     decoder = _prefilled_decoder(model, prefix_ids, compile)
-    stops = _id_set(eos_token_id) | set(stop_token_ids)
-    results = decode_branches_cached(decoder, prefix_ids.shape[1], branch_prefixes, max_new_tokens, stops, sampler)
+    stop_tokens = _id_set(eos_token_id) | set(stop_token_ids)
+    prefix_len = prefix_ids.shape[1]
+    results = decode_branches_cached(decoder, prefix_len, branch_prefixes, max_new_tokens, stop_tokens, sampler)
     return [r.tokens for r in results]
 
 

@@ -13,17 +13,17 @@ measures the method and nothing else. A parallel run loops over ``####`` blocks:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .branches import BranchResult, decode_branches_cached
-from .sequential import Sequence, decode_sequential, processor_chain
-from ..decoding.select import decoder_for
-from .sampling import Sampler
-from .timing import StageTimer
 from ..decoding.hf import check_model, context_length
-from .skeleton import MarkerVocab, SkeletonLogitsProcessor, branch_title, parse_skeleton
+from ..decoding.select import decoder_for
+from .branches import BranchResult, decode_branches_cached
+from .sampling import Sampler
+from .sequential import ProcessorChain, Sequence, decode_sequential, forward_next, processor_chain
+from .skeleton import MarkerVocab, SkeletonBlock, SkeletonLogitsProcessor, branch_title, parse_skeleton
+from .timing import StageTimer
 
 DEFAULT_MAX_NEW_TOKENS = 512
 MAX_BRANCHES = 64  # branches beyond this many in one block are dropped (and the result says so)
@@ -86,7 +86,9 @@ def marker_vocab(tokenizer) -> MarkerVocab:
     return MarkerVocab.from_tokenizer(tokenizer)
 
 
-def _start(model, tokenizer, prompt: str, gen: dict):
+def prepare_prompt(model, tokenizer, prompt: str, gen: dict) -> tuple[GenerationConfig, list[int], int]:
+    """Check the model and the settings and tokenize the prompt; returns ``(config, prompt_ids, budget)``, the budget
+    being the tokens the answer may have: ``max_new_tokens``, or fewer where the model's context ends first."""
     check_model(model)
     config = _generation_config(gen)
     prompt_ids = chat_prompt_ids(tokenizer, prompt)
@@ -97,11 +99,14 @@ def _start(model, tokenizer, prompt: str, gen: dict):
     return config, prompt_ids, budget
 
 
-def _decoder(model, compile, prompt_ids: list[int], budget: int):
+def answer_decoder(model, compile, prompt_ids: list[int], budget: int):
+    """The decoder of one answer (see ``decoding.select.decoder_for``), checked to hold the prompt and the budget."""
     decoder = decoder_for(model, compile)
     if hasattr(decoder, "reserve"):  # a fixed arena: refuse the row before decoding if it cannot fit
         decoder.reserve(len(prompt_ids) + budget, f"a prompt of {len(prompt_ids)} tokens and {budget} new tokens")
     return decoder
+
+
 def _budget_cap(config, budget: int) -> str:
     if budget < config.max_new_tokens:
         return f"the answer reached the model's context ({budget} tokens after the prompt)"
@@ -112,17 +117,19 @@ def _budget_cap(config, budget: int) -> str:
 def normal_decode(model, tokenizer, prompt: str, logits_processor=None, compile=False, **gen) -> dict:
     """Sequential decoding of the answer to ``prompt`` (the user message). Greedy unless ``do_sample``.
 
-    ``logits_processor``: optional extra :class:`~transformers.LogitsProcessorList`, applied at every step.
-    ``compile``: False (the eager reference), True, or "auto"/"on"/"off" (see ``decoders.compile_enabled``):
+    ``logits_processor``: optional extra :class:`~transformers.LogitsProcessorList`, applied at every step (its
+    ``input_ids`` are on the scores' device).
+    ``compile``: False (the eager reference), True, or "auto"/"on"/"off" (see ``decoding.interface.compile_enabled``):
     decode on the model's static KV arena with a compiled step; same tokens.
     """
-    config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
+    config, prompt_ids, budget = prepare_prompt(model, tokenizer, prompt, gen)
     stop_ids = stop_token_ids(model, tokenizer)
-    decoder = _decoder(model, compile, prompt_ids, budget)
+    decoder = answer_decoder(model, compile, prompt_ids, budget)
     timer = StageTimer.for_model(model)
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
-    logits = decoder.forward(prompt_ids)
-    stop = decode_sequential(decoder, seq, logits, budget, config, stop_ids, processor=processor_chain(logits_processor))
+    processor = processor_chain(logits_processor)
+    logits, next_token = forward_next(decoder, seq, prompt_ids, config, processor)  # the prompt's prefill
+    stop = decode_sequential(decoder, seq, logits, budget, config, stop_ids, processor=processor, next_token=next_token)
     timer.lap("decode")
     answer = seq.answer
     return {
@@ -133,6 +140,59 @@ def normal_decode(model, tokenizer, prompt: str, logits_processor=None, compile=
         "caps": [_budget_cap(config, budget)] if stop == "budget" else [],
         "steps": decoder.steps,
     }
+
+
+# --- parallel decoding, one function per stage -----------------------------------------------------------------------
+
+UNCLOSED_FALLBACK = "the model opened a #### block but did not close it with ####%%%%; decoded sequentially"
+NO_BLOCK_FALLBACK = "the model wrote no ####Title: block; decoded sequentially"
+
+
+@dataclass
+class ParallelRun:
+    """What stays fixed while one answer is decoded in parallel: the decoder, the settings and the processors."""
+
+    decoder: object
+    config: GenerationConfig
+    stop_ids: frozenset[int]
+    markers: MarkerVocab
+    budget: int  # tokens the whole answer may have
+    max_branches: int
+    max_blocks: int
+    max_branch_tokens: int | None
+    jump_forward: bool
+    skeleton: SkeletonLogitsProcessor
+    skeleton_processor: ProcessorChain  # the skeleton, then the user's processors: segments that may open a block
+    sequential_processor: ProcessorChain | None  # the user's alone: the fallback and blocks beyond max_blocks
+
+    def segment_processor(self, blocks: int) -> ProcessorChain | None:
+        return self.skeleton_processor if blocks < self.max_blocks else self.sequential_processor
+
+
+@dataclass
+class ParallelAnswer:
+    """The state of one parallel answer as its blocks are decoded; token ids only, text is made after the timer."""
+
+    timer: StageTimer
+    seq: Sequence
+    skeletons: list[list[int]] = field(default_factory=list)  # per block, the segment that wrote its skeleton
+    branches: list[dict] = field(default_factory=list)  # {"prefix", "tokens", "block", "stop"} per branch
+    caps: list[str] = field(default_factory=list)
+    fallback: str | None = None
+    blocks: int = 0  # blocks decoded in parallel so far
+    block_search_from: int = 0  # answer index after the last merged block: where the next block is looked for
+
+    @property
+    def written(self) -> int:
+        return self.seq.length - self.seq.prompt_len
+
+
+def _check_limits(max_branches: int, max_blocks: int, max_branch_tokens: int | None) -> None:
+    if max_branches < 1 or max_blocks < 0 or (max_branch_tokens is not None and max_branch_tokens < 1):
+        raise ValueError(
+            f"max_branches and max_branch_tokens must be >= 1 and max_blocks >= 0, "
+            f"got {max_branches}, {max_branch_tokens} and {max_blocks}"
+        )
 
 
 @torch.inference_mode()
@@ -163,140 +223,181 @@ def parallel_decode(
     ``compile`` as in :func:`normal_decode`. ``jump_forward=False`` spends one pass on each token the skeleton
     forces (same greedy answer, more passes).
     """
-    if max_branches < 1 or max_blocks < 0 or (max_branch_tokens is not None and max_branch_tokens < 1):
-        raise ValueError(
-            f"max_branches and max_branch_tokens must be >= 1 and max_blocks >= 0, "
-            f"got {max_branches}, {max_branch_tokens} and {max_blocks}"
-        )
-    config, prompt_ids, budget = _start(model, tokenizer, prompt, gen)
-    stop_ids = stop_token_ids(model, tokenizer)
+    _check_limits(max_branches, max_blocks, max_branch_tokens)
+    config, prompt_ids, budget = prepare_prompt(model, tokenizer, prompt, gen)
     markers = marker_vocab(tokenizer)
-    decoder = _decoder(model, compile, prompt_ids, budget)
-    timer = StageTimer.for_model(model)
-
-    # Room for the whole answer: the budget bounds skeletons, merged blocks and continuation alike.
-    seq = Sequence(prompt_ids, len(prompt_ids) + budget)
     skeleton = SkeletonLogitsProcessor(prompt_length=len(prompt_ids), markers=markers)
-    processor = processor_chain([skeleton, *(logits_processor or [])])
-    sequential_processor = processor_chain(logits_processor)
-    logits = decoder.forward(prompt_ids)
-    skeletons: list[list[int]] = []  # token ids; text is made after the timed loop
-    branches: list[dict] = []
-    caps: list[str] = []
-    fallback = None
-    blocks = 0
-    block_search_from = 0  # answer index after the last merged block
+    run = ParallelRun(
+        answer_decoder(model, compile, prompt_ids, budget), config, stop_token_ids(model, tokenizer), markers, budget,
+        max_branches, max_blocks, max_branch_tokens, jump_forward, skeleton,
+        skeleton_processor=processor_chain(logits_processor, skeleton=skeleton),
+        sequential_processor=processor_chain(logits_processor),
+    )
+    timer = StageTimer.for_model(model)
+    # Room for the whole answer: the budget bounds skeletons, merged blocks and continuation alike.
+    answer = ParallelAnswer(timer, Sequence(prompt_ids, len(prompt_ids) + budget))
+    step = forward_next(run.decoder, answer.seq, prompt_ids, config, run.segment_processor(0))  # the prompt's prefill
+    while step is not None and answer.written < budget:
+        step = _decode_round(run, answer, step)
+    return _parallel_result(run, answer, tokenizer)
 
-    while True:
-        remaining = budget - (seq.length - seq.prompt_len)
-        if remaining <= 0:
-            break
-        parallel = blocks < max_blocks
-        segment_start = seq.length - seq.prompt_len
-        stop = decode_sequential(
-            decoder, seq, logits, remaining, config, stop_ids,
-            processor=processor if parallel else sequential_processor,
-            block_end=markers.is_block_end if parallel else None,
-            skeleton=skeleton if parallel and jump_forward else None,
+
+def _decode_round(run: ParallelRun, answer: ParallelAnswer, step):
+    """A sequential segment from ``step`` (the ``(logits, next_token)`` of :func:`forward_next`) and, when it closed
+    a block, the block's branches and their merge. Returns the next step, or None when the answer is done."""
+    tokens = _sequential_segment(run, answer, step)
+    if tokens is None:
+        return None
+    block, block_start = _closed_block(run, answer, tokens)
+    merged, budget_hit = _decode_block_branches(run, answer, block, block_start)
+    return _merge_block(run, answer, block, block_start, merged, budget_hit)
+
+
+def _sequential_segment(run: ParallelRun, answer: ParallelAnswer, step) -> list[int] | None:
+    """Stage 1 (or 3): sequential decoding until a block closes, an EOS or the budget. Returns the answer's tokens
+    when a block closed (its skeleton is kept), else None: the answer ended here, sequentially."""
+    parallel = answer.blocks < run.max_blocks
+    segment_start = answer.written
+    logits, next_token = step
+    stop = decode_sequential(
+        run.decoder, answer.seq, logits, run.budget - answer.written, run.config, run.stop_ids,
+        processor=run.segment_processor(answer.blocks),
+        block_end=run.markers.is_block_end if parallel else None,
+        skeleton=run.skeleton if parallel and run.jump_forward else None,
+        next_token=next_token,
+    )
+    tokens = answer.seq.answer
+    # A sequential segment is stage 1 when it wrote a skeleton (or came before any block), else stage 3.
+    stage = "stage1" if stop == "block_end" or answer.blocks == 0 else "stage3"
+    if stop != "block_end":
+        if parallel:
+            stop = _fall_back_if_open(run, answer, tokens, stop)
+        answer.timer.lap(stage)
+        if stop == "budget":
+            answer.caps.append(_budget_cap(run.config, run.budget))
+        return None
+    answer.timer.lap(stage)
+    answer.skeletons.append(tokens[segment_start:])
+    return tokens
+
+
+def _fall_back_if_open(run: ParallelRun, answer: ParallelAnswer, tokens: list[int], stop: str) -> str:
+    """The fallback when an answer ended inside a ``####`` block that never closed: a skeleton that never closed
+    is titles and ellipses, not an answer, so go back to where it started and let the model write that part
+    sequentially, as normal decoding would. Returns why the answer stopped."""
+    open_block = _first_branch_marker(tokens, answer.block_search_from, run.markers)
+    if open_block is None:
+        return stop
+    answer.fallback = UNCLOSED_FALLBACK
+    logits, next_token = _rewind(run.decoder, answer.seq, open_block, run.config, run.sequential_processor)
+    return decode_sequential(
+        run.decoder, answer.seq, logits, run.budget - open_block, run.config, run.stop_ids,
+        processor=run.sequential_processor, next_token=next_token,
+    )
+
+
+def _closed_block(run: ParallelRun, answer: ParallelAnswer, tokens: list[int]) -> tuple[SkeletonBlock, int]:
+    """The block the segment closed, its branches cut to ``max_branches``, and the answer index of its first
+    ``####``."""
+    block = parse_skeleton(tokens[answer.block_search_from :], run.markers)
+    if block is None:  # cannot happen: block_end fired on '####' '%%%%', which always parses as a closing
+        raise RuntimeError("the skeleton's closing marker was seen but could not be parsed")
+    if len(block.branch_prefixes) > run.max_branches:
+        answer.caps.append(
+            f"block {answer.blocks}: {len(block.branch_prefixes)} branches, kept the first {run.max_branches}"
         )
-        answer = seq.answer
-        # A sequential segment is stage 1 when it wrote a skeleton (or came before any block), else stage 3.
-        segment_stage = "stage1" if stop == "block_end" or blocks == 0 else "stage3"
-        if stop != "block_end":
-            open_block = _first_branch_marker(answer, block_search_from, markers) if parallel else None
-            if open_block is not None:
-                # A skeleton that never closed is titles and ellipses, not an answer: go back to where it
-                # started and let the model write that part sequentially, as normal decoding would.
-                fallback = "the model opened a #### block but did not close it with ####%%%%; decoded sequentially"
-                logits = _rewind(decoder, seq, open_block)
-                stop = decode_sequential(
-                    decoder, seq, logits, budget - open_block, config, stop_ids, processor=sequential_processor
-                )
-            timer.lap(segment_stage)
-            if stop == "budget":
-                caps.append(_budget_cap(config, budget))
-            break
-        timer.lap(segment_stage)
-        block = parse_skeleton(answer[block_search_from:], markers)
-        if block is None:  # cannot happen: block_end fired on '####' '%%%%', which always parses as a closing
-            raise RuntimeError("the skeleton's closing marker was seen but could not be parsed")
-        block_start = block_search_from + block.start
-        skeletons.append(answer[segment_start:])
-        if len(block.branch_prefixes) > max_branches:
-            caps.append(f"block {blocks}: {len(block.branch_prefixes)} branches, kept the first {max_branches}")
-            block.branch_prefixes = block.branch_prefixes[:max_branches]
+        block.branch_prefixes = block.branch_prefixes[: run.max_branches]
+    return block, answer.block_search_from + block.start
 
-        # The whole block must fit in what is left of the budget: its titles and closing marker always do (the
-        # skeleton held them and more), so the branches share the rest.
-        room = budget - block_start - sum(len(p) for p in block.branch_prefixes) - len(block.closing)
-        merged: list[int] = []
-        budget_hit = False
-        if block.branch_prefixes:
-            prefix_len = seq.prompt_len + block_start
-            per_branch = room if max_branch_tokens is None else min(room, max_branch_tokens)
-            if room >= len(block.branch_prefixes):  # else not even one step of all branches fits
-                results = decode_branches_cached(
-                    decoder, prefix_len, block.branch_prefixes, per_branch,
-                    stop_token_ids=stop_ids | markers.branch_ids, sampler=config.sampler, max_total_tokens=room,
-                )
-            else:
-                results = [BranchResult(tokens=[], stop="budget") for _ in block.branch_prefixes]
-            for prefix, result in zip(block.branch_prefixes, results):
-                if result.stop == "cap" and per_branch == room:  # its cap was what was left of the budget
-                    result.stop = "budget"
-                merged += prefix + result.tokens
-                branches.append({"prefix": prefix, "tokens": result.tokens, "block": blocks, "stop": result.stop})
-            used = sum(len(r.tokens) for r in results)
-            budget_hit = used == room or any(r.stop == "budget" for r in results)
-            if budget_hit:
-                caps.append(f"block {blocks}: the branches used the answer's budget ({budget} tokens in all, "
-                            f"{room} left for branches); the branch stage stopped and the answer ends after the block")
-            timer.lap("stage2")
-        blocks += 1
-        if blocks == max_blocks:
-            caps.append(f"{max_blocks} blocks decoded in parallel; later blocks are decoded sequentially")
 
-        # Merge: the branches in title order and the closing marker replace the skeleton.
-        merged += block.closing
-        seq.truncate(block_start)
-        seq.extend(merged)
-        skeleton.state.reset()
-        decoder.crop(seq.prompt_len + block_start)
-        block_search_from = block_start + len(merged)
-        if budget_hit or seq.length - seq.prompt_len >= budget:
-            if not budget_hit:
-                caps.append(_budget_cap(config, budget))
-            timer.lap("stage3")
-            break
-        logits = decoder.forward(merged)
-        timer.lap("stage3")
+def _decode_block_branches(run: ParallelRun, answer: ParallelAnswer, block: SkeletonBlock, block_start: int):
+    """Stage 2: every branch of the block in one sequence, within what is left of the budget. Returns the merged
+    tokens (each title and its branch, in title order) and whether the branches used up the budget."""
+    # The whole block must fit in what is left of the budget: its titles and closing marker always do (the
+    # skeleton held them and more), so the branches share the rest.
+    room = run.budget - block_start - sum(len(p) for p in block.branch_prefixes) - len(block.closing)
+    if not block.branch_prefixes:
+        return [], False
+    per_branch = room if run.max_branch_tokens is None else min(room, run.max_branch_tokens)
+    if room >= len(block.branch_prefixes):  # else not even one step of all branches fits
+        results = decode_branches_cached(
+            run.decoder, answer.seq.prompt_len + block_start, block.branch_prefixes, per_branch,
+            stop_token_ids=run.stop_ids | run.markers.branch_ids, sampler=run.config.sampler, max_total_tokens=room,
+        )
+    else:
+        results = [BranchResult(tokens=[], stop="budget") for _ in block.branch_prefixes]
+    merged: list[int] = []
+    for prefix, result in zip(block.branch_prefixes, results):
+        if result.stop == "cap" and per_branch == room:  # its cap was what was left of the budget
+            result.stop = "budget"
+        merged += prefix + result.tokens
+        answer.branches.append({"prefix": prefix, "tokens": result.tokens, "block": answer.blocks, "stop": result.stop})
+    used = sum(len(r.tokens) for r in results)
+    budget_hit = used == room or any(r.stop == "budget" for r in results)
+    if budget_hit:
+        answer.caps.append(
+            f"block {answer.blocks}: the branches used the answer's budget ({run.budget} tokens in all, "
+            f"{room} left for branches); the branch stage stopped and the answer ends after the block"
+        )
+    answer.timer.lap("stage2")
+    return merged, budget_hit
 
-    # String work, after the timer: skeleton, branch and answer text.
-    for branch in branches:
+
+def _merge_block(
+    run: ParallelRun, answer: ParallelAnswer, block: SkeletonBlock, block_start: int, merged: list[int],
+    budget_hit: bool,
+):
+    """Stage 3: the branches in title order and the closing marker replace the skeleton and are prefilled on top of
+    the cached prefix. Returns the next step (see :func:`forward_next`), or None when the answer is done."""
+    answer.blocks += 1
+    if answer.blocks == run.max_blocks:
+        answer.caps.append(f"{run.max_blocks} blocks decoded in parallel; later blocks are decoded sequentially")
+    merged = merged + block.closing
+    seq = answer.seq
+    seq.truncate(block_start)
+    seq.extend(merged)
+    run.skeleton.state.reset()
+    run.decoder.crop(seq.prompt_len + block_start)
+    answer.block_search_from = block_start + len(merged)
+    if budget_hit or answer.written >= run.budget:
+        if not budget_hit:
+            answer.caps.append(_budget_cap(run.config, run.budget))
+        answer.timer.lap("stage3")
+        return None
+    step = forward_next(run.decoder, seq, merged, run.config, run.segment_processor(answer.blocks))
+    answer.timer.lap("stage3")
+    return step
+
+
+def _parallel_result(run: ParallelRun, answer: ParallelAnswer, tokenizer) -> dict:
+    """The result of a parallel answer; the string work (skeleton, branch and answer text) comes after the timer."""
+    for branch in answer.branches:
         branch["title"] = branch_title(branch.pop("prefix"), tokenizer)
         tokens = branch.pop("tokens")
         branch["text"] = tokenizer.decode(tokens, skip_special_tokens=True)
         branch["tokens"] = len(tokens)
         if branch["stop"] == "cap":
-            caps.append(f"block {branch['block']}: branch {branch['title']!r} reached its token cap ({max_branch_tokens})")
-    if not branches and fallback is None:
-        fallback = "the model wrote no ####Title: block; decoded sequentially"
-    answer = seq.answer
+            answer.caps.append(
+                f"block {branch['block']}: branch {branch['title']!r} reached its token cap ({run.max_branch_tokens})"
+            )
+    if not answer.branches and answer.fallback is None:
+        answer.fallback = NO_BLOCK_FALLBACK
+    tokens, timer = answer.seq.answer, answer.timer
     return {
-        "response": tokenizer.decode(answer, skip_special_tokens=True),
+        "response": tokenizer.decode(tokens, skip_special_tokens=True),
         "time": timer.total,
-        "length": len(answer),
-        "prompt_tokens": len(prompt_ids),
-        "num_branches": len(branches),
-        "num_blocks": blocks,
-        "stage1_response": "\n".join(tokenizer.decode(s, skip_special_tokens=True) for s in skeletons),
-        "branches": branches,
+        "length": len(tokens),
+        "prompt_tokens": answer.seq.prompt_len,
+        "num_branches": len(answer.branches),
+        "num_blocks": answer.blocks,
+        "stage1_response": "\n".join(tokenizer.decode(s, skip_special_tokens=True) for s in answer.skeletons),
+        "branches": answer.branches,
         "stage1_time": timer.get("stage1"),
         "stage2_time": timer.get("stage2"),
         "stage3_time": timer.get("stage3"),
-        "fallback": fallback,
-        "caps": caps,
-        "steps": decoder.steps,
+        "fallback": answer.fallback,
+        "caps": answer.caps,
+        "steps": run.decoder.steps,
     }
 
 
@@ -307,8 +408,8 @@ def _first_branch_marker(answer: list[int], start: int, markers: MarkerVocab) ->
     return None
 
 
-def _rewind(decoder, seq: Sequence, answer_len: int) -> torch.Tensor:
-    """Cut the answer back to ``answer_len`` tokens; returns the next-token logits there."""
+def _rewind(decoder, seq: Sequence, answer_len: int, config, processor):
+    """Cut the answer back to ``answer_len`` tokens; returns the next step there (see :func:`forward_next`)."""
     seq.truncate(answer_len)
     decoder.crop(seq.length - 1)
-    return decoder.forward([int(seq.buffer[0, seq.length - 1])])
+    return forward_next(decoder, seq, [int(seq.buffer[0, seq.length - 1])], config, processor)

@@ -21,6 +21,11 @@ BLOCK_END_MARKER = "%%%%"
 ELLIPSIS = "......"
 COLONS = (":", "：")
 
+# The rules of SkeletonLogitsProcessor, by the state they apply in (SkeletonState.rule).
+FORCE = "force"  # after a title's colon: the next token of '......', newline, '####' is the only one allowed
+NO_MARKER = "no_marker"  # the first generated token: no '####' or '%%%%'
+NO_HASH = "no_hash"  # right after a '####': no token starting with '#'
+
 
 def _token_texts(tokenizer) -> list[str]:
     """Decoded text of every token id (byte-level pieces decode to '\\ufffd' and never match a marker)."""
@@ -142,6 +147,16 @@ class SkeletonState:
     def at_start(self) -> bool:
         return self.seen == self.start
 
+    def rule(self) -> str | None:
+        """The rule the processor applies to the next token's scores here, or None when it leaves them alone."""
+        if self.forced_done is not None:
+            return FORCE
+        if self.at_start():
+            return NO_MARKER
+        if self.last_token is not None and self.last_token in self.markers.branch_ids:
+            return NO_HASH
+        return None
+
 
 class SkeletonLogitsProcessor(LogitsProcessor):
     """Lets the model write only branch titles inside a ``####`` block.
@@ -166,24 +181,37 @@ class SkeletonLogitsProcessor(LogitsProcessor):
             markers = MarkerVocab.from_tokenizer(tokenizer)
         self.markers = markers
         self.state = SkeletonState(markers, prompt_length)
-        self._marker_index = torch.tensor(markers.marker_id_list, dtype=torch.long)
-        self._hash_index = torch.tensor(sorted(markers.hash_start_ids), dtype=torch.long)
-        self._on_device: dict = {}
+        self._marker_index = torch.tensor(markers.marker_id_list, dtype=torch.long)  # (M,) '####' and '%%%%' ids
+        self._hash_index = torch.tensor(sorted(markers.hash_start_ids), dtype=torch.long)  # (H,) ids starting '#'
+        self._on_device: dict = {}  # (index, device, vocab size) -> the index on that device, within the vocab
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """The scores (1, V) of the next token after ``input_ids`` (1, L), masked by the rule that applies there."""
+        rule = self._rule(input_ids)
+        if rule == FORCE:
+            out = torch.full_like(scores, float("-inf"))  # (1, V)
+            out[:, self.state.forced_token()] = 0.0
+            return out
+        if rule == NO_MARKER:
+            return self._forbid(scores, self._marker_index)
+        if rule == NO_HASH:
+            return self._forbid(scores, self._hash_index)
+        return scores
+
+    def leaves_scores_unchanged(self, input_ids: torch.LongTensor) -> bool:
+        """True exactly when ``self(input_ids, scores)`` would return ``scores`` itself, for any scores.
+
+        Reads only the host-side grammar state (``input_ids`` is the engine's CPU buffer), so asking costs no device
+        sync: the engine takes the decoder's in-step greedy argmax on such a step instead of asking for logits.
+        """
+        return self._rule(input_ids) is None
+
+    def _rule(self, input_ids: torch.LongTensor) -> str | None:
+        """Which rule applies to the next token after ``input_ids`` (1, L): FORCE, NO_MARKER, NO_HASH or None."""
         if input_ids.shape[0] != 1:
             raise ValueError(f"SkeletonLogitsProcessor supports batch size 1, got {input_ids.shape[0]}")
         self.state.update(input_ids[0])
-        forced = self.state.forced_token()
-        if forced is not None:
-            out = torch.full_like(scores, float("-inf"))
-            out[:, forced] = 0.0
-            return out
-        if self.state.at_start():
-            return self._forbid(scores, self._marker_index)
-        if self.state.last_token is not None and self.state.last_token in self.markers.branch_ids:
-            return self._forbid(scores, self._hash_index)
-        return scores
+        return self.state.rule()
 
     def forced_tokens(self, input_ids: torch.LongTensor) -> list[int]:
         """The tokens this processor would force next, one after another, after ``input_ids`` (1, L).
@@ -196,7 +224,7 @@ class SkeletonLogitsProcessor(LogitsProcessor):
     def _forbid(self, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         key = (id(index), scores.device, scores.shape[-1])
         if key not in self._on_device:  # copied to the device once, not at every step
-            self._on_device[key] = index[index < scores.shape[-1]].to(scores.device)
+            self._on_device[key] = index[index < scores.shape[-1]].to(scores.device)  # (M',) ids within the vocab
         return scores.index_fill(-1, self._on_device[key], float("-inf"))
 
 
@@ -218,26 +246,26 @@ def parse_skeleton(tokens: list[int], markers: MarkerVocab, tokenizer=None) -> S
     ``%%%%``) is the closing marker, not a branch. Without ``tokenizer`` the titles are left empty (the engine
     parses inside its timed loop and turns prefixes into text with :func:`branch_title` afterwards).
     """
-    start = None
+    start = None  # index of the block's first '####'
     titles: list[str] = []
     prefixes: list[list[int]] = []
     i = 0
     while i < len(tokens):
-        tok = tokens[i]
-        if markers.is_branch(tok):
+        token = tokens[i]
+        if markers.is_branch(token):
             if start is None:
                 start = i
             if i + 1 < len(tokens) and tokens[i + 1] in markers.block_end_ids:
-                return SkeletonBlock(start, i + 2, titles, prefixes, [tok, tokens[i + 1]])
-            j = i + 1
-            while j < len(tokens) and tokens[j] not in markers.colon_ids and not markers.is_branch(tokens[j]):
-                j += 1
-            if j < len(tokens) and tokens[j] in markers.colon_ids:
-                prefix = tokens[i : j + 1]
+                return SkeletonBlock(start, i + 2, titles, prefixes, [token, tokens[i + 1]])
+            colon = i + 1  # the title runs up to its colon, unless a new '####' comes first
+            while colon < len(tokens) and not (tokens[colon] in markers.colon_ids or markers.is_branch(tokens[colon])):
+                colon += 1
+            if colon < len(tokens) and tokens[colon] in markers.colon_ids:
+                prefix = tokens[i : colon + 1]
                 prefixes.append(prefix)
                 if tokenizer is not None:
                     titles.append(branch_title(prefix, tokenizer))
-                i = j + 1
+                i = colon + 1
                 continue
         i += 1
     return None

@@ -315,7 +315,7 @@ def answer_metrics(rows, task):
 
 # A closed block in an answer: a `####Title:` step, then later the `####%%%%` that closes the block.
 _CLOSED_BLOCK_RE = re.compile(r"####[^\n]*?[:：].*?####%%%%", re.DOTALL)
-# Kinds of the engine's `fallback` texts (parallel_decoding/engine.py), by a phrase each contains.
+# Kinds of the engine's `fallback` texts (parallel_decoding/engine/decode.py), by a phrase each contains.
 FALLBACK_KINDS = (
     ("no_block", "wrote no ####Title: block"),
     ("unclosed_block", "did not close it with ####%%%%"),

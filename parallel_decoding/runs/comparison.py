@@ -104,7 +104,7 @@ def mean_speedup(results: list):
 
 
 def _decoder_of(mode: str):
-    from parallel_decoding import normal_decode, parallel_decode
+    from ..engine.decode import normal_decode, parallel_decode
 
     return normal_decode if mode == "normal" else parallel_decode
 

@@ -172,7 +172,7 @@ def plan(run: Run) -> Work:
 
 def too_long(run: Run, pending: list) -> list:
     """The pending rows of a task that skips prompts longer than the model's usable context (logged)."""
-    from parallel_decoding import chat_prompt_ids
+    from ..engine.decode import chat_prompt_ids
 
     limit = loading.usable_context(run.model, run.args.max_new_tokens)
     if not get_task(run.args.task).skip_too_long or limit is None:
@@ -190,7 +190,7 @@ def prepare_compiled_path(run: Run, prompts: list) -> None:
     """One KV arena for the whole run, and every bucket compiled now: nothing compiles inside a timed row. The
     arena holds --kv_capacity tokens, by default the longest pending prompt and its answer; a row that does not
     fit fails alone (ArenaFullError, in its `error` column)."""
-    from parallel_decoding import chat_prompt_ids
+    from ..engine.decode import chat_prompt_ids
     from parallel_decoding.decoding import arena
     from parallel_decoding.decoding.attention import set_attention
 
