@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv_capacity", type=int, default=None,
                    help="tokens the compiled path's KV arena holds (default: the longest selected prompt + "
                         "--max_new_tokens); a row that does not fit fails alone, in its error column")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="rows in flight at once on the batch engine, per mode (default 1: one row at a time, the "
+                        "paper's setting); each row's time is its latency, throughput per mode is logged")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output file and start again")
     p.add_argument("--format_prompt_file", default=None,
                    help="UTF-8 text file that replaces the format instruction; a {task} placeholder in it wraps the "

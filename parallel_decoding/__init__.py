@@ -8,6 +8,7 @@ without it. docs/architecture.md maps the folders: ``engine`` (the method), ``de
 import importlib
 
 _EXPORTS = {
+    "Engine": "engine.batch",
     "GenerationConfig": "engine.decode",
     "chat_prompt_ids": "engine.decode",
     "normal_decode": "engine.decode",

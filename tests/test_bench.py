@@ -101,23 +101,171 @@ def test_model_path_loads_a_checkpoint(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+GPU_CHECK_TINY = ["--config", "tiny", "--device", "cpu", "--dtype", "float32", "--compile", "off", "--prompt_len", "24",
+                  "--capacity", "128"]
+
+
 def test_gpu_check_report_on_a_tiny_cpu_model(tmp_path, capsys):
     from parallel_decoding.bench import gpu_check
 
     out = tmp_path / "gpu_check.md"
-    argv = ["--config", "tiny", "--device", "cpu", "--dtype", "float32", "--compile", "off", "--prompt_len", "24",
-            "--steps", "3", "--branches", "1", "2", "5", "--match_tokens", "6", "--out", str(out)]
+    argv = GPU_CHECK_TINY + ["--steps", "3", "--branches", "1", "2", "5", "--match_tokens", "6", "--text_lens", "16", "40",
+                             "--out", str(out)]
     assert gpu_check.main(argv) == 0
     text = out.read_text()
     assert text == capsys.readouterr().out
     for line in ("| eager normal step (ms/token) |", "| fast normal step (ms/token) |",
                  "| fast parallel step, N=1 (ms/step) |", "| fast parallel step, N=5 (ms/step) |",
-                 "| greedy token match, fast vs eager (6 tokens) | 1.000 (divergence: none) |"):
-        assert line in text
+                 "| greedy token match, fast vs eager (6 tokens) | 1.000 (divergence: none) |",
+                 "- fast path: KV arena of 128 slots, attention flex, compile off",
+                 "## Flex vs dense step, by length of text in the arena",
+                 "| 16 | flex (uncompiled: exact-size passes) |", "| 40 | dense (uncompiled: exact-size passes) |",
+                 "## One step's attention alone, every layer (flex, dense mask, the Triton kernel)",
+                 "| 16 | dense |", "| 40 | flex |", "| 40 | kernel |",  # the kernel on Triton's interpreter (conftest.py)
+                 "## CUDA graphs and recompiles of the timed steps",
+                 "- fast parallel step, N=5: cudagraph_skips 0 after warm-up, 0 after the timed steps; no recompile "
+                 "(no CUDA graphs here)", "- result: passed"):
+        assert line in text, line
+    alone = [row for row in text.splitlines() if row.startswith(("| 16 | ", "| 40 | ")) and row.count("|") == 8]
+    assert len(alone) == 6 and not any("not run" in row or "error" in row for row in alone), alone
+    assert all(float(row.split("|")[-2]) < 1e-5 for row in alone)  # flex and the kernel agree with the dense mask
     assert gpu_check.peak_bandwidth("NVIDIA H200") == 4800.0 and gpu_check.peak_bandwidth("AMD EPYC") is None
     assert gpu_check.match_rate([1, 2, 3, 4], [1, 2, 5, 4]) == (0.75, 2)
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--branches", "0"])
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(GPU_CHECK_TINY[:-1] + ["64", "--text_lens", "100"])  # the arena cannot hold the text
+
+
+def test_gpu_check_fails_with_one_line_after_writing_the_report(tmp_path, capsys, monkeypatch):
+    """A timed step outside a recorded CUDA graph (simulated here: no GPU) fails the run, exit status 1, once the
+    report is written."""
+    from parallel_decoding.bench import gpu_check, step
+
+    def failure(self):
+        return f"{self.what}: a timed step ran outside a recorded graph" if self.what == "fast parallel step, N=1" else None
+
+    monkeypatch.setattr(step.StepCheck, "failure", failure)
+    out = tmp_path / "gpu_check.md"
+    argv = GPU_CHECK_TINY + ["--steps", "1", "--branches", "1", "--match_tokens", "1", "--text_lens", "16", "--out", str(out)]
+    assert gpu_check.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "parallel_decoding.bench.gpu_check: FAILED: fast parallel step, N=1: a timed step ran outside a recorded graph"]
+    text = out.read_text()
+    assert text == captured.out and "| greedy token match, fast vs eager (1 tokens) |" in text
+    assert "- result: FAILED: fast parallel step, N=1: a timed step ran outside a recorded graph" in text
+
+
+# --- python -m parallel_decoding.bench.step -----------------------------------------------------------------------
+
+STEP_TINY = ["--config", "tiny", "--prefix_len", "20", "--steps", "2", "--repeats", "1", "--device", "cpu",
+             "--dtype", "float32", "--num_threads", "1"]
+
+
+def test_step_bench_prints_the_table_the_ratios_and_json(capsys):
+    from parallel_decoding.bench import step
+
+    assert step.main(STEP_TINY + ["--capacities", "160", "40"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert lines[1].startswith("| attention | capacity | rows | KV slots read | x heads | ms/step |")
+    assert len([line for line in lines if line.startswith(("| flex |", "| dense |"))]) == 4
+    assert {"config", "layers", "dtype", "device", "device_name", "prefix_len", "steps", "repeats", "capacities",
+            "attention", "rows", "weight_bytes", "results", "capacity_ratios", "graphs", "failure"} <= summary.keys()
+    assert summary["capacities"] == [40, 160] and summary["attention"] == ["flex", "dense"] and summary["failure"] is None
+    for row in summary["results"]:
+        assert {"attention", "capacity", "rows", "mean_written", "kv_slots_read", "kv_heads_read", "ms_per_step",
+                "repeat_ms", "kv_bytes", "bytes_per_step", "gb_per_s"} <= row.keys()
+        assert row["bytes_per_step"] == summary["weight_bytes"] + row["kv_bytes"] and row["gb_per_s"] > 0
+        # tiny: 4 query heads, 2 KV heads; flex reads whole 128-slot blocks of the written text, dense the arena
+        assert row["kv_heads_read"] == (2 if row["attention"] == "flex" else 4)
+        assert row["kv_slots_read"] == (min(128, row["capacity"] + 1) if row["attention"] == "flex" else row["capacity"] + 1)
+    ratios = {(r["attention"], r["rows"]): r for r in summary["capacity_ratios"]}
+    assert ratios.keys() == {("flex", 1), ("dense", 1)}
+    flex = ratios["flex", 1]
+    assert (flex["capacity_min"], flex["capacity_max"]) == (40, 160)
+    times = {(r["attention"], r["capacity"]): r["ms_per_step"] for r in summary["results"]}
+    assert flex["ratio"] == pytest.approx(times["flex", 160] / times["flex", 40])
+    assert "flex, 1 row(s): step at capacity 160 / at 40 = " in "\n".join(lines)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rows", "0"], "--rows must be between 1 and 128"),
+    (["--capacities", "22"], "--capacities must hold --prefix_len + rows x (steps + 1) = 23 tokens, got 22"),
+    (["--layers", "3"], "--layers must be between 1 and 2 for tiny, got 3"),
+    (["--attention", "sparse"], "argument --attention: invalid choice"),
+])
+def test_step_bench_bad_flags_are_one_line_with_status_2(flags, message, capsys):
+    from parallel_decoding.bench import step
+
+    with pytest.raises(SystemExit) as exit_info:
+        step.main(STEP_TINY + flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_step_bench_without_cuda_is_one_line_with_status_2(capsys):
+    from parallel_decoding.bench import step
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert step.main(STEP_TINY + ["--device", "cuda", "--capacities", "64"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "parallel_decoding.bench.step: error: --device cuda: CUDA is not available"]
+
+
+def test_step_bench_bytes_and_layer_cut():
+    from parallel_decoding.bench import step
+
+    model = step.build_model("tiny", 1, torch.device("cpu"), torch.float32, seed=0)
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    per_slot_head = 2 * 1 * 16 * 4  # K and V, 1 layer, head dim 16, float32
+    assert step.attention_bytes(model, "flex", 130, 1000) == 256 * 2 * per_slot_head  # two 128-slot blocks, 2 KV heads
+    assert step.attention_bytes(model, "kernel", 130, 1000) == 130 * 2 * per_slot_head  # the written slots
+    assert step.attention_bytes(model, "dense", 130, 1000) == 1001 * 4 * per_slot_head  # the arena, 4 query heads
+    assert step.written_lengths(600, 1, 3) == [602, 603, 604] and step.written_lengths(600, 8, 2) == [616, 624]
+
+
+def test_step_check_counts_replays_and_catches_recompiles(monkeypatch):
+    """The check watches inductor's CUDA-graph tree manager (stand-in methods here: no GPU): a call that re-enters
+    ``_run`` counts once; a call that replays passes, one that runs eagerly (warm-up) or re-records fails."""
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager as Manager
+
+    from parallel_decoding.bench import step
+
+    def fake_run(self, inputs, function_id):  # the real one may re-enter itself once before it replays
+        if inputs == "again":
+            return self._run("replay", function_id)
+        return self.execute_node(None, inputs) if inputs == "replay" else self.run_eager(inputs, function_id)
+
+    monkeypatch.setattr(Manager, "_run", fake_run)
+    monkeypatch.setattr(Manager, "execute_node", lambda self, node, inputs: "replayed")
+    monkeypatch.setattr(Manager, "run_eager", lambda self, inputs, function_id: "eager")
+    manager = object.__new__(Manager)
+    check = step.StepCheck("timed", graphs=True, steps=2)
+    with check:
+        assert manager._run("again", 0) == "replayed" and manager._run("replay", 0) == "replayed"
+    assert Manager._run is fake_run  # put back
+    assert check.counts == {"calls": 2, "replays": 2, "recordings": 0, "eager_runs": 0} and check.failure() is None
+    assert check.describe().endswith("2 compiled calls, 2 graph replays, 0 recordings, 0 eager runs")
+    check = step.StepCheck("timed", graphs=True, steps=2)
+    with check:
+        manager._run("replay", 0)
+        manager._run("warm", 0)
+    assert check.failure() == ("timed: 2 compiled calls in 2 timed steps, 1 graph replays, 0 recordings, 1 eager runs: "
+                               "a timed step ran outside a recorded graph")
+    check.counts.update(calls=2, replays=2, eager_runs=0)
+    check.skips_after = 1
+    assert "inductor skipped CUDA graphs for 1 compiled graph(s)" in check.failure()
+
+    compiled = torch.compile(lambda x: x * 2, dynamic=False)
+    compiled(torch.ones(3))
+    with pytest.raises(step.StepCheckFailed, match=r"^timed: a timed step recompiled \(Detected recompile"):
+        with step.StepCheck("timed", graphs=False, steps=1):
+            compiled(torch.ones(4))  # a new shape: a recompile
+    compiled(torch.ones(5))  # the stance is back to default afterwards
 
 
 def test_compiled_bench_compiles_every_bucket_it_uses_before_timing(monkeypatch, capsys):

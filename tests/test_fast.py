@@ -10,6 +10,7 @@ merge) reaches either a compiled bucket or the uncompiled exact-size pass. After
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -99,10 +100,11 @@ def test_padding_rows_change_nothing():
     for decoder in (exact, padded):
         decoder.forward(prefix)
     start = len(prefix)
-    rows = [[7, 8, 9], [start, start, start + 1], [start, start + 1, start + 2], [0, 1, 0]]  # ids, pos, slots, branch
+    # ids, positions, slots, branch ids, first visible slots
+    rows = [[7, 8, 9], [start, start, start + 1], [start, start + 1, start + 2], [0, 1, 0], [0, 0, 0]]
     logits_exact, tokens_exact = exact._pass(torch.tensor(rows))  # (3, V), (3,)
     spare = padded.arena.spare_slot
-    garbage = [[3, 99, 17, 250, 4], [900, 0, 5, 1, 2], [spare] * 5, [PADDING] * 5]
+    garbage = [[3, 99, 17, 250, 4], [900, 0, 5, 1, 2], [spare] * 5, [PADDING] * 5, [spare] * 5]
     logits_padded, tokens_padded = padded._pass(torch.tensor([r + g for r, g in zip(rows, garbage)]))  # (8, V), (8,)
     torch.testing.assert_close(logits_padded[:3], logits_exact, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens_padded[:3], tokens_exact)
@@ -115,13 +117,16 @@ def test_padding_rows_change_nothing():
 @torch.inference_mode()
 def test_an_exact_size_pass_over_the_written_slots_equals_a_padded_pass_over_all():
     model = tiny_decoder("qwen2")
-    exact = FastDecoder(model, 64, buckets=(1,), compile=False)  # five rows: uncompiled, sees 25 slots
-    padded = FastDecoder(model, 64, buckets=(8,), compile=False)  # five rows padded to eight, sees all 65
+    exact = FastDecoder(model, 64, compile=False)  # uncompiled: every pass at its exact size, here 25 slots
+    padded = FastDecoder(model, 64, compile=False)  # the same pass on five rows padded to eight, over all 65 slots
     for decoder in (exact, padded):
         decoder.forward(list(range(5, 25)))
     rows = ([7, 8, 9, 10, 11], [20, 20, 21, 20, 21], [0, 1, 1, 2, 2])  # ids, positions, branch ids
     logits_exact = exact.forward(*rows, keep="all")
-    logits_padded = padded.forward(*rows, keep="all")
+    spare = padded.arena.spare_slot
+    packed = [rows[0] + [0] * 3, rows[1] + [0] * 3, list(range(20, 25)) + [spare] * 3, rows[2] + [PADDING] * 3,
+              [0] * 5 + [spare] * 3]  # (5, 8): ids, positions, slots, branch ids, first visible slots
+    logits_padded = padded._pass(torch.tensor(packed))[0][:5]  # (5, V)
     torch.testing.assert_close(logits_exact, logits_padded, rtol=1e-5, atol=1e-5)
     assert exact.arena.visible_slots == exact.capacity + 1  # back to the compiled passes' shape
 
@@ -179,6 +184,43 @@ def test_the_greedy_step_returns_the_argmax_of_its_logits(qwen_vocab_model):
             assert torch.equal(fast_tokens, fast_logits.argmax(-1))
             assert torch.equal(fast_tokens, eager_tokens)
             torch.testing.assert_close(fast_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+def _greedy_run(decoder, prefix: list[int], titles: list[list[int]], stop_after: int, length: int) -> list[list[int]]:
+    """Greedy single rows after ``prefix`` up to 131 slots, then branches from ``titles`` (tree prefill) decoded
+    until ``length`` slots, branch 0 stopping after ``stop_after`` steps: every token each pass chose."""
+    decoder.reset()
+    chosen = [decoder.forward(prefix, greedy=True).tolist()]
+    while decoder.length < 131:
+        chosen.append(decoder.forward(chosen[-1], greedy=True).tolist())
+    start = decoder.length
+    rows = [(t, start + j, b) for b, title in enumerate(titles) for j, t in enumerate(title)]
+    ends = list(itertools.accumulate(len(title) for title in titles))
+    tokens = decoder.forward(*(list(c) for c in zip(*rows)), keep=[e - 1 for e in ends], greedy=True).tolist()
+    chosen.append(tokens)
+    active, step = list(range(len(titles))), 0
+    while decoder.length < length:
+        if step == stop_after:
+            active, tokens = active[1:], tokens[1:]
+        positions = [start + len(titles[b]) + step for b in active]
+        tokens = decoder.forward(tokens, positions, active, keep="all", greedy=True).tolist()
+        chosen.append(tokens)
+        step += 1
+    return chosen
+
+
+def test_the_flex_step_is_token_identical_across_block_boundaries(small_model):
+    """Bucket 1 from 125 to 131 written slots (across 127/128/129), then three ragged branches in bucket 4 (two
+    after branch 0 stops, padded) across 256: every token equals the eager reference's, with one graph per bucket."""
+    decoder = fast_decoder(small_model)
+    assert decoder.attention == "flex" and small_model.config._attn_implementation.startswith("arena_flex_")
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, 256, (125,), generator=g).tolist()
+    titles = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (2, 3, 4)]
+    with torch.inference_mode():
+        expected = _greedy_run(EagerDecoder(small_model), prefix, titles, stop_after=12, length=262)
+        with no_recompiles():
+            assert _greedy_run(decoder, prefix, titles, stop_after=12, length=262) == expected
 
 
 def test_branches_on_the_arena_equal_the_reference(small_model):

@@ -231,6 +231,77 @@ def test_cpu_tensors_need_the_interpreter():
                                               "max_seqlen_k", "q_branch", "k_branch")), interpreted=False)
 
 
+@pytest.mark.parametrize("moved, where", [("k", "k on meta"), ("k_branch", "k_branch on meta"),
+                                           ("cu_seqlens_q", "cu_seqlens_q on meta")])
+def test_tensors_on_two_devices_raise_one_clear_line(moved, where):
+    """Under --device_map a layer's inputs could straddle two GPUs; the wrapper names each tensor off q's device
+    before it reads any of them (the meta device stands in for a second GPU)."""
+    args = _valid_args()
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(ValueError) as error:
+        flash_attn_varlen_func(**args)
+    message = str(error.value)
+    assert message.startswith(f"flash_attn_varlen_func: all tensors must be on one device, but q is on cpu and {where}")
+    assert "\n" not in message
+
+
+def test_launch_device_makes_the_inputs_cuda_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: the guard enters torch.cuda.device(<the inputs' device>), and
+    does nothing for CPU tensors (no CUDA call at all)."""
+    import contextlib
+
+    from flash_attn_branch import interface
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", spy)
+    with interface.launch_device(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    with interface.launch_device(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_every_launch_runs_under_the_guard_of_q_device(monkeypatch):
+    """Both kernels (split-KV forward and combine) launch inside one guard of q's device."""
+    import contextlib
+
+    from flash_attn_branch import _kernels, interface
+
+    events = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        events.append(("enter", device))
+        yield
+        events.append(("exit", device))
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                events.append(("launch", self.name))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(interface, "launch_device", guard)
+    for name in ("_branch_attn_fwd_kernel", "_combine_splits_kernel"):
+        monkeypatch.setattr(_kernels, name, Recorder(name, getattr(_kernels, name)))
+    args = _make_inputs([2], [64], 4, 2, 32, torch.float32, seed=3, branches=2)
+    out = _flash_attn_varlen_forward(**args, config=LaunchConfig(block_m=16, block_n=16, num_splits=2))
+    assert events == [("enter", torch.device("cpu")), ("launch", "_branch_attn_fwd_kernel"),
+                      ("launch", "_combine_splits_kernel"), ("exit", torch.device("cpu"))]
+    ref = flash_attn_varlen_reference(**args)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
 def test_bench_code_path_on_the_interpreter():
     """The GPU benchmark's checks and table, at toy sizes, with a dummy timer (nothing is timed here)."""
     from flash_attn_branch import bench

@@ -240,7 +240,8 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     assert settings == {"model": str(model_dir.resolve()), "dtype": "float32", "attn_implementation": "sdpa",
                         "max_new_tokens": MAX_NEW_TOKENS, "token_budget": "whole answer", "do_sample": False,
                         "temperature": None, "top_p": None, "seed": None, "modes": ["normal", "parallel"],
-                        "format_prompt": {"file": None, "sha256": format_prompt_digest(None)}, "compile": False}
+                        "format_prompt": {"file": None, "sha256": format_prompt_digest(None)}, "compile": False,
+                        "batch_size": 1}
     stock = run_settings(generate.parse_args(
         [*args, "--attn_implementation", "flash_attention_2", "--normal_stock_flash_attn"]))
     assert stock["attn_implementation"] == "flash_attention_2+normal_stock_flash_attn"

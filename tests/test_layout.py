@@ -24,6 +24,7 @@ FORBIDDEN = {
     "tasks": ("decoding", "engine", "runs", "evaluation", "bench", "serve"),
     "evaluation": ("decoding", "engine", "bench", "serve"),
     "runs": ("evaluation", "bench", "serve"),
+    "serve": ("evaluation", "bench"),
 }
 
 

@@ -1,5 +1,6 @@
 """Host side of the branch-aware varlen attention: argument checks, launch configuration, kernel launch."""
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -158,21 +159,38 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                 raise ValueError(f"flash_attn_varlen_func: {name} must have one id per token ({total}), got {t.numel()}")
             if t.stride(0) != 1:
                 raise ValueError(f"flash_attn_varlen_func: {name} must be contiguous")
+    tensors = {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
+    if q_branch is not None:
+        tensors.update(q_branch=q_branch, k_branch=k_branch)
+    check_one_device(tensors)
     if cu_seqlens_q.device.type == "cpu":  # content checks need the values on the host; free only on the CPU
         for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                          ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
             check_cu_seqlens(name, cu, total, max_len)
-    tensors = {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
-    if q_branch is not None:
-        tensors.update(q_branch=q_branch, k_branch=k_branch)
-    for name, t in tensors.items():
-        if t.device != q.device:
-            raise ValueError(f"flash_attn_varlen_func: {name} is on {t.device} but q is on {q.device}")
     if not interpreted and q.device.type != "cuda":
         raise ValueError(
             f"flash_attn_varlen_func: tensors are on {q.device}; the Triton kernel needs CUDA tensors "
             "(set TRITON_INTERPRET=1 before the first call to run it on the CPU interpreter)"
         )
+
+
+def check_one_device(tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor on the device of the first one (q): the kernel reads them all from one GPU."""
+    (first, anchor), *rest = tensors.items()
+    wrong = [f"{name} on {t.device}" for name, t in rest if t.device != anchor.device]
+    if wrong:
+        raise ValueError(
+            f"flash_attn_varlen_func: all tensors must be on one device, but {first} is on {anchor.device} and "
+            f"{', '.join(wrong)} (with layers on several GPUs, move the inputs to the layer's device first)"
+        )
+
+
+def launch_device(device: torch.device):
+    """The context the kernels launch in: Triton launches on the *current* CUDA device (and its current stream),
+    so the inputs' device is made current for the launch; CPU tensors (the interpreter) need nothing."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_len: int) -> None:
@@ -249,27 +267,28 @@ def _flash_attn_varlen_forward(
         out_partial, lse_partial = out, out
     has_branch = q_branch is not None
     grid = (num_m_tiles, batch * num_kv_heads, num_splits)
-    kernels._branch_attn_fwd_kernel[grid](
-        q, k, v, out, out_partial, lse_partial,
-        cu_seqlens_q, cu_seqlens_k,
-        q_branch if has_branch else cu_seqlens_q, k_branch if has_branch else cu_seqlens_k,
-        softmax_scale * math.log2(math.e), num_kv_heads, blocks_per_split,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        out_partial.stride(0) if split else 0, out_partial.stride(1) if split else 0,
-        out_partial.stride(2) if split else 0, lse_partial.stride(0) if split else 0,
-        lse_partial.stride(1) if split else 0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        CAUSAL=bool(causal), HAS_BRANCH=has_branch, SKIP_BRANCH_BLOCKS=bool(skip_branch_blocks), SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_IN_FP32=interpreted and q.dtype == torch.bfloat16, INTERPRETER_LOOP=interpreted,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if split:
-        kernels._combine_splits_kernel[(total_q, num_heads)](
-            out, out_partial, lse_partial, num_splits,
-            out.stride(0), out.stride(1), out_partial.stride(0), out_partial.stride(1), out_partial.stride(2),
-            lse_partial.stride(0), lse_partial.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, _next_power_of_2(num_splits)),
-            num_warps=4,
+    with launch_device(q.device):  # Triton launches on the current device; make it the inputs' one
+        kernels._branch_attn_fwd_kernel[grid](
+            q, k, v, out, out_partial, lse_partial,
+            cu_seqlens_q, cu_seqlens_k,
+            q_branch if has_branch else cu_seqlens_q, k_branch if has_branch else cu_seqlens_k,
+            softmax_scale * math.log2(math.e), num_kv_heads, blocks_per_split,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            out_partial.stride(0) if split else 0, out_partial.stride(1) if split else 0,
+            out_partial.stride(2) if split else 0, lse_partial.stride(0) if split else 0,
+            lse_partial.stride(1) if split else 0,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            CAUSAL=bool(causal), HAS_BRANCH=has_branch, SKIP_BRANCH_BLOCKS=bool(skip_branch_blocks), SPLIT=split,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_IN_FP32=interpreted and q.dtype == torch.bfloat16, INTERPRETER_LOOP=interpreted,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )
+        if split:
+            kernels._combine_splits_kernel[(total_q, num_heads)](
+                out, out_partial, lse_partial, num_splits,
+                out.stride(0), out.stride(1), out_partial.stride(0), out_partial.stride(1), out_partial.stride(2),
+                lse_partial.stride(0), lse_partial.stride(1),
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, _next_power_of_2(num_splits)),
+                num_warps=4,
+            )
     return out

@@ -37,6 +37,7 @@ from ..decoding.attention import KernelUnavailable, kernel_interpreter_enabled, 
 from ..decoding.eager import EagerDecoder
 from ..engine.branches import decode_branches_cached
 from ..engine.decode import GenerationConfig
+from ..engine.scheduler import drive, slots_of
 from ..engine.sequential import Sequence, decode_sequential
 from ..engine.timing import synchronize
 from .configs import MODEL_CONFIGS, qwen2_config
@@ -154,14 +155,14 @@ def decode_branches_one_after_another(decoder, prefix_len: int, branch_prefixes:
         decoder.crop(prefix_len)
         seq = Sequence(list(branch_prefix), len(branch_prefix) + max_new_tokens)
         logits = decoder.forward(list(branch_prefix))
-        decode_sequential(decoder, seq, logits, max_new_tokens, config, stop_ids=frozenset())
+        drive(decode_sequential(slots_of(decoder), seq, logits, max_new_tokens, config, stop_ids=frozenset()), decoder)
         outputs.append(seq.answer)
     return outputs
 
 
 def decode_branches_together(decoder, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int):
     """The engine: every branch in one sequence; without stop tokens each makes exactly ``max_new_tokens``."""
-    results = decode_branches_cached(decoder, prefix_len, branch_prefixes, max_new_tokens, stop_token_ids=())
+    results = drive(decode_branches_cached(slots_of(decoder), prefix_len, branch_prefixes, max_new_tokens), decoder)
     outputs = [r.tokens for r in results]
     assert all(len(o) == max_new_tokens for o in outputs), "a branch stopped early without stop tokens"
     return outputs

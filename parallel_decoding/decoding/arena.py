@@ -5,15 +5,22 @@ index. The slots a pass writes are in ``write_slots`` (set by the pass itself, r
 so the same code serves transformers 5.17 (``cache.update(k, v, layer_idx)``) and 5.24 (which adds keyword
 arguments). ``crop`` only sets a length. ``key_branch`` (on the device) is the branch id of every slot.
 
-``FastDecoder`` has the interface of :class:`~parallel_decoding.decoders.EagerDecoder`. Each pass pads its query
-rows up to a bucket (1, 2, 4, ... 64 rows) and runs one compiled function over the whole arena, whose shapes
-depend on the bucket only, so nothing recompiles as the cache grows or from one row to the next:
+``FastDecoder`` has the interface of :class:`~parallel_decoding.decoding.eager.EagerDecoder`, and under it
+:meth:`FastDecoder.forward_packed`: rows at absolute arena slots, each with the first slot it may see (the start
+of its request's region), so several requests can share one pass. A query sees the slots from its first visible
+slot up to its own that hold shared text or its own branch. Each pass pads its query rows up to a bucket (1, 2,
+4, ... 64 rows) and runs one compiled function whose shapes depend on the bucket only, so nothing recompiles as
+the text grows or from one row to the next:
 
-- padding rows write to one spare slot past the capacity and carry the branch id ``PADDING``; the mask lets them
-  see that slot alone, and no real row sees it, so padding changes nothing;
-- the mask is built inside the compiled pass from ``key_branch`` and the query slots: a query sees the slots up to
-  its own that hold shared text or its own branch. The mask spans the capacity, as the keys do (the uncompiled
-  exact-size pass below sees the written slots only);
+- ``attention="flex"`` (the default where torch has FlexAttention): the pass builds a ``BlockMask`` inside the
+  graph (``flex.py``) and visits the KV blocks up to its largest real query slot only, so its cost follows the
+  written text, not the capacity; grouped-query heads read the arena's keys without copies. The model runs the
+  flex wrapper of its attention implementation while the decoder lives (``arena_flex_sdpa`` or
+  ``arena_flex_eager``): the same attention as before for every other caller;
+- ``attention="dense"``: an additive mask built in the pass over the whole arena (capacity + 1 slots), with the
+  model's own attention function; kept for comparisons;
+- padding rows write to one spare slot past the capacity and carry the branch id ``PADDING``: they see nothing
+  (flex) or that slot alone (dense), and no real row sees it, so padding changes nothing;
 - the pass returns the rows' float logits and their argmax, so a greedy step takes its tokens inside the graph
   and reads back one id per row;
 - on CUDA the compiled pass is captured as CUDA graphs (inductor's ``triton.cudagraphs``, what
@@ -22,27 +29,32 @@ depend on the bucket only, so nothing recompiles as the cache grows or from one 
 - each decoder's graphs are cached apart from other decoders' and, where torch allows that, without dynamo's
   guards on the model's modules, which cost most of the per-call guard check (``_compile_settings``).
 
-A pass with more rows than the largest bucket (a long prefill, a merge) runs the same function uncompiled at its
-exact size. ``warm_up()`` compiles every bucket on padding rows only, which write nothing but the spare slot.
-(transformers guards the graphs on its registry of model classes built so far: building a model of a new class
-after compiling recompiles each bucket once, which the graph limits leave room for; a run loads its one model
-first.)
+A pass with more rows than the largest bucket (a long prefill, a merge), and every pass of a decoder made with
+``compile=False``, runs the same function uncompiled at its exact size, with a dense mask over the slots up to its
+largest query slot. ``warm_up()`` compiles (and on CUDA records) every bucket on padding rows only, which write
+nothing but the spare slot. (transformers guards the graphs on its registry of model classes built so far:
+building a model of a new class after compiling recompiles each bucket once, which the graph limits leave room
+for; a run loads its one model first.)
 """
 
 from __future__ import annotations
 
 import inspect
+import statistics
+import time
 import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import flex
+from .attention import FLEX_BASES, base_attention, uses_branch_kernel
+from .flex import PADDING
+from .hf import cache_argument, context_length, takes_cache_position
 from .interface import SHARED, logits_to_keep
-from .hf import cache_argument, context_length
-from .attention import uses_branch_kernel
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # query rows per compiled pass
-PADDING = -2  # branch id of padding rows
+ATTENTION_CHOICES = ("auto", "flex", "dense")  # how a compiled pass attends; "auto": flex where torch has it
 
 
 class ArenaFullError(ValueError):
@@ -111,15 +123,20 @@ class KVArena(Cache):
         self.capacity = capacity
         self.spare_slot = capacity
         self.length = 0
-        self.write_slots = torch.zeros((slots,), dtype=torch.long, device=device)
-        self.key_branch = torch.full((slots,), SHARED, dtype=torch.long, device=device)
-        self.key_branch[self.spare_slot] = PADDING
-        self.slot_index = torch.arange(slots, device=device)
-        # Slots a pass attends over, S: all of them in a compiled pass (one shape for every length), only the
-        # written ones in an uncompiled exact-size pass (a prefill or a merge need not scan the empty arena).
+        self.write_slots = torch.zeros((slots,), dtype=torch.long, device=device)  # (C + 1,)
+        # Branch id per slot, padded with PADDING to whole flex blocks (a block mask reads up to the end of the last
+        # block it visits): SHARED for the real slots, PADDING for the spare slot and past it.
+        blocks = flex.padded_slots(slots)
+        self.key_branch = torch.full((blocks,), PADDING, dtype=torch.long, device=device)  # (N * BLOCK,)
+        self.key_branch[:capacity] = SHARED
+        self.tables = flex.BlockTables(self.key_branch, slots)
+        self.slot_index = torch.arange(slots, device=device)  # (C + 1,)
+        # Slots a pass attends over, S: all of them in a compiled pass (one shape for every length), only those up
+        # to the largest query slot in an uncompiled exact-size pass (a prefill or a merge need not scan the arena).
         self.visible_slots = slots
-        for tensor in [self.write_slots, self.key_branch, *(t for layer in layers for t in (layer.keys, layer.values))]:
-            torch._dynamo.mark_static_address(tensor)  # CUDA graphs write into these in place
+        static = [self.write_slots, self.key_branch, *self.tables.tensors()]
+        for tensor in [*static, *(t for layer in layers for t in (layer.keys, layer.values))]:
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs write into (and read) these in place
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -131,26 +148,32 @@ class KVArena(Cache):
             raise ValueError(f"cannot crop a KV arena of {self.length} tokens to {keep}")
         self.length = keep
 
-    def tree_mask(self, slots: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def tree_mask(
+        self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Record the queries' branch ids and return their additive mask over the visible slots, (1, 1, T, S).
 
-        slots, branch: (T,). A query sees the slots up to its own holding shared text or its own branch; a
-        padding query sees padding slots only (the spare slot).
+        slots, branch, first: (T,). A query sees the slots from its first visible slot up to its own that hold
+        shared text or its own branch; a padding query sees padding slots only (the spare slot).
         """
         self.key_branch[slots] = branch
         keys = self.key_branch[None, : self.visible_slots]  # (1, S)
-        causal = self.slot_index[None, : self.visible_slots] <= slots[:, None]  # (T, S)
-        own = keys == branch[:, None]
-        shared = (keys == SHARED) & (branch[:, None] != PADDING)
-        visible = causal & (own | shared)
-        mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=slots.device)
+        index = self.slot_index[None, : self.visible_slots]  # (1, S)
+        window = (index >= first[:, None]) & (index <= slots[:, None])  # (T, S)
+        own = keys == branch[:, None]  # (T, S)
+        shared = (keys == SHARED) & (branch[:, None] != PADDING)  # (T, S)
+        visible = window & (own | shared)
+        mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=slots.device)  # (T, S)
         return mask.masked_fill(visible, 0.0)[None, None]  # (1, 1, T, S)
 
 
 class FastDecoder:
-    """Decoder over a :class:`KVArena` with a compiled pass per bucket; same interface as ``EagerDecoder``."""
+    """Decoder over a :class:`KVArena` with a compiled pass per bucket; same interface as ``EagerDecoder``, plus
+    :meth:`forward_packed` for rows of several requests at absolute slots."""
 
-    def __init__(self, model, capacity: int, buckets: tuple[int, ...] = BUCKETS, compile: bool = True):
+    def __init__(
+        self, model, capacity: int, buckets: tuple[int, ...] = BUCKETS, compile: bool = True, attention: str = "auto"
+    ):
         if uses_branch_kernel(model):
             raise ValueError("the fast path builds its own mask over the arena; use it with eager or sdpa attention")
         if not buckets or min(buckets) < 1:
@@ -158,36 +181,39 @@ class FastDecoder:
         self.model = model
         self.device = model.device
         self.buckets = tuple(sorted(set(buckets)))
+        self.attention = _attention_choice(attention, self.buckets)
         self._cache_argument = cache_argument(model)  # looked up here: signature inspection does not trace
+        self._cache_position = takes_cache_position(model)
+        self.base_attention = base_attention(model.config._attn_implementation)
+        if compile and self.attention == "flex":
+            _own_attention(model, self.base_attention)
+        self.attn_implementation = model.config._attn_implementation
         with torch.inference_mode():
             self.arena = KVArena(model, capacity)
         self.use_cuda_graphs = compile and self.device.type == "cuda"
-        self.attn_implementation = model.config._attn_implementation
+        self._compiled = None  # compile=False: every pass at its exact size
         if compile:
-            self._compiled = torch.compile(self._pass, dynamic=False, fullgraph=True, **self._compile_settings())
-        else:
-            self._compiled = self._pass
+            self._compiled = torch.compile(self._bucket_pass, dynamic=False, fullgraph=True, **self._compile_settings())
         self.steps = 0
 
     def _compile_settings(self) -> dict:
         """``torch.compile`` settings: one graph per bucket, CUDA graphs on CUDA, and the guards that matter.
 
         Dynamo checks every guard before every call, and for a stock transformers model most guards are on its
-        modules (types, attributes, config): about 0.11 of 0.14 ms a call for 4 layers and 0.27 of 0.33 ms for 28
-        (tiny Qwen2 configs, medians on the project's 2-core CPU). Where torch can keep this decoder's graphs apart
-        from other decoders' (``isolate_recompiles``), the module guards go. That assumes the model is not changed
-        in place while its decoder lives: the one setting the engine itself may change, the attention
-        implementation, ``forward`` checks; a model moved to another device or dtype no longer fits its arena and
-        fails there. Older torch shares one cache per function among all decoders, and there the module guards
-        tell the models apart, so they stay.
+        modules (types, attributes, config), most of the per-call check (docs/bench.md). Where torch can keep this
+        decoder's graphs apart from other decoders' (``isolate_recompiles``), the module guards go. That assumes
+        the model is not changed in place while its decoder lives: the one setting the engine itself may change,
+        the attention implementation, ``forward`` checks; a model moved to another device or dtype no longer fits
+        its arena and fails there. Older torch shares one cache per function among all decoders, and there the
+        module guards tell the models apart, so they stay.
 
         Each bucket may compile twice: transformers guards the graphs on its registry of model classes, so a model
         of a new class built after warm-up recompiles every bucket once.
         """
         graphs = 2 * len(self.buckets)
         options = {"triton.cudagraphs": True} if self.use_cuda_graphs else {}  # what mode="reduce-overhead" sets
-        # Inductor's Python checks of its extern kernels' output sizes and strides run at every call (67 a pass
-        # for the embedded model, 2.4 % of a parallel row's time); the tests hold the graphs to the eager path.
+        # Inductor's Python checks of its extern kernels' output sizes and strides run at every call, for every
+        # extern kernel of the pass; the tests hold the graphs to the eager path.
         options["size_asserts"] = False
         isolated = isolates_recompiles()
         _reserve_compiled_graphs(graphs, per_function=not isolated)
@@ -204,6 +230,13 @@ class FastDecoder:
     def length(self) -> int:
         return self.arena.length
 
+    @property
+    def warm_up_calls(self) -> int:
+        """Calls of each bucket's compiled pass ``warm_up`` makes: the first compiles it; with CUDA graphs, torch's
+        cudagraph trees run that first call eagerly in the graph pool (their warm-up) and record the graph at the
+        second, so the second is made too, and a timed step only replays."""
+        return 2 if self.use_cuda_graphs else 1
+
     def reset(self) -> None:
         self.arena.length = 0
         self.steps = 0
@@ -219,38 +252,61 @@ class FastDecoder:
     def bucket(self, rows: int) -> int | None:
         return next((b for b in self.buckets if b >= rows), None)
 
-    def _pass(self, packed: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass; packed (4, W): token ids, positions, slots, branch ids.
+    def _pass(
+        self, packed: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, flex_mask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass; packed (5, W): token ids, positions, slots, branch ids, first visible slots.
 
-        Returns the kept rows' float logits (W', V) and their argmax (W',): a greedy step reads back the tokens
-        alone, and on CUDA the argmax is part of the captured graph.
+        ``flex_mask``: attend through a ``BlockMask`` over the written blocks (the compiled flex pass), else through
+        a dense mask over the arena's visible slots. Returns the kept rows' float logits (W', V) and their argmax
+        (W',): a greedy step reads back the tokens alone, and on CUDA the argmax is part of the captured graph.
         """
-        token_ids, positions, slots, branch = packed  # each (W,)
+        token_ids, positions, slots, branch, first = packed  # each (W,)
         self.arena.write_slots[: slots.shape[0]] = slots
-        mask = self.arena.tree_mask(slots, branch, self.model.dtype)  # (1, 1, W, S)
+        if flex_mask:
+            self.arena.key_branch[slots] = branch
+            mask = flex.block_mask(self.arena.tables, slots, branch, first)  # BlockMask (1, 1, W, C + 1)
+        else:
+            mask = self.arena.tree_mask(slots, branch, first, self.model.dtype)  # (1, 1, W, S)
+        kwargs = {self._cache_argument: self.arena}
+        if self._cache_position:  # never derived from the arena's length inside a graph
+            kwargs["cache_position"] = slots
         out = self.model(
             input_ids=token_ids[None],  # (1, W)
             position_ids=positions[None],  # (1, W)
             attention_mask=mask,
             use_cache=True,
             logits_to_keep=logits_to_keep,
-            **{self._cache_argument: self.arena},
+            **kwargs,
         )
         logits = out.logits[0].float()  # (W', V)
         return logits, logits.argmax(dim=-1)
+
+    def _bucket_pass(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled function: every row of a padded pass, (W, V) and (W,)."""
+        return self._pass(packed, 0, self.attention == "flex")
+
+    def _check_attention(self) -> None:
+        """The model must attend as when this decoder was made. A switch between a base implementation and its flex
+        wrapper is no change (the wrapper is the base for every other caller): a compiled decoder switches back."""
+        current = self.model.config._attn_implementation
+        if current == self.attn_implementation:
+            return
+        if base_attention(current) != self.base_attention:
+            raise ValueError(
+                f"the model's attention implementation changed from {self.base_attention!r} to {current!r} after its "
+                f"fast decoder was made; make a new one with prepare_fast_decoder(model)"
+            )
+        if self._compiled is not None:
+            self.model.set_attn_implementation(self.attn_implementation)
 
     @torch.inference_mode()
     def forward(
         self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, keep=None,
         greedy: bool = False,
     ):
-        """As ``EagerDecoder.forward``: the float logits of the ``keep`` rows (T', V), or with ``greedy`` their argmax (T',)."""
-        if self.model.config._attn_implementation != self.attn_implementation:
-            raise ValueError(
-                f"the model's attention implementation changed from {self.attn_implementation!r} to "
-                f"{self.model.config._attn_implementation!r} after its fast decoder was made; make a new one with "
-                f"prepare_fast_decoder(model)"
-            )
+        """As ``EagerDecoder.forward``: the float logits of the ``keep`` rows (T', V), or with ``greedy`` their argmax
+        (T',). One answer in the region that starts at slot 0, appended after ``length``."""
         start, count = self.arena.length, len(token_ids)
         if start + count > self.capacity:
             raise ArenaFullError(f"the KV arena holds {self.capacity} tokens; appending {count} after {start} overflows it")
@@ -258,53 +314,122 @@ class FastDecoder:
             positions = list(range(start, start + count))
         if branch_ids is None:
             branch_ids = [SHARED] * count
-        keep = logits_to_keep(keep)
-        width = self.bucket(count)
-        pad = 0 if width is None else width - count
-        packed = torch.tensor(
-            [
-                list(token_ids) + [0] * pad,
-                list(positions) + [0] * pad,
-                list(range(start, start + count)) + [self.arena.spare_slot] * pad,
-                list(branch_ids) + [PADDING] * pad,
-            ],
-            device=self.device,
-        )  # (4, W)
-        if width is None:  # more rows than the largest bucket: the same pass, uncompiled, at its exact size
-            keep = torch.tensor(keep, device=self.device) if not isinstance(keep, int) else keep
-            self.arena.visible_slots = start + count
-            try:
-                logits, tokens = self._pass(packed, keep)
-            finally:
-                self.arena.visible_slots = self.arena.capacity + 1
-            out = tokens if greedy else logits
-        else:
-            if self.use_cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits, tokens = self._compiled(packed)  # (W, V), (W,): every row, padding included
-            out = tokens if greedy else logits
-            if keep == 1:
-                out = out[count - 1 : count]
-            elif keep == 0:
-                out = out[:count]
-            else:
-                out = out[torch.tensor(keep, device=self.device)]
-            if self.use_cuda_graphs:  # the graph's output buffers are overwritten by the next replay
-                out = out.clone()
+        slots = list(range(start, start + count))
+        out = self.forward_packed(token_ids, positions, slots, branch_ids, [0] * count, keep=keep, greedy=greedy)
         self.arena.length += count
+        return out
+
+    @torch.inference_mode()
+    def forward_packed(
+        self, token_ids, positions, slots, branch_ids, first_slots, keep=None, greedy: bool = False
+    ) -> torch.Tensor:
+        """One pass over rows at absolute arena slots, e.g. of several requests, each in its own region of slots.
+
+        Row ``i`` (token ``token_ids[i]`` at position ``positions[i]``, branch ``branch_ids[i]``, ``SHARED`` for
+        sequential text) writes its keys, values and branch id at slot ``slots[i]`` and sees slot ``k`` iff
+        ``first_slots[i] <= k <= slots[i]`` and slot ``k`` holds shared text or the row's own branch. Returns the
+        float logits of the ``keep`` rows (None: the last, "all", or row indices), (R, V), or with ``greedy`` their
+        argmax, (R,). ``length`` and any region bookkeeping are the caller's: only ``steps`` changes.
+        """
+        self._check_attention()
+        rows = [list(token_ids), list(positions), list(slots), list(branch_ids), list(first_slots)]
+        self._check_rows(*rows)
+        keep = logits_to_keep(keep)
+        width = None if self._compiled is None else self.bucket(len(rows[0]))
+        if width is None:
+            out = self._exact_pass(rows, keep, greedy)
+        else:
+            out = self._padded_pass(rows, width, keep, greedy)
         self.steps += 1
+        return out
+
+    def _check_rows(self, token_ids, positions, slots, branch_ids, first_slots) -> None:
+        count = len(token_ids)
+        if not count or any(len(r) != count for r in (positions, slots, branch_ids, first_slots)):
+            raise ValueError("a pass needs one or more rows, each with a token, a position, a slot, a branch id and a "
+                             "first visible slot")
+        if min(slots) < 0 or max(slots) >= self.capacity:
+            raise ArenaFullError(f"slots {min(slots)}..{max(slots)} fall outside the KV arena of {self.capacity} slots")
+        if len(set(slots)) != count:
+            raise ValueError("two rows of one pass write the same slot")
+        if any(not 0 <= first <= slot for first, slot in zip(first_slots, slots)):
+            raise ValueError("a row's first visible slot must lie between 0 and its own slot")
+        if PADDING in branch_ids:
+            raise ValueError(f"branch id {PADDING} is reserved for padding rows")
+
+    def _exact_pass(self, rows: list[list[int]], keep, greedy: bool) -> torch.Tensor:
+        """The uncompiled pass at its exact size, dense mask over the slots up to its largest query slot."""
+        packed = torch.tensor(rows, device=self.device)  # (5, T)
+        if not isinstance(keep, int):
+            keep = torch.tensor(keep, device=self.device)  # (T',)
+        self.arena.visible_slots = max(rows[2]) + 1
+        try:
+            logits, tokens = self._pass(packed, keep)  # (T', V), (T',)
+        finally:
+            self.arena.visible_slots = self.arena.capacity + 1
+        return tokens if greedy else logits
+
+    def _padded_pass(self, rows: list[list[int]], width: int, keep, greedy: bool) -> torch.Tensor:
+        """The compiled pass of bucket ``width``: the rows, then padding rows at the spare slot."""
+        count, spare = len(rows[0]), self.arena.spare_slot
+        pad = width - count
+        padding = ([0] * pad, [0] * pad, [spare] * pad, [PADDING] * pad, [spare] * pad)
+        packed = torch.tensor([r + p for r, p in zip(rows, padding)], device=self.device)  # (5, W)
+        if self.use_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, tokens = self._compiled(packed)  # (W, V), (W,): every row, padding included
+        out = tokens if greedy else logits
+        if keep == 1:
+            out = out[count - 1 : count]
+        elif keep == 0:
+            out = out[:count]
+        else:
+            out = out[torch.tensor(keep, device=self.device)]
+        if self.use_cuda_graphs:  # the graph's output buffers are overwritten by the next replay
+            out = out.clone()
         return out
 
     @torch.inference_mode()
     def warm_up(self, buckets: tuple[int, ...] | None = None) -> None:
-        """Compile (and on CUDA capture) the pass of every bucket on padding rows, which change no real slot."""
+        """Compile (and on CUDA record) the pass of every bucket on padding rows, which change no real slot: each
+        bucket is called :attr:`warm_up_calls` times, so no graph is compiled or recorded inside a timed step."""
+        if self._compiled is None:
+            return
+        self._check_attention()
+        spare = self.arena.spare_slot
         for width in buckets or self.buckets:
             packed = torch.tensor(
-                [[0] * width, [0] * width, [self.arena.spare_slot] * width, [PADDING] * width], device=self.device
-            )  # (4, W)
-            if self.use_cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            self._compiled(packed)
+                [[0] * width, [0] * width, [spare] * width, [PADDING] * width, [spare] * width], device=self.device
+            )  # (5, W)
+            for _ in range(self.warm_up_calls):
+                if self.use_cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                self._compiled(packed)
+
+
+def _attention_choice(attention: str, buckets: tuple[int, ...]) -> str:
+    """``attention`` as given to :class:`FastDecoder`, resolved to "flex" or "dense"."""
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {attention!r}")
+    if attention == "auto":
+        attention = "flex" if flex.supported() and max(buckets) <= flex.BLOCK else "dense"
+    if attention == "flex" and not flex.supported():
+        raise ValueError(f"attention='flex' needs torch's FlexAttention with BlockMask.from_kv_blocks("
+                         f"seq_lengths=...); torch {torch.__version__} lacks it (use attention='dense')")
+    if attention == "flex" and max(buckets) > flex.BLOCK:
+        raise ValueError(f"the flex pass takes at most {flex.BLOCK} query rows (one query block); "
+                         f"got buckets {buckets}")
+    return attention
+
+
+def _own_attention(model, base: str) -> None:
+    """Switch ``model`` to the flex wrapper of its implementation ``base``, registered first."""
+    if base not in FLEX_BASES:
+        raise ValueError(f"the compiled flex pass wraps {' or '.join(FLEX_BASES)} attention; this model runs {base!r} "
+                         f"(use attention='dense' or compile=False)")
+    name = flex.register(model, base)
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
 
 
 def isolates_recompiles() -> bool:
@@ -339,12 +464,99 @@ def fast_decoder(model) -> FastDecoder:
 
 
 def prepare_fast_decoder(
-    model, capacity: int | None = None, buckets: tuple[int, ...] = BUCKETS, warm_up: bool = False, compile: bool = True
+    model, capacity: int | None = None, buckets: tuple[int, ...] = BUCKETS, warm_up: bool = False, compile: bool = True,
+    attention: str = "auto",
 ) -> FastDecoder:
     """Allocate the model's arena (``capacity`` tokens, default its context length), keep it as the model's fast
-    decoder, and with ``warm_up`` compile every bucket now."""
-    decoder = FastDecoder(model, capacity or context_length(model), buckets, compile)
+    decoder, and with ``warm_up`` compile every bucket now (``attention``: see :class:`FastDecoder`)."""
+    decoder = FastDecoder(model, capacity or context_length(model), buckets, compile, attention)
     _fast_decoders[model] = decoder
     if warm_up:
         decoder.warm_up()
     return decoder
+
+
+# --- measuring the compiled step (for the benchmarks; numbers go to docs/bench.md) ------------------------------------
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step(decoder, token: int) -> tuple[int, float]:
+    """One greedy one-row step after ``token``: the next token and the step's seconds (device-synchronized)."""
+    _synchronize(decoder.device)
+    start = time.perf_counter()
+    token = int(decoder.forward([token], greedy=True)[0])  # the read-back syncs a CUDA step too
+    return token, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def step_times(decoder, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Prefill ``prompt`` (untimed) on a fresh answer, then ``steps`` greedy one-row steps: the tokens chosen and
+    the seconds of each step (device-synchronized). Works for any decoder (``EagerDecoder`` too)."""
+    decoder.reset()
+    tokens, seconds = [int(decoder.forward(prompt, greedy=True)[0])], []
+    for _ in range(steps):
+        token, elapsed = _timed_step(decoder, tokens[-1])
+        tokens.append(token)
+        seconds.append(elapsed)
+    return tokens, seconds
+
+
+@torch.inference_mode()
+def _interleaved_sweep(decoders: dict, prompt: list[int], steps: int) -> dict:
+    """Every decoder prefills ``prompt``, then they take their greedy steps in turns (step i of each, in an order
+    rotating with i), so a shared machine's load falls on all alike: per decoder, (tokens, seconds per step)."""
+    keys = list(decoders)
+    runs = {}
+    for key in keys:
+        decoders[key].reset()
+        runs[key] = ([int(decoders[key].forward(prompt, greedy=True)[0])], [])
+    for step in range(steps):
+        for key in keys[step % len(keys):] + keys[: step % len(keys)]:
+            token, elapsed = _timed_step(decoders[key], runs[key][0][-1])
+            runs[key][0].append(token)
+            runs[key][1].append(elapsed)
+    return runs
+
+
+def capacity_table(
+    model, capacities=(1024, 16384), attentions=("flex", "dense"), prefill: int = 600, steps: int = 60,
+    skip: int = 10, repeats: int = 3, seed: int = 0,
+) -> list[dict]:
+    """Median ms of the compiled one-row greedy step (bucket 1) per (capacity, attention), same text for all.
+
+    One ``FastDecoder(model, capacity, buckets=(1,), attention=...)`` each, warmed up; a random prompt of
+    ``prefill`` tokens, then ``steps`` greedy steps of which the first ``skip`` are dropped (the text is then
+    ``prefill + skip`` .. ``prefill + steps`` tokens long). The decoders take their steps in turns, ``repeats``
+    sweeps, under ``fail_on_recompile``. Rows: ``capacity``, ``attention``, ``median_ms`` (the median of the sweep
+    medians), ``sweep_medians_ms``, ``tokens_equal`` (every sweep's tokens equal the eager reference decoder's),
+    ``compile_s`` (warm-up). The model is left on the flex wrapper of its implementation when a flex decoder was
+    made (the same attention for every other caller).
+    """
+    from .eager import EagerDecoder
+
+    vocab = model.config.get_text_config().vocab_size
+    prompt = torch.randint(0, vocab, (prefill,), generator=torch.Generator().manual_seed(seed)).tolist()
+    reference, _ = step_times(EagerDecoder(model), prompt, steps)
+    decoders, compile_s = {}, {}
+    for capacity in capacities:
+        for attention in attentions:
+            decoders[capacity, attention] = FastDecoder(model, capacity, buckets=(1,), attention=attention)
+            start = time.perf_counter()
+            decoders[capacity, attention].warm_up()
+            compile_s[capacity, attention] = time.perf_counter() - start
+    medians = {key: [] for key in decoders}
+    equal = {key: True for key in decoders}
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(repeats):
+            for key, (tokens, seconds) in _interleaved_sweep(decoders, prompt, steps).items():
+                medians[key].append(1e3 * statistics.median(seconds[skip:]))
+                equal[key] &= tokens == reference
+    return [
+        {"capacity": capacity, "attention": attention, "median_ms": statistics.median(medians[capacity, attention]),
+         "sweep_medians_ms": medians[capacity, attention], "tokens_equal": equal[capacity, attention],
+         "compile_s": compile_s[capacity, attention]}
+        for capacity, attention in decoders
+    ]

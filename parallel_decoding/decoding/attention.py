@@ -2,6 +2,10 @@
 
 The kernel (package ``flash_attn_branch`` in ``flash-attention/``) applies the tree mask from per-token branch ids,
 so a decoder on it passes branch ids instead of a 4D mask (:func:`uses_branch_kernel`).
+
+The fast decoder's compiled pass runs FlexAttention through a wrapper of the model's base implementation,
+registered as ``arena_flex_sdpa`` or ``arena_flex_eager`` (``decoding/flex.py``): with no block mask the wrapper is
+its base, unchanged, so :func:`set_attention` treats a model on the wrapper of ``base`` as already on ``base``.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+FLEX_BASES = ("sdpa", "eager")  # the implementations the arena's flex wrapper can stand in for
 BRANCH_KERNEL = "branch_attention"  # name flash_attn_branch.hf.register() uses (transformers reserves "flash")
 KERNEL_SOURCE = Path(__file__).resolve().parents[2] / "flash-attention"  # the working tree's copy of the package
 
@@ -49,6 +54,22 @@ def kernel_interpreter_enabled() -> bool:
     return interpreter_enabled()
 
 
+def flex_name(base: str) -> str:
+    """The name the fast decoder's flex wrapper of ``base`` is registered under."""
+    return f"arena_flex_{base}"
+
+
+def base_attention(name: str | None) -> str | None:
+    """The implementation a model on ``name`` attends with outside the fast decoder's passes: the base of a flex
+    wrapper, else ``name`` itself."""
+    for base in FLEX_BASES:
+        if name == flex_name(base):
+            return base
+    return name
+
+
 def set_attention(model, attn_implementation: str) -> None:
-    if getattr(model.config, "_attn_implementation", None) != attn_implementation:
+    """Switch the model to ``attn_implementation``; a no-op when it already runs it, or runs the fast decoder's flex
+    wrapper of it (which is that implementation for every caller but the fast decoder)."""
+    if base_attention(getattr(model.config, "_attn_implementation", None)) != attn_implementation:
         model.set_attn_implementation(attn_implementation)

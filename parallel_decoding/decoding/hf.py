@@ -1,8 +1,10 @@
 """How a decoder talks to a stock Hugging Face causal LM: one forward call, the cache, the model checks.
 
 Version differences of transformers are absorbed here and nowhere else: 5.24 names the cache argument ``cache``
-(older 5.x: ``past_key_values``) and has no ``cache_position``; ``Cache.crop`` takes a negative count of tokens to
-drop on every 5.x release, so that is the form used.
+(older 5.x: ``past_key_values``); ``Cache.crop`` takes a negative count of tokens to drop on every 5.x release, so
+that is the form used. Neither 5.17 nor 5.24 gives Qwen2 or Llama a ``cache_position`` argument; a model that takes
+one (older releases, other families) derives it from the cache's length when none is passed, so every call here
+passes it explicitly (:func:`takes_cache_position`): a compiled pass must not read the length.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from transformers import DynamicCache
 @functools.lru_cache(maxsize=None)
 def _forward_params(model_cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_cls.forward).parameters)
+
+
+def takes_cache_position(model) -> bool:
+    return "cache_position" in _forward_params(type(model))
 
 
 def cache_argument(model) -> str:
@@ -67,7 +73,7 @@ def forward(
     unchanged. ``attention_kwargs`` (branch ids for the project's kernel) reach the attention function.
     """
     kwargs = {cache_argument(model): cache}
-    if "cache_position" in _forward_params(type(model)):
+    if takes_cache_position(model):
         start = cache.get_seq_length()
         kwargs["cache_position"] = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
     out = model(

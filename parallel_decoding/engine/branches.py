@@ -6,7 +6,8 @@ to its own earlier tokens only, and its positions continue from the prefix as if
 ``t``-th token (forced title tokens included) sits at position ``P + t``. Under that mask and those positions every
 branch's logits are those of the branch decoded alone, which the tests check token for token.
 
-Each pass goes through a decoder (``decoding.eager.EagerDecoder``, the reference, or ``decoding.arena.FastDecoder``), which keeps
+Each pass goes through a decoder (``decoding.eager.EagerDecoder``, the reference, or ``decoding.arena.FastDecoder``,
+which the scheduler may share among answers, each in its own region of slots), which keeps
 the branch id of every cache slot (-1 for the shared prefix) and turns the queries' branch ids into the tree mask;
 this module only knows about branches.
 """
@@ -19,6 +20,7 @@ import torch
 
 from ..decoding.select import decoder_for
 from .sampling import Sampler, greedy
+from .scheduler import drive, slots_of
 
 
 @dataclass
@@ -28,15 +30,19 @@ class BranchResult:
 
 
 def decode_branches_cached(
-    decoder,
+    slots,
     prefix_len: int,
     branch_prefixes: list[list[int]],
     max_new_tokens: int,
     stop_token_ids=(),
     sampler: Sampler | None = None,
     max_total_tokens: int | None = None,
+    on_step=None,
 ) -> list[BranchResult]:
-    """Decode all branches on a decoder whose cache holds the shared prefix in its first ``prefix_len`` slots.
+    """Decode all branches after the shared prefix that the first ``prefix_len`` slots of ``slots`` hold.
+
+    A generator that yields its passes (see ``engine.scheduler``; :func:`decode_branches` runs it on a plain
+    decoder).
 
     The cache is cropped to the prefix first. Takes one tree-prefill pass plus one pass per generated step; a
     branch leaves the active set at a stop token (which is not kept) or at ``max_new_tokens``.
@@ -44,19 +50,24 @@ def decode_branches_cached(
     ``max_total_tokens`` bounds the tokens of all branches together: the stage stops before a step whose active
     branches outnumber the tokens left (no branch is favoured by writing while others wait), and the branches
     still active then end with ``stop="budget"``.
+
+    ``on_step(outputs, finished)`` (optional) is called after each step with every branch's tokens so far and
+    whether it has finished (a stream settles them in title order).
     """
     _check_branch_settings(branch_prefixes, max_new_tokens, max_total_tokens)
     total_left = len(branch_prefixes) * max_new_tokens
     if max_total_tokens is not None:
         total_left = min(total_left, max_total_tokens)
     stop_tokens = frozenset(stop_token_ids)
-    next_tokens = _step_function(decoder, sampler or greedy)
-    decoder.crop(prefix_len)
+    sampler = sampler or greedy
+    slots.crop(prefix_len)
 
     num_branches = len(branch_prefixes)
     prefix_lens = [len(prefix) for prefix in branch_prefixes]
     # Tree prefill: every branch's forced start in one pass; logits only at each branch's last forced token.
-    tokens = next_tokens(  # (N,): each branch's first generated token
+    tokens = yield from _next_tokens(  # (N,): each branch's first generated token
+        slots,
+        sampler,
         [token for prefix in branch_prefixes for token in prefix],
         positions=[prefix_len + j for length in prefix_lens for j in range(length)],
         branch_ids=[b for b, length in enumerate(prefix_lens) for _ in range(length)],
@@ -72,6 +83,9 @@ def decode_branches_cached(
             token_list, active, outputs, stop_reasons, stop_tokens, max_new_tokens
         )
         total_left -= written
+        if on_step is not None:
+            still = set(still_active)
+            on_step(outputs, [b not in still for b in range(num_branches)])
         if len(still_active) > total_left:  # the next step would overflow the budget of all branches together
             for b in still_active:
                 stop_reasons[b] = "budget"
@@ -81,7 +95,8 @@ def decode_branches_cached(
         active = still_active
         # One token per active branch, each at the position it would have alone: prefix + its own tokens so far.
         positions = [prefix_len + prefix_lens[b] + len(outputs[b]) - 1 for b in active]
-        tokens = next_tokens(step_tokens, positions=positions, branch_ids=active, keep="all")  # (A,)
+        tokens = yield from _next_tokens(slots, sampler, step_tokens, positions=positions, branch_ids=active,
+                                         keep="all")  # (A,)
     return [BranchResult(tokens=branch_tokens, stop=reason) for branch_tokens, reason in zip(outputs, stop_reasons)]
 
 
@@ -95,17 +110,12 @@ def _check_branch_settings(branch_prefixes: list[list[int]], max_new_tokens: int
         )
 
 
-def _step_function(decoder, sampler: Sampler):
+def _next_tokens(slots, sampler: Sampler, *args, **kwargs):
     """A branch pass that returns the next token of every kept row, (N,): greedy takes the decoder's argmax inside
     its step and hands back one token per row; sampling (or a plain callable sampler) draws from the logits."""
-    argmax_in_step = not getattr(sampler, "do_sample", True)  # a plain callable sampler gets the logits
-
-    def next_tokens(*args, **kwargs) -> torch.Tensor:
-        if argmax_in_step:
-            return decoder.forward(*args, greedy=True, **kwargs)
-        return sampler(decoder.forward(*args, **kwargs))
-
-    return next_tokens
+    if not getattr(sampler, "do_sample", True):  # a plain callable sampler gets the logits
+        return (yield from slots.forward(*args, greedy=True, **kwargs))
+    return sampler((yield from slots.forward(*args, **kwargs)))
 
 
 def _take_tokens(token_list, active, outputs, stop_reasons, stop_tokens, max_new_tokens: int):
@@ -151,8 +161,8 @@ def decode_branches(
     decoder = _prefilled_decoder(model, prefix_ids, compile)
     stop_tokens = _id_set(eos_token_id) | set(stop_token_ids)
     prefix_len = prefix_ids.shape[1]
-    results = decode_branches_cached(decoder, prefix_len, branch_prefixes, max_new_tokens, stop_tokens, sampler)
-    return [r.tokens for r in results]
+    steps = decode_branches_cached(slots_of(decoder), prefix_len, branch_prefixes, max_new_tokens, stop_tokens, sampler)
+    return [r.tokens for r in drive(steps, decoder)]
 
 
 def _prefilled_decoder(model, prefix_ids: torch.Tensor, compile: bool):

@@ -20,8 +20,10 @@ import torch
 from ..decoding.hf import check_model, context_length
 from ..decoding.select import decoder_for
 from .branches import BranchResult, decode_branches_cached
+from .scheduler import Scheduler, SoloBackend, run_one
 from .sampling import Sampler
 from .sequential import ProcessorChain, Sequence, decode_sequential, forward_next, processor_chain
+from .stream import AnswerStream
 from .skeleton import MarkerVocab, SkeletonBlock, SkeletonLogitsProcessor, branch_title, parse_skeleton
 from .timing import StageTimer
 
@@ -54,18 +56,25 @@ def _generation_config(gen: dict) -> GenerationConfig:
     return GenerationConfig(**gen)
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The user message wrapped in the tokenizer's chat template (raw text if it has none)."""
-    if not isinstance(prompt, str) or not prompt.strip():
+def chat_prompt_ids(tokenizer, prompt) -> list[int]:
+    """The prompt wrapped in the tokenizer's chat template: ``prompt`` is the user message (what generate.py sends)
+    or a list of chat messages (``{"role", "content"}``, as an OpenAI-style client sends them). A tokenizer without
+    a template gets the text of a lone user message as it is."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise ValueError("the prompt must be a string or a non-empty list of {role, content} messages")
+    if not any(m["content"].strip() for m in messages):
         raise ValueError("the prompt is empty")
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding on some releases
             ids = ids["input_ids"]
         return list(ids)
-    return tokenizer.encode(prompt, add_special_tokens=True)
+    if len(messages) != 1 or messages[0].get("role", "user") != "user":
+        raise ValueError("this tokenizer has no chat template, so the prompt must be one user message")
+    return tokenizer.encode(messages[0]["content"], add_special_tokens=True)
 
 
 def stop_token_ids(model, tokenizer) -> frozenset[int]:
@@ -99,18 +108,68 @@ def prepare_prompt(model, tokenizer, prompt: str, gen: dict) -> tuple[Generation
     return config, prompt_ids, budget
 
 
-def answer_decoder(model, compile, prompt_ids: list[int], budget: int):
-    """The decoder of one answer (see ``decoding.select.decoder_for``), checked to hold the prompt and the budget."""
-    decoder = decoder_for(model, compile)
-    if hasattr(decoder, "reserve"):  # a fixed arena: refuse the row before decoding if it cannot fit
-        decoder.reserve(len(prompt_ids) + budget, f"a prompt of {len(prompt_ids)} tokens and {budget} new tokens")
-    return decoder
+def solo_scheduler(model, compile) -> Scheduler:
+    """A scheduler for one answer on the decoder ``decoding.select.decoder_for`` picks: what ``normal_decode`` and
+    ``parallel_decode`` run on (the batch engine, ``engine.batch.Engine``, packs many answers instead)."""
+    return Scheduler(SoloBackend(decoder_for(model, compile)))
 
 
 def _budget_cap(config, budget: int) -> str:
     if budget < config.max_new_tokens:
         return f"the answer reached the model's context ({budget} tokens after the prompt)"
     return f"the answer reached max_new_tokens ({budget})"
+
+
+@dataclass
+class BranchLimits:
+    """The caps of parallel decoding (see :func:`parallel_decode`)."""
+
+    max_branches: int = MAX_BRANCHES
+    max_blocks: int = MAX_BLOCKS
+    max_branch_tokens: int | None = None
+    jump_forward: bool = True
+
+    def __post_init__(self):
+        if self.max_branches < 1 or self.max_blocks < 0 or (
+            self.max_branch_tokens is not None and self.max_branch_tokens < 1
+        ):
+            raise ValueError(
+                f"max_branches and max_branch_tokens must be >= 1 and max_blocks >= 0, "
+                f"got {self.max_branches}, {self.max_branch_tokens} and {self.max_blocks}"
+            )
+
+
+@dataclass
+class AnswerSpec:
+    """One answer to decode, checked: the prompt's ids, the settings and the budget. ``steps(slots)`` is its state
+    machine, which the scheduler runs; ``limits`` None means normal decoding."""
+
+    model: object
+    tokenizer: object
+    prompt_ids: list[int]
+    config: GenerationConfig
+    budget: int  # tokens the whole answer may have
+    logits_processor: list | None = None
+    limits: BranchLimits | None = None
+    stream: AnswerStream | None = None  # told which answer tokens are settled, as they are
+
+    @classmethod
+    def make(cls, model, tokenizer, prompt: str, logits_processor=None, limits=None, stream=None,
+             **gen) -> "AnswerSpec":
+        config, prompt_ids, budget = prepare_prompt(model, tokenizer, prompt, gen)
+        return cls(model, tokenizer, prompt_ids, config, budget, logits_processor, limits, stream)
+
+    @property
+    def slots_needed(self) -> int:
+        """KV slots the answer can fill: the prompt and the budget (a block's branches replace its skeleton)."""
+        return len(self.prompt_ids) + self.budget
+
+    @property
+    def what(self) -> str:
+        return f"a prompt of {len(self.prompt_ids)} tokens and {self.budget} new tokens"
+
+    def steps(self, slots):
+        return normal_steps(self, slots) if self.limits is None else parallel_steps(self, slots)
 
 
 @torch.inference_mode()
@@ -122,23 +181,34 @@ def normal_decode(model, tokenizer, prompt: str, logits_processor=None, compile=
     ``compile``: False (the eager reference), True, or "auto"/"on"/"off" (see ``decoding.interface.compile_enabled``):
     decode on the model's static KV arena with a compiled step; same tokens.
     """
-    config, prompt_ids, budget = prepare_prompt(model, tokenizer, prompt, gen)
-    stop_ids = stop_token_ids(model, tokenizer)
-    decoder = answer_decoder(model, compile, prompt_ids, budget)
-    timer = StageTimer.for_model(model)
+    spec = AnswerSpec.make(model, tokenizer, prompt, logits_processor, **gen)
+    return run_one(solo_scheduler(model, compile), spec)
+
+
+def normal_steps(spec: AnswerSpec, slots):
+    """The state machine of a normal answer: prefill, then one token at a time (see ``engine.scheduler``)."""
+    config, prompt_ids, budget = spec.config, spec.prompt_ids, spec.budget
+    stop_ids = stop_token_ids(spec.model, spec.tokenizer)
+    timer = StageTimer.for_model(spec.model)
     seq = Sequence(prompt_ids, len(prompt_ids) + budget)
-    processor = processor_chain(logits_processor)
-    logits, next_token = forward_next(decoder, seq, prompt_ids, config, processor)  # the prompt's prefill
-    stop = decode_sequential(decoder, seq, logits, budget, config, stop_ids, processor=processor, next_token=next_token)
+    processor = processor_chain(spec.logits_processor)
+    logits, next_token = yield from forward_next(slots, seq, prompt_ids, config, processor)  # the prompt's prefill
+    stream = spec.stream
+    on_step = None if stream is None else (lambda: stream.settle(seq, seq.length - seq.prompt_len))
+    stop = yield from decode_sequential(
+        slots, seq, logits, budget, config, stop_ids, processor=processor, next_token=next_token, on_step=on_step
+    )
     timer.lap("decode")
+    if stream is not None:
+        stream.finish(seq)
     answer = seq.answer
     return {
-        "response": tokenizer.decode(answer, skip_special_tokens=True),
+        "response": spec.tokenizer.decode(answer, skip_special_tokens=True),
         "time": timer.get("decode"),
         "length": len(answer),
         "prompt_tokens": len(prompt_ids),
         "caps": [_budget_cap(config, budget)] if stop == "budget" else [],
-        "steps": decoder.steps,
+        "steps": slots.steps,
     }
 
 
@@ -150,23 +220,21 @@ NO_BLOCK_FALLBACK = "the model wrote no ####Title: block; decoded sequentially"
 
 @dataclass
 class ParallelRun:
-    """What stays fixed while one answer is decoded in parallel: the decoder, the settings and the processors."""
+    """What stays fixed while one answer is decoded in parallel: its slots, the settings and the processors."""
 
-    decoder: object
+    slots: object  # the answer's KV cache (``engine.scheduler.Slots``)
     config: GenerationConfig
     stop_ids: frozenset[int]
     markers: MarkerVocab
     budget: int  # tokens the whole answer may have
-    max_branches: int
-    max_blocks: int
-    max_branch_tokens: int | None
-    jump_forward: bool
+    limits: BranchLimits
     skeleton: SkeletonLogitsProcessor
     skeleton_processor: ProcessorChain  # the skeleton, then the user's processors: segments that may open a block
     sequential_processor: ProcessorChain | None  # the user's alone: the fallback and blocks beyond max_blocks
+    stream: AnswerStream | None = None
 
     def segment_processor(self, blocks: int) -> ProcessorChain | None:
-        return self.skeleton_processor if blocks < self.max_blocks else self.sequential_processor
+        return self.skeleton_processor if blocks < self.limits.max_blocks else self.sequential_processor
 
 
 @dataclass
@@ -185,14 +253,6 @@ class ParallelAnswer:
     @property
     def written(self) -> int:
         return self.seq.length - self.seq.prompt_len
-
-
-def _check_limits(max_branches: int, max_blocks: int, max_branch_tokens: int | None) -> None:
-    if max_branches < 1 or max_blocks < 0 or (max_branch_tokens is not None and max_branch_tokens < 1):
-        raise ValueError(
-            f"max_branches and max_branch_tokens must be >= 1 and max_blocks >= 0, "
-            f"got {max_branches}, {max_branch_tokens} and {max_blocks}"
-        )
 
 
 @torch.inference_mode()
@@ -223,55 +283,62 @@ def parallel_decode(
     ``compile`` as in :func:`normal_decode`. ``jump_forward=False`` spends one pass on each token the skeleton
     forces (same greedy answer, more passes).
     """
-    _check_limits(max_branches, max_blocks, max_branch_tokens)
-    config, prompt_ids, budget = prepare_prompt(model, tokenizer, prompt, gen)
-    markers = marker_vocab(tokenizer)
+    limits = BranchLimits(max_branches, max_blocks, max_branch_tokens, jump_forward)
+    spec = AnswerSpec.make(model, tokenizer, prompt, logits_processor, limits, **gen)
+    return run_one(solo_scheduler(model, compile), spec)
+
+
+def parallel_steps(spec: AnswerSpec, slots):
+    """The state machine of a parallel answer: rounds of skeleton, branches and merge (see ``engine.scheduler``)."""
+    config, prompt_ids, budget = spec.config, spec.prompt_ids, spec.budget
+    markers = marker_vocab(spec.tokenizer)
     skeleton = SkeletonLogitsProcessor(prompt_length=len(prompt_ids), markers=markers)
     run = ParallelRun(
-        answer_decoder(model, compile, prompt_ids, budget), config, stop_token_ids(model, tokenizer), markers, budget,
-        max_branches, max_blocks, max_branch_tokens, jump_forward, skeleton,
-        skeleton_processor=processor_chain(logits_processor, skeleton=skeleton),
-        sequential_processor=processor_chain(logits_processor),
+        slots, config, stop_token_ids(spec.model, spec.tokenizer), markers, budget, spec.limits, skeleton,
+        skeleton_processor=processor_chain(spec.logits_processor, skeleton=skeleton),
+        sequential_processor=processor_chain(spec.logits_processor), stream=spec.stream,
     )
-    timer = StageTimer.for_model(model)
+    timer = StageTimer.for_model(spec.model)
     # Room for the whole answer: the budget bounds skeletons, merged blocks and continuation alike.
     answer = ParallelAnswer(timer, Sequence(prompt_ids, len(prompt_ids) + budget))
-    step = forward_next(run.decoder, answer.seq, prompt_ids, config, run.segment_processor(0))  # the prompt's prefill
+    step = yield from forward_next(slots, answer.seq, prompt_ids, config, run.segment_processor(0))  # the prefill
     while step is not None and answer.written < budget:
-        step = _decode_round(run, answer, step)
-    return _parallel_result(run, answer, tokenizer)
+        step = yield from _decode_round(run, answer, step)
+    if run.stream is not None:
+        run.stream.finish(answer.seq)
+    return _parallel_result(run, answer, spec.tokenizer)
 
 
 def _decode_round(run: ParallelRun, answer: ParallelAnswer, step):
     """A sequential segment from ``step`` (the ``(logits, next_token)`` of :func:`forward_next`) and, when it closed
     a block, the block's branches and their merge. Returns the next step, or None when the answer is done."""
-    tokens = _sequential_segment(run, answer, step)
+    tokens = yield from _sequential_segment(run, answer, step)
     if tokens is None:
         return None
     block, block_start = _closed_block(run, answer, tokens)
-    merged, budget_hit = _decode_block_branches(run, answer, block, block_start)
-    return _merge_block(run, answer, block, block_start, merged, budget_hit)
+    merged, budget_hit = yield from _decode_block_branches(run, answer, block, block_start)
+    return (yield from _merge_block(run, answer, block, block_start, merged, budget_hit))
 
 
 def _sequential_segment(run: ParallelRun, answer: ParallelAnswer, step) -> list[int] | None:
     """Stage 1 (or 3): sequential decoding until a block closes, an EOS or the budget. Returns the answer's tokens
     when a block closed (its skeleton is kept), else None: the answer ended here, sequentially."""
-    parallel = answer.blocks < run.max_blocks
+    parallel = answer.blocks < run.limits.max_blocks
     segment_start = answer.written
     logits, next_token = step
-    stop = decode_sequential(
-        run.decoder, answer.seq, logits, run.budget - answer.written, run.config, run.stop_ids,
+    stop = yield from decode_sequential(
+        run.slots, answer.seq, logits, run.budget - answer.written, run.config, run.stop_ids,
         processor=run.segment_processor(answer.blocks),
         block_end=run.markers.is_block_end if parallel else None,
-        skeleton=run.skeleton if parallel and run.jump_forward else None,
-        next_token=next_token,
+        skeleton=run.skeleton if parallel and run.limits.jump_forward else None,
+        next_token=next_token, on_step=_settle_sequential(run, answer, parallel),
     )
     tokens = answer.seq.answer
     # A sequential segment is stage 1 when it wrote a skeleton (or came before any block), else stage 3.
     stage = "stage1" if stop == "block_end" or answer.blocks == 0 else "stage3"
     if stop != "block_end":
         if parallel:
-            stop = _fall_back_if_open(run, answer, tokens, stop)
+            stop = yield from _fall_back_if_open(run, answer, tokens, stop)
         answer.timer.lap(stage)
         if stop == "budget":
             answer.caps.append(_budget_cap(run.config, run.budget))
@@ -289,11 +356,11 @@ def _fall_back_if_open(run: ParallelRun, answer: ParallelAnswer, tokens: list[in
     if open_block is None:
         return stop
     answer.fallback = UNCLOSED_FALLBACK
-    logits, next_token = _rewind(run.decoder, answer.seq, open_block, run.config, run.sequential_processor)
-    return decode_sequential(
-        run.decoder, answer.seq, logits, run.budget - open_block, run.config, run.stop_ids,
-        processor=run.sequential_processor, next_token=next_token,
-    )
+    logits, next_token = yield from _rewind(run.slots, answer.seq, open_block, run.config, run.sequential_processor)
+    return (yield from decode_sequential(
+        run.slots, answer.seq, logits, run.budget - open_block, run.config, run.stop_ids,
+        processor=run.sequential_processor, next_token=next_token, on_step=_settle_sequential(run, answer, False),
+    ))
 
 
 def _closed_block(run: ParallelRun, answer: ParallelAnswer, tokens: list[int]) -> tuple[SkeletonBlock, int]:
@@ -302,11 +369,12 @@ def _closed_block(run: ParallelRun, answer: ParallelAnswer, tokens: list[int]) -
     block = parse_skeleton(tokens[answer.block_search_from :], run.markers)
     if block is None:  # cannot happen: block_end fired on '####' '%%%%', which always parses as a closing
         raise RuntimeError("the skeleton's closing marker was seen but could not be parsed")
-    if len(block.branch_prefixes) > run.max_branches:
+    max_branches = run.limits.max_branches
+    if len(block.branch_prefixes) > max_branches:
         answer.caps.append(
-            f"block {answer.blocks}: {len(block.branch_prefixes)} branches, kept the first {run.max_branches}"
+            f"block {answer.blocks}: {len(block.branch_prefixes)} branches, kept the first {max_branches}"
         )
-        block.branch_prefixes = block.branch_prefixes[: run.max_branches]
+        block.branch_prefixes = block.branch_prefixes[:max_branches]
     return block, answer.block_search_from + block.start
 
 
@@ -318,11 +386,15 @@ def _decode_block_branches(run: ParallelRun, answer: ParallelAnswer, block: Skel
     room = run.budget - block_start - sum(len(p) for p in block.branch_prefixes) - len(block.closing)
     if not block.branch_prefixes:
         return [], False
-    per_branch = room if run.max_branch_tokens is None else min(room, run.max_branch_tokens)
+    cap = run.limits.max_branch_tokens
+    per_branch = room if cap is None else min(room, cap)
     if room >= len(block.branch_prefixes):  # else not even one step of all branches fits
-        results = decode_branches_cached(
-            run.decoder, answer.seq.prompt_len + block_start, block.branch_prefixes, per_branch,
+        results = yield from decode_branches_cached(
+            run.slots, answer.seq.prompt_len + block_start, block.branch_prefixes, per_branch,
             stop_token_ids=run.stop_ids | run.markers.branch_ids, sampler=run.config.sampler, max_total_tokens=room,
+            on_step=None if run.stream is None else (
+                lambda outputs, finished: run.stream.branches(answer.seq, block_start, block.branch_prefixes, outputs,
+                                                              finished)),
         )
     else:
         results = [BranchResult(tokens=[], stop="budget") for _ in block.branch_prefixes]
@@ -350,21 +422,23 @@ def _merge_block(
     """Stage 3: the branches in title order and the closing marker replace the skeleton and are prefilled on top of
     the cached prefix. Returns the next step (see :func:`forward_next`), or None when the answer is done."""
     answer.blocks += 1
-    if answer.blocks == run.max_blocks:
-        answer.caps.append(f"{run.max_blocks} blocks decoded in parallel; later blocks are decoded sequentially")
+    if answer.blocks == run.limits.max_blocks:
+        answer.caps.append(f"{run.limits.max_blocks} blocks decoded in parallel; later blocks are decoded sequentially")
     merged = merged + block.closing
     seq = answer.seq
     seq.truncate(block_start)
     seq.extend(merged)
     run.skeleton.state.reset()
-    run.decoder.crop(seq.prompt_len + block_start)
+    run.slots.crop(seq.prompt_len + block_start)
     answer.block_search_from = block_start + len(merged)
+    if run.stream is not None:
+        run.stream.merged(answer.block_search_from)
     if budget_hit or answer.written >= run.budget:
         if not budget_hit:
             answer.caps.append(_budget_cap(run.config, run.budget))
         answer.timer.lap("stage3")
         return None
-    step = forward_next(run.decoder, seq, merged, run.config, run.segment_processor(answer.blocks))
+    step = yield from forward_next(run.slots, seq, merged, run.config, run.segment_processor(answer.blocks))
     answer.timer.lap("stage3")
     return step
 
@@ -378,7 +452,7 @@ def _parallel_result(run: ParallelRun, answer: ParallelAnswer, tokenizer) -> dic
         branch["tokens"] = len(tokens)
         if branch["stop"] == "cap":
             answer.caps.append(
-                f"block {branch['block']}: branch {branch['title']!r} reached its token cap ({run.max_branch_tokens})"
+                f"block {branch['block']}: branch {branch['title']!r} reached its token cap ({run.limits.max_branch_tokens})"
             )
     if not answer.branches and answer.fallback is None:
         answer.fallback = NO_BLOCK_FALLBACK
@@ -397,8 +471,17 @@ def _parallel_result(run: ParallelRun, answer: ParallelAnswer, tokenizer) -> dic
         "stage3_time": timer.get("stage3"),
         "fallback": answer.fallback,
         "caps": answer.caps,
-        "steps": run.decoder.steps,
+        "steps": run.slots.steps,
     }
+
+
+def _settle_sequential(run: ParallelRun, answer: ParallelAnswer, parallel: bool):
+    """The ``on_step`` of a sequential segment when the answer streams: text is settled up to a ``####`` that may
+    open a block (in a segment that may open one)."""
+    if run.stream is None:
+        return None
+    return lambda: run.stream.sequential(answer.seq, answer.block_search_from if parallel else None,
+                                         run.markers.is_branch)
 
 
 def _first_branch_marker(answer: list[int], start: int, markers: MarkerVocab) -> int | None:
@@ -408,8 +491,8 @@ def _first_branch_marker(answer: list[int], start: int, markers: MarkerVocab) ->
     return None
 
 
-def _rewind(decoder, seq: Sequence, answer_len: int, config, processor):
+def _rewind(slots, seq: Sequence, answer_len: int, config, processor):
     """Cut the answer back to ``answer_len`` tokens; returns the next step there (see :func:`forward_next`)."""
     seq.truncate(answer_len)
-    decoder.crop(seq.length - 1)
-    return forward_next(decoder, seq, [int(seq.buffer[0, seq.length - 1])], config, processor)
+    slots.crop(seq.length - 1)
+    return (yield from forward_next(slots, seq, [int(seq.buffer[0, seq.length - 1])], config, processor))

@@ -115,33 +115,38 @@ def processor_chain(processors, skeleton=None) -> ProcessorChain | None:
     return ProcessorChain(processors, skeleton)
 
 
-def forward_next(decoder, seq: Sequence, tokens: list[int], config, processor: ProcessorChain | None = None):
+def forward_next(slots, seq: Sequence, tokens: list[int], config, processor: ProcessorChain | None = None):
     """One pass over ``tokens`` (the last tokens of ``seq``, not yet in the cache); returns ``(logits, next_token)``.
+
+    A generator, like every function of the engine that needs a pass: it yields the pass to the scheduler
+    (``slots.forward``, see ``engine.scheduler``) and returns when the pass is done.
 
     A greedy step whose processors leave the scores alone takes the decoder's in-step argmax, ``(None, (1,))``,
     which on the compiled fast path reads back one token, not a row of float logits; any other step gets the
     logits, ``((1, V), None)``, for the processors and the sampler.
     """
     if not config.sampler.do_sample and (processor is None or not processor.constrains(seq)):
-        return None, decoder.forward(tokens, greedy=True)
-    return decoder.forward(tokens), None
+        return None, (yield from slots.forward(tokens, greedy=True))
+    return (yield from slots.forward(tokens)), None
 
 
 def decode_sequential(
-    decoder, seq: Sequence, logits, budget: int, config, stop_ids, processor=None, block_end=None, skeleton=None,
-    next_token=None,
+    slots, seq: Sequence, logits, budget: int, config, stop_ids, processor=None, block_end=None, skeleton=None,
+    next_token=None, on_step=None,
 ):
     """Decode one token at a time for at most ``budget`` tokens, from the pass that gave the next-token ``logits``
     (1, V) after the cache, or ``next_token`` (1,), its greedy argmax (``logits`` None), as :func:`forward_next`
     returns them.
 
-    Returns why it stopped: ``"eos"``, ``"block_end"`` (``%%%%`` after ``####``, only with ``block_end`` given) or
+    A generator (see :func:`forward_next`). Returns why it stopped: ``"eos"``, ``"block_end"`` (``%%%%`` after ``####``, only with ``block_end`` given) or
     ``"budget"``. The stopping token is appended to ``seq`` except for EOS; the cache holds every appended token but
     the last one, whose logits were never needed.
 
     Jump-forward: with ``skeleton`` (the :class:`SkeletonLogitsProcessor` in ``processor``) the tokens the skeleton
     forces after a title's colon are appended without sampling and go through the model in the colon's pass, one
     pass for ``:`` ``......`` ``\\n`` ``####`` instead of four. Greedy decoding gives the same tokens either way.
+
+    ``on_step()`` (optional) is called after each step's tokens are appended (a stream settles them).
     """
     written = 0
     while written < budget:
@@ -162,6 +167,8 @@ def decode_sequential(
             seq.extend(forced)
             written += len(forced)
             pending += forced
+        if on_step is not None:
+            on_step()
         if written < budget:
-            logits, next_token = forward_next(decoder, seq, pending, config, processor)
+            logits, next_token = yield from forward_next(slots, seq, pending, config, processor)
     return "budget"

@@ -1,6 +1,8 @@
 """Judge-free metrics for the results of normal vs parallel decoding.
 
 - speed, as the reference defines it: per row ``length / time`` tokens/s for each mode, then means;
+- throughput of a batched run (generate.py --batch_size N > 1): generated tokens over the wall time of each mode's
+  batch passes;
 - final-answer extraction: the text after the LAST ``Final answer:`` (or ``最终答案：``), else the last non-empty line;
 - retrieval exact match against ``gold_keys`` (the student's name);
 - multi-document QA exact match and token F1 against ``answers`` with SQuAD-style normalization
@@ -14,6 +16,8 @@ import math
 import re
 import string
 import unicodedata
+
+from ..runs.throughput import batch_passes, throughput
 
 MODES = ("normal", "parallel")
 SCORE_MIN, SCORE_MAX = 1, 5  # the judge's scale
@@ -281,6 +285,31 @@ def _cap_summary(usable, modes):
     parallel = _mean(row_speed(r, "parallel") for r in uncapped) if "parallel" in modes else None
     out["uncapped_speedup"] = parallel / normal if normal and parallel is not None else None
     return out
+
+
+def throughput_summary(rows):
+    """Throughput of a batched run (generate.py --batch_size N > 1); {} for a file without batch passes (batch
+    size 1, earlier versions, the reference implementation), so its summary gains no field.
+
+    - ``<mode>_throughput``: the mode's generated tokens over its batch passes' wall time, summed over the distinct
+      batches the rows record (``batch``, ``<mode>_batch_time``, ``<mode>_batch_tokens``); rows with an error count
+      too, since their pass ran and its time and tokens hold every request of the batch;
+    - ``throughput_ratio``: parallel / normal throughput;
+    - ``batches``: distinct batches; ``batch_size``: the run's --batch_size (from the rows' settings).
+    """
+    rates = {mode: throughput(rows, mode) for mode in MODES}
+    if all(rate is None for rate in rates.values()):
+        return {}
+    batches = set().union(*(batch_passes(rows, mode) for mode in MODES))
+    sizes = {r["settings"].get("batch_size") for r in rows
+             if r.get("batch") in batches and isinstance(r.get("settings"), dict)}
+    return {
+        "batch_size": sizes.pop() if len(sizes) == 1 else None,
+        "batches": len(batches),
+        "normal_throughput": rates["normal"],
+        "parallel_throughput": rates["parallel"],
+        "throughput_ratio": _ratio(rates["parallel"], rates["normal"]),
+    }
 
 
 def answer_metrics(rows, task):

@@ -36,6 +36,9 @@ REPORT_COLUMNS = (
     "path",
 )
 LOCATION_COLUMNS = ("model", "dataset", "path")
+# Summary fields of batched runs (generate.py --batch_size N > 1): CSV columns after step_ratio only when some
+# summary has them, so a report of batch-size-1 runs is what it was before they existed.
+THROUGHPUT_COLUMNS = ("batch_size", "normal_throughput", "parallel_throughput", "throughput_ratio")
 
 # Columns of the readable table: (header, CSV column(s), digits). Two columns are one "normal / parallel" cell.
 TABLE_COLUMNS = (
@@ -49,6 +52,9 @@ TABLE_COLUMNS = (
     ("speedup", ("speedup",), 2),
     ("uncapped speedup", ("uncapped_speedup",), 2),
     ("step ratio", ("step_ratio",), 2),
+    ("batch", ("batch_size",), None),
+    ("throughput tokens/s (n / p)", ("normal_throughput", "parallel_throughput"), 1),
+    ("throughput ratio", ("throughput_ratio",), 2),
     ("exact match (n / p)", ("normal_accuracy", "parallel_accuracy"), 3),
     ("F1 (n / p)", ("normal_f1", "parallel_f1"), 3),
     ("judge (n / p)", ("normal_score", "parallel_score"), 2),
@@ -123,13 +129,22 @@ def report_row(summary: dict, path, folder) -> dict:
     """The report's row of one summary: model = its folder (:func:`model_name`), dataset = its file stem, missing
     fields None."""
     path, folder = Path(path), Path(folder)
-    row = {column: summary.get(column) for column in REPORT_COLUMNS if column not in LOCATION_COLUMNS}
+    row = {column: summary.get(column) for column in REPORT_COLUMNS + THROUGHPUT_COLUMNS
+           if column not in LOCATION_COLUMNS}
     for column, value in row.items():  # a field of an unexpected type is an empty cell, not a crash
         if column != "task" and _number(value) is None:
             row[column] = None
     row["task"] = summary.get("task") if isinstance(summary.get("task"), str) else None
     row.update(model=model_name(path, folder), dataset=path.name[: -len(SUMMARY_SUFFIX)], path=str(path))
-    return {column: row[column] for column in REPORT_COLUMNS}
+    return {column: row[column] for column in REPORT_COLUMNS + THROUGHPUT_COLUMNS}
+
+
+def csv_columns(rows: list) -> tuple:
+    """REPORT_COLUMNS, with THROUGHPUT_COLUMNS after step_ratio when some row has one of them."""
+    if not any(row[column] is not None for row in rows for column in THROUGHPUT_COLUMNS):
+        return REPORT_COLUMNS
+    at = REPORT_COLUMNS.index("step_ratio") + 1
+    return REPORT_COLUMNS[:at] + THROUGHPUT_COLUMNS + REPORT_COLUMNS[at:]
 
 
 def collect(folder) -> Report:
@@ -156,12 +171,13 @@ def quality_change(row: dict):
 
 
 def to_csv(rows: list) -> str:
-    """One line per row, every column of REPORT_COLUMNS; a missing value is an empty cell, numbers in full."""
+    """One line per row, every column of :func:`csv_columns`; a missing value is an empty cell, numbers in full."""
+    columns = csv_columns(rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(REPORT_COLUMNS)
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if row[c] is None else row[c] for c in REPORT_COLUMNS])
+        writer.writerow(["" if row[c] is None else row[c] for c in columns])
     return out.getvalue()
 
 
@@ -191,12 +207,17 @@ MARKDOWN_NOTE = (
     "adherence: share of rows whose parallel answer wrote a closed `####` block. Empty: the summary has "
     "no such figure. See docs/eval.md."
 )
+THROUGHPUT_NOTE = (
+    "batch: generate.py --batch_size; throughput: generated tokens over the wall time of each mode's batch passes "
+    "(batched runs only), its ratio parallel over normal."
+)
 
 
 def format_markdown(rows: list, folder) -> str:
     """The table with the path column as Markdown, under a title naming ``folder``, with a note on the columns."""
     headers, lines = table(rows)
-    return markdown_page(f"Runs under {folder}", headers, lines, "<" * len(headers), [MARKDOWN_NOTE])
+    notes = [MARKDOWN_NOTE] + ([THROUGHPUT_NOTE] if len(csv_columns(rows)) > len(REPORT_COLUMNS) else [])
+    return markdown_page(f"Runs under {folder}", headers, lines, "<" * len(headers), notes)
 
 
 def plot(rows: list):

@@ -20,6 +20,7 @@ def summarize(rows, task, judge_model=None, results=None):
     some (with ``judge_model`` when this run judged), then ``results`` (the file's path) when given."""
     summary = {"task": task}
     summary.update(metrics.speed_summary(rows))
+    summary.update(metrics.throughput_summary(rows))  # batched runs only
     summary.update(metrics.answer_metrics(rows, task))
     summary.update(metrics.format_summary(rows))
     scores = metrics.score_summary(rows)
@@ -38,6 +39,8 @@ def summary_table(summary):
         ("time (s, mean)", cell(summary.get("normal_time")), cell(summary.get("parallel_time"))),
         ("generated tokens (mean)", cell(summary.get("normal_length"), 1), cell(summary.get("parallel_length"), 1)),
         ("speed (tokens/s, mean)", cell(summary.get("normal_speed"), 2), cell(summary.get("parallel_speed"), 2)),
+        *([("throughput (tokens/s, batches)", cell(summary.get("normal_throughput"), 2),
+            cell(summary.get("parallel_throughput"), 2))] if "throughput_ratio" in summary else []),
         ("forward passes (mean)", cell(summary.get("normal_steps"), 1), cell(summary.get("parallel_steps"), 1)),
         ("tokens per forward pass (mean)", cell(summary.get("normal_tokens_per_step"), 3),
          cell(summary.get("parallel_tokens_per_step"), 3)),
@@ -72,6 +75,11 @@ def summary_notes(summary):
         f"same): {_ratio(summary.get('step_ratio'))}",
         f"mean per-row time ratio (normal_time / parallel_time): {_ratio(summary['time_ratio'])}",
     ]
+    if "throughput_ratio" in summary:
+        size = summary.get("batch_size")
+        notes.append(f"throughput ratio (parallel / normal generated tokens per second of batch-pass wall time, over "
+                     f"{summary['batches']} batches{'' if size is None else f' of up to {size} rows'}): "
+                     f"{_ratio(summary['throughput_ratio'])}")
     if summary.get("uncapped_rows") is None:
         notes.append("caps: not recorded in this file (an earlier version or the reference); no uncapped speedup")
     else:

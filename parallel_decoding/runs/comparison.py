@@ -27,7 +27,10 @@ RESULT_COLUMNS = (
     "normal_response", "normal_time", "normal_length", "normal_speed", "normal_steps",
     "parallel_response", "parallel_time", "parallel_length", "parallel_speed", "parallel_steps",
     "num_parallel_branches", "stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time",
-    "fallback", "normal_caps", "parallel_caps", "first_mode", "normal_attention", "parallel_attention", "error",
+    "fallback", "normal_caps", "parallel_caps", "first_mode", "normal_attention", "parallel_attention",
+    # --batch_size N > 1 (null at batch size 1): the batch's id, and per mode its pass's wall time and tokens
+    "batch", "normal_batch_time", "normal_batch_tokens", "parallel_batch_time", "parallel_batch_tokens",
+    "error",
     "settings",  # runs.settings.run_settings() of the run that made the row (runs/results.py says why per row)
 )
 PARALLEL_COLUMNS = ("stage1_response", "branches", "stage1_time", "stage2_time", "stage3_time", "fallback")
@@ -109,20 +112,44 @@ def _decoder_of(mode: str):
     return normal_decode if mode == "normal" else parallel_decode
 
 
+def new_result(row: dict, full_prompt: str, order: tuple) -> dict:
+    """A result row before decoding: the row's own columns, then every result column empty; ``order`` the modes in
+    the order they run."""
+    result = dict(row)
+    result.update({column: None for column in RESULT_COLUMNS})
+    result["full_prompt"] = full_prompt
+    result["first_mode"] = order[0]
+    return result
+
+
+def record_answer(result: dict, mode: str, out: dict) -> None:
+    """One mode's answer (what normal_decode / parallel_decode return) into its result row."""
+    for column in ("response", "time", "length", "steps", "caps"):
+        result[f"{mode}_{column}"] = out[column]
+    result[f"{mode}_speed"] = speed(out["length"], out["time"])
+    if mode == "parallel":
+        result["num_parallel_branches"] = out["num_branches"]
+        result.update({column: out[column] for column in PARALLEL_COLUMNS})
+
+
+def mode_error(mode: str, error: BaseException) -> str:
+    """One mode's error as the `error` column says it (CUDA memory is given back after an out-of-memory error)."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        torch.cuda.empty_cache()
+    return f"{mode}: {one_line(error)}"
+
+
 def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backends: dict, generation: dict,
             row_index: int = 0, seed: int = 0) -> dict:
     """Decode one dataset row in each mode, in the order `mode_order` gives for its index, each mode on its own
     attention backend and sampling from its own generator; a mode that raises is recorded in `error`, the other
     still runs. ``generation``: the keyword arguments of normal_decode / parallel_decode for this run."""
-    import torch
-
     from parallel_decoding.decoding.attention import set_attention
 
-    result = dict(row)
-    result.update({column: None for column in RESULT_COLUMNS})
-    result["full_prompt"] = full_prompt
     order = mode_order(row_index, modes)
-    result["first_mode"] = order[0]
+    result = new_result(row, full_prompt, order)
     errors = []
     for mode in order:
         set_attention(model, backends[mode])
@@ -133,16 +160,9 @@ def run_row(model, tokenizer, row: dict, full_prompt: str, modes: tuple, backend
         try:
             out = _decoder_of(mode)(model, tokenizer, full_prompt, **mode_generation)
         except (ValueError, RuntimeError) as e:  # too-long prompt, full KV arena, CUDA out of memory, kernel errors
-            errors.append(f"{mode}: {one_line(e)}")
-            if isinstance(e, torch.OutOfMemoryError):
-                torch.cuda.empty_cache()
+            errors.append(mode_error(mode, e))
             continue
-        for column in ("response", "time", "length", "steps", "caps"):
-            result[f"{mode}_{column}"] = out[column]
-        result[f"{mode}_speed"] = speed(out["length"], out["time"])
-        if mode == "parallel":
-            result["num_parallel_branches"] = out["num_branches"]
-            result.update({column: out[column] for column in PARALLEL_COLUMNS})
+        record_answer(result, mode, out)
     result["error"] = "; ".join(errors) if errors else None
     return result
 

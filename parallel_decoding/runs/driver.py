@@ -3,7 +3,8 @@ then decode the selected dataset rows that have no result yet (:func:`decode_row
 
 One process, or tensor parallel: rank 0 rewrites the results file after each row. Data parallel: each rank decodes
 its share of the rows and adds each finished row to its own shard; rank 0 merges the shards into the results file
-once all ranks are done (and, at the start, merges those an interrupted run left).
+once all ranks are done (and, at the start, merges those an interrupted run left). With --batch_size N > 1 the rows
+go N at a time through a batch engine (runs/batching.py) and the file is rewritten after each batch.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from parallel_decoding.tasks import (
     FormatPrompt, build_prompt, default_data_path, get_task, load_dataset, resolve_format_prompt,
 )
 
-from . import comparison, distributed, loading
+from . import batching, comparison, distributed, loading
 from .comparison import RESULT_COLUMNS
 from .distributed import DATA_PARALLEL, Ranks
 from .results import ResultsError, ResultsFile
 from .settings import (
     IMPLIED_SETTINGS, arena_capacity, check_compile_flags, generation_kwargs, output_path, run_modes, run_settings,
 )
+from .throughput import batch_passes, next_batch_id, throughput
 
 
 @dataclass
@@ -133,9 +135,9 @@ def decode_rows(run: Run) -> int:
         return 0
     prompts = {i: build_prompt(args.task, run.rows[i], run.format_prompt.text) for i in work.pending}
     generation = generation_kwargs(args, run.device)
-    if generation["compile"]:
+    if args.batch_size == 1 and generation["compile"]:  # (a batch engine makes its own arena: runs/batching.py)
         prepare_compiled_path(run, [prompts[i] for i in work.pending])
-    else:
+    elif args.batch_size == 1:
         log("compile: off (eager reference path)")
     errors, in_file = decode_pending(run, work, prompts, generation)
     speedup = comparison.mean_speedup([work.results[j] for j in work.selected if work.results[j] is not None])
@@ -143,6 +145,9 @@ def decode_rows(run: Run) -> int:
     if speedup is not None:
         summary += f"; mean speedup {speedup:.2f}x"
     log(summary)
+    if args.batch_size > 1 and (line := throughput_line(run, [work.results[i] for i in work.pending
+                                                              if work.results[i] is not None])):
+        log(line)
     return distributed.from_main(ranks, EXIT_ROWS_FAILED if errors == len(work.pending) else 0)
 
 
@@ -212,14 +217,40 @@ def write(run: Run, work: Work) -> int:
 
 
 def decode_pending(run: Run, work: Work, prompts: dict, generation: dict) -> tuple:
-    """Decode this rank's share of the pending rows, writing each finished one; (rows with errors, rows in file)."""
-    from tqdm import tqdm
-
+    """Decode this rank's share of the pending rows, one row at a time or, with --batch_size N > 1, N at a time
+    (runs/batching.py), writing the file after each row or batch; (rows with errors, rows in file)."""
     args, ranks, results = run.args, run.ranks, work.results
     rank_rows = ranks.share(work.pending)  # the pending dataset-row indices this rank decodes
     shard = run.results_file.shard(ranks.rank) if ranks.mode == DATA_PARALLEL else None
-    comparison.warm_up(run.model, run.tokenizer, [prompts[i] for i in rank_rows[:3]], run.modes, run.backends,
-                       generation, run.log)
+    if args.batch_size > 1:
+        first_id = distributed.from_main(ranks, next_batch_id(results + work.unmatched))  # every rank calls it
+        engine = batching.prepare(run, rank_rows, prompts, generation)
+        groups = batching.decode_batches(run, engine, rank_rows, prompts, generation, first_id)
+    else:
+        comparison.warm_up(run.model, run.tokenizer, [prompts[i] for i in rank_rows[:3]], run.modes, run.backends,
+                           generation, run.log)
+        # Sampling draws from a generator seeded by (seed, row, mode): the same on every rank, so tensor-parallel
+        # ranks pick the same tokens, and a row decoded by any data-parallel rank samples as in one process.
+        groups = (([i], [comparison.run_row(run.model, run.tokenizer, run.rows[i], prompts[i], run.modes,
+                                            run.backends, generation, row_index=i, seed=args.seed)])
+                  for i in rank_rows)
+    errors, in_file = decode_groups(run, work, groups, rank_rows, shard)
+    if shard is None:
+        return errors, in_file
+    distributed.wait_for_all(ranks)  # every shard is complete
+    if ranks.is_main:
+        run.results_file.merge_shards(run.rows, results, work.unmatched)
+        in_file = sum(r is not None for r in results) + len(work.unmatched)
+        errors = sum(results[i] is not None and results[i]["error"] is not None for i in work.pending)
+    return errors, in_file
+
+
+def decode_groups(run: Run, work: Work, groups, rank_rows: list, shard) -> tuple:
+    """Store each decoded group of rows (one row, or one batch) as it comes, in the shard or the results file, with
+    a progress bar; (rows with errors, rows in file)."""
+    from tqdm import tqdm
+
+    args, ranks, results = run.args, run.ranks, work.results
     errors = in_file = 0
     if shard is None:
         total = len(work.selected) - len(work.skipped)
@@ -229,32 +260,52 @@ def decode_pending(run: Run, work: Work, prompts: dict, generation: dict) -> tup
         bar = tqdm(total=len(rank_rows), desc=f"{args.task} (rank 0's share)", unit="row", dynamic_ncols=True,
                    disable=not ranks.is_main)
     try:
-        for i in rank_rows:
-            # Sampling draws from a generator seeded by (seed, row, mode): the same on every rank, so tensor-parallel
-            # ranks pick the same tokens, and a row decoded by any data-parallel rank samples as in one process.
-            results[i] = comparison.run_row(run.model, run.tokenizer, run.rows[i], prompts[i], run.modes,
-                                            run.backends, generation, row_index=i, seed=args.seed)
-            results[i]["settings"] = run.settings
-            if shard is not None:
-                shard.add(i, results[i])
-            elif ranks.is_main:
+        for indices, decoded in groups:
+            for i, result in zip(indices, decoded):
+                results[i] = result
+                results[i]["settings"] = run.settings
+                if shard is not None:
+                    shard.add(i, results[i])
+            if shard is None and ranks.is_main:
                 in_file = write(run, work)
-            if results[i]["error"]:
-                errors += 1
-                if ranks.is_main or shard is not None:
-                    tqdm.write(f"{'' if ranks.is_main else f'rank {ranks.rank}: '}row {i}: {results[i]['error']}",
-                               file=sys.stderr)
-            speedup = comparison.mean_speedup([results[j] for j in work.selected if results[j] is not None])
-            if speedup is not None:
-                bar.set_postfix(speedup=f"{speedup:.2f}x")
-            bar.update(1)
+            for i in indices:
+                if results[i]["error"]:
+                    errors += 1
+                    if ranks.is_main or shard is not None:
+                        tqdm.write(f"{'' if ranks.is_main else f'rank {ranks.rank}: '}row {i}: {results[i]['error']}",
+                                   file=sys.stderr)
+            postfix = progress(run, [results[j] for j in work.selected if results[j] is not None],
+                               [results[j] for j in rank_rows if results[j] is not None])
+            if postfix:
+                bar.set_postfix(postfix)
+            bar.update(len(indices))
     finally:
         bar.close()
-    if shard is None:
-        return errors, in_file
-    distributed.wait_for_all(ranks)  # every shard is complete
-    if ranks.is_main:
-        run.results_file.merge_shards(run.rows, results, work.unmatched)
-        in_file = sum(r is not None for r in results) + len(work.unmatched)
-        errors = sum(results[i] is not None and results[i]["error"] is not None for i in work.pending)
     return errors, in_file
+
+
+def progress(run: Run, selected: list, decoded: list) -> dict:
+    """The progress bar's figures: the mean speedup over the selected rows done, and with --batch_size N > 1 each
+    mode's throughput over this rank's batches of this run."""
+    postfix = {}
+    speedup = comparison.mean_speedup(selected)
+    if speedup is not None:
+        postfix["speedup"] = f"{speedup:.2f}x"
+    if run.args.batch_size > 1:
+        figures = [f"{mode} {rate:.1f}" for mode in run.modes if (rate := throughput(decoded, mode)) is not None]
+        if figures:
+            postfix["tokens/s"] = ", ".join(figures)
+    return postfix
+
+
+def throughput_line(run: Run, rows: list) -> str | None:
+    """The log's line on each mode's throughput over this run's batches (rows: the result rows decoded now)."""
+    rates = {mode: throughput(rows, mode) for mode in run.modes}
+    if any(rate is None for rate in rates.values()):
+        return None
+    batches = len(batch_passes(rows, run.modes[0]))
+    line = (f"throughput over this run's {batches} batches of up to {run.args.batch_size} rows (generated tokens / "
+            f"wall time of each mode's passes): " + ", ".join(f"{mode} {rates[mode]:.1f} tokens/s" for mode in rates))
+    if len(rates) == 2 and rates["normal"] > 0:
+        line += f"; parallel / normal {rates['parallel'] / rates['normal']:.2f}x"
+    return line

@@ -1,5 +1,6 @@
 """The checks generate.py's flags pass after argparse: values in range, the combinations of --tp, --data_parallel,
---device_map and --device this project runs, and the compiled path's flags. Each failure is one UsageError line."""
+--device_map and --device this project runs, --batch_size, and the compiled path's flags. Each failure is one
+UsageError line."""
 
 from __future__ import annotations
 
@@ -24,7 +25,25 @@ def check_flags(args) -> None:
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
     check_scale_flags(args)
+    check_batch_flags(args)
     check_compile_flags(args)
+
+
+def check_batch_flags(args) -> None:
+    """--batch_size N: at least 1; above 1 the batch engine packs the requests into one KV arena on one device under
+    its own mask, so neither a model split by --tp or --device_map nor the Triton kernel."""
+    size = args.batch_size
+    if size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {size}")
+    if size == 1:
+        return
+    if args.tp or args.device_map is not None:
+        raise UsageError(f"--batch_size {size} with {'--tp' if args.tp else '--device_map'} is not supported: the "
+                         f"batch engine keeps every request's KV cache in one arena on one device; use --batch_size 1, "
+                         f"or --data_parallel to batch on each device")
+    if args.attn_implementation == "flash_attention_2":
+        raise UsageError(f"--batch_size {size} needs --attn_implementation sdpa or eager (the batch engine packs the "
+                         f"requests into one pass under its own mask; the Triton kernel decodes one at a time)")
 
 
 def check_scale_flags(args) -> None:

@@ -21,6 +21,7 @@ IMPLIED_SETTINGS = {
                       "sha256": "cfef567291969f9ae0e9e6d891d577ac6eb300a086b0e22a1da60a86f3c3be84"},
     # Rows recorded before max_new_tokens bounded the whole parallel answer (each branch had its own budget).
     "token_budget": "each branch",
+    "batch_size": 1,  # rows recorded before --batch_size existed were decoded one at a time
 }
 
 
@@ -49,6 +50,8 @@ def run_settings(args) -> dict:
         "modes": list(run_modes(args)),
         "format_prompt": resolve_format_prompt(args.format_prompt_file, model).setting(),
         "compile": compile_setting(args, device),
+        # answers do not depend on it, but timings do: a file holds rows of one batch size
+        "batch_size": args.batch_size,
     }
 
 
@@ -97,8 +100,8 @@ def compile_setting(args, device) -> bool:
 
 def check_compile_flags(args, device=None) -> None:
     """UsageError for --compile on where the compiled path may not run, and for --kv_capacity (which sizes that
-    path's arena) below 1 or where the path is off. Without `device` (parse_args) only what the flags decide;
-    with it, also --compile auto, off on a CPU."""
+    path's arena, or with --batch_size > 1 the batch engine's, compiled or not) below 1 or where neither runs.
+    Without `device` (parse_args) only what the flags decide; with it, also --compile auto, off on a CPU."""
     refusal = compile_refusal(args)
     if args.compile == "on" and refusal:
         raise UsageError(refusal)
@@ -106,6 +109,8 @@ def check_compile_flags(args, device=None) -> None:
         return
     if args.kv_capacity < 1:
         raise UsageError(f"--kv_capacity must be >= 1, got {args.kv_capacity}")
+    if args.batch_size > 1:  # the batch engine's arena, compiled or not
+        return
     needs = ("--kv_capacity sizes the KV arena of the compiled path, so it needs that path (--compile on; auto is "
              "on for CUDA")
     if args.compile == "off":
@@ -116,7 +121,12 @@ def check_compile_flags(args, device=None) -> None:
         raise UsageError(f"{needs}, off on a CPU)")
 
 
-def arena_capacity(prompt_lengths: list, max_new_tokens: int) -> int:
+def arena_capacity(prompt_lengths: list, max_new_tokens: int, batch_size: int = 1, context: int | None = None) -> int:
     """KV slots for the longest prompt and its answer: max_new_tokens bounds every answer, branches included, and
-    a block's branches replace its skeleton in the cache, so no row holds more."""
-    return max(prompt_lengths) + max_new_tokens
+    a block's branches replace its skeleton in the cache, so no row holds more. With ``batch_size`` requests in
+    flight, room for that many of them (never for more than there are prompts), each at most the model's
+    ``context`` (a longer request is refused before it needs slots)."""
+    per_request = max(prompt_lengths) + max_new_tokens
+    if context is not None:
+        per_request = min(per_request, context)
+    return min(batch_size, len(prompt_lengths)) * per_request

@@ -1,0 +1,167 @@
+"""FlexAttention for the KV arena: the tree mask over the written blocks only, grouped-query heads without copies.
+
+The fast decoder's compiled pass attends with ``torch.nn.attention.flex_attention``. Its ``BlockMask`` is built
+once per pass, inside the compiled graph, from device tensors only: the arena's branch id per slot, and per query
+row its slot, its branch id and its first visible slot (the start of its request's region). The number of KV
+blocks a pass visits comes from the largest real query slot, as a tensor, so one graph serves every length and
+the cost follows the written text, not the arena's capacity. ``enable_gqa=True`` reads the arena's
+(1, H_kv, C + 1, D) keys as they are, without repeating them per query head.
+
+Mask rule: query ``q`` sees key slot ``k`` iff ``first[q] <= k <= slot[q]`` and (``branch[k] == SHARED`` or
+``branch[k] == branch[q]``) and ``branch[q] != PADDING``. A padding row sees nothing (flex returns zeros for a
+fully masked row), and no real row sees the spare slot, whose branch id is ``PADDING``.
+
+The model runs a wrapper of its own attention function, registered with transformers under
+``arena_flex_<base>`` for ``base`` = ``sdpa`` or ``eager`` (no "flash" in the name: transformers would read that
+as a FlashAttention or hub-kernel request). Given a ``BlockMask`` as the attention mask (only the fast decoder
+passes one) the wrapper calls flex; given anything else it calls the base function with the arguments unchanged,
+and its mask function is the base's, so any other caller of the model (the eager reference decoder, ``generate``)
+gets exactly the base attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention import FLEX_BASES, flex_name
+from .interface import SHARED
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # torch without FlexAttention (before 2.5): the fast decoder's dense mask only
+    BlockMask = flex_attention = None
+
+BLOCK = 128  # flex's query and key block size, in slots
+PADDING = -2  # branch id of padding rows (and of the arena's spare slot and the slots past it)
+
+
+def supported() -> bool:
+    """Whether this torch can build the pass's ``BlockMask`` from block tables (``from_kv_blocks`` with
+    ``seq_lengths`` and ``compute_q_blocks``)."""
+    if BlockMask is None:
+        return False
+    params = inspect.signature(BlockMask.from_kv_blocks).parameters
+    return "seq_lengths" in params and "compute_q_blocks" in params
+
+
+# --- the attention function ----------------------------------------------------------------------------------------
+
+_EAGER_FUNCTIONS: dict[str, object] = {}  # modeling module name -> its own eager_attention_forward
+_WRAPPERS: dict[str, object] = {}  # base -> the one wrapper function registered for it (graphs guard on its identity)
+
+
+def _base_function(base: str, module: torch.nn.Module):
+    if base == "eager":  # transformers has no global eager function: every modeling file defines its own
+        return _EAGER_FUNCTIONS[type(module).__module__]
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _flex(module, query, key, value, block_mask, kwargs) -> tuple[torch.Tensor, None]:
+    """query (1, H_q, W, D); key, value (1, H_kv, C + 1, D), the whole arena. Returns ((1, W, H_q, D), None)."""
+    if kwargs.get("dropout") and module.training:
+        raise NotImplementedError("arena flex attention: attention dropout is not supported")
+    for name in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"arena flex attention: {name} layers are not supported")
+    out = flex_attention(query, key, value, block_mask=block_mask, scale=kwargs.get("scaling"), enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None  # (1, H_q, W, D) -> (1, W, H_q, D)
+
+
+def _make_wrapper(base: str):
+    def arena_flex_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if BlockMask is not None and isinstance(attention_mask, BlockMask):
+            return _flex(module, query, key, value, attention_mask, kwargs)
+        return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+    arena_flex_attention.__name__ = f"arena_flex_{base}_attention"
+    return arena_flex_attention
+
+
+def register(model, base: str) -> str:
+    """Register the flex wrapper of ``base`` for ``model``'s attention modules; returns its name.
+
+    The mask function registered with it is the base's: with a 4D tensor or a ``BlockMask`` as the attention mask,
+    transformers passes the mask through untouched (the fast decoder's passes), and without one it builds the base's
+    own causal mask.
+    """
+    if base not in FLEX_BASES:
+        raise ValueError(f"the arena's flex attention wraps {' or '.join(FLEX_BASES)} attention, not {base!r}")
+    if base == "eager":
+        for module in model.modules():
+            owner = sys.modules.get(type(module).__module__)
+            if hasattr(owner, "eager_attention_forward"):
+                _EAGER_FUNCTIONS.setdefault(owner.__name__, owner.eager_attention_forward)
+    name = flex_name(base)
+    if base not in _WRAPPERS:
+        _WRAPPERS[base] = _make_wrapper(base)
+        AttentionInterface.register(name, _WRAPPERS[base])
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+# --- the block mask ------------------------------------------------------------------------------------------------
+
+def tree_mask_mod(key_branch: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor):
+    """The mask rule as a flex ``mask_mod``. key_branch: (n_blocks * BLOCK,); slots, branch, first: (W,).
+
+    Query indices past ``W`` (the rest of a query block) are clamped: their rows are not part of the output.
+    """
+    last = slots.shape[0] - 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q = q_idx.clamp(max=last)
+        query_branch, key = branch[q], key_branch[kv_idx]
+        window = (kv_idx >= first[q]) & (kv_idx <= slots[q])
+        return window & ((key == SHARED) | (key == query_branch)) & (query_branch != PADDING)
+
+    return mask_mod
+
+
+def block_mask(tables: "BlockTables", slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor) -> "BlockMask":
+    """The pass's ``BlockMask``, (1, 1, W, C + 1), from device tensors only: call it inside the compiled pass.
+
+    Visited KV blocks: 0 .. ceil(written / BLOCK) - 1, written = 1 + the largest real query slot (0 for a pass of
+    padding rows only). Every visited block is partial (the mask_mod applies); the CPU template needs the
+    full-block tables anyway, so they are passed as zeros.
+    """
+    written = torch.where(branch != PADDING, slots + 1, 0).amax()  # ()
+    kv_num_blocks = torch.div(written + (BLOCK - 1), BLOCK, rounding_mode="floor").to(torch.int32).view(1, 1, 1)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,  # (1, 1, 1): batch, heads, query blocks
+        tables.kv_indices,
+        tables.full_kv_num_blocks,
+        tables.full_kv_indices,
+        BLOCK_SIZE=BLOCK,
+        mask_mod=tree_mask_mod(tables.key_branch, slots, branch, first),
+        seq_lengths=(slots.shape[0], tables.kv_length),
+        compute_q_blocks=False,  # the query-major tables serve the backward pass only
+    )
+
+
+class BlockTables:
+    """The block tables of an arena of ``kv_length`` slots, allocated once and passed into every compiled pass
+    (created inside the graph, they fail to compile on the CPU), with the per-slot branch ids they read."""
+
+    def __init__(self, key_branch: torch.Tensor, kv_length: int):
+        blocks = key_branch.shape[0] // BLOCK
+        device = key_branch.device
+        self.key_branch = key_branch  # (blocks * BLOCK,), PADDING past the arena's last real slot
+        self.kv_length = kv_length
+        self.kv_indices = torch.arange(blocks, dtype=torch.int32, device=device).view(1, 1, 1, blocks)  # (1, 1, 1, N)
+        # Two distinct tensors for the partial and the (empty) full lists: one tensor for both fails to compile.
+        self.full_kv_indices = torch.zeros((1, 1, 1, blocks), dtype=torch.int32, device=device)  # (1, 1, 1, N)
+        self.full_kv_num_blocks = torch.zeros((1, 1, 1), dtype=torch.int32, device=device)  # (1, 1, 1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.kv_indices, self.full_kv_indices, self.full_kv_num_blocks]
+
+
+def padded_slots(slots: int) -> int:
+    """Slots rounded up to whole blocks: the length of the per-slot branch ids the mask_mod may read."""
+    return -(-slots // BLOCK) * BLOCK

@@ -1,0 +1,290 @@
+"""The HTTP routes (FastAPI): ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+
+A chat completion is checked here (``protocol``), then answered by a :class:`JobResponse`, an ASGI response that
+owns the job from start to end: it refuses it with 429 when --max_queue requests are in flight, hands it to the
+engine's thread, waits for its events on the event loop (never blocking it), writes the answer or the stream,
+and, however it ends (done, client gone, server stopping), releases the job: a request still in the engine is
+cancelled there, which frees its KV slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from parallel_decoding.cli import one_line
+from parallel_decoding.decoding.arena import ArenaFullError
+
+from . import protocol
+from .protocol import APIError, ChatRequest
+from .text import IncrementalText
+from .worker import Job, ServerShuttingDown
+
+log = logging.getLogger("parallel_decoding.serve")
+RETRY_AFTER_S = 1
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the engine's worker, the tokenizer (a copy of its own, for text), the names."""
+
+    worker: object  # worker.EngineWorker
+    metrics: object  # metrics.Metrics
+    tokenizer: object
+    model_id: str
+    max_queue: int = 64
+    api_key: str | None = None
+    aliases: tuple[str, ...] = ()  # other names the model may be asked by (e.g. the --model_path given)
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0  # jobs accepted and not released (event loop only)
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return (self.model_id, *self.aliases)
+
+    def release(self, job: Job) -> None:
+        if job.released:
+            return
+        job.released = True
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+        if not job.answered:  # still in the engine, or on its way there
+            self.worker.cancel(job)
+
+
+def error_response(error: APIError, metrics=None) -> JSONResponse:
+    if metrics is not None:
+        metrics.http_errors.labels(str(error.status)).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def engine_error(error: BaseException) -> APIError:
+    """The answer to a request the engine refused or failed: 400 for a bad prompt or one that cannot fit (the
+    engine's own words), 503 while stopping, else 500."""
+    message = str(error).strip() or type(error).__name__
+    if isinstance(error, ArenaFullError):
+        return APIError(400, message, param="messages", code="kv_capacity_exceeded")
+    if isinstance(error, (ValueError, TypeError)):
+        code = "context_length_exceeded" if "context" in message else None
+        return APIError(400, message, param="messages" if code else None, code=code)
+    if isinstance(error, ServerShuttingDown):
+        return APIError(503, message, type="server_error", code="shutting_down")
+    return APIError(500, one_line(error), type="server_error")
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_events(job: Job, disconnected: asyncio.Future) -> list:
+    """Every event of ``job`` that is ready, waiting for the first; :class:`ClientGone` if the client leaves."""
+    if job.events.empty():
+        getter = asyncio.ensure_future(job.events.get())
+        await asyncio.wait({getter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            raise ClientGone
+        events = [getter.result()]
+    else:
+        events = [job.events.get_nowait()]
+    while not job.events.empty():
+        events.append(job.events.get_nowait())
+    return events
+
+
+class JobResponse(Response):
+    """A chat completion from admission to its last byte (see the module docstring)."""
+
+    def __init__(self, state: ServerState, chat: ChatRequest):
+        super().__init__()
+        self.state, self.chat = state, chat
+        self.ident = protocol.completion_id()
+
+    async def __call__(self, scope, receive, send) -> None:
+        state = self.state
+        if state.in_flight >= state.max_queue:
+            error = APIError(429, f"the server is full ({state.in_flight} requests in flight, --max_queue "
+                                  f"{state.max_queue}); retry later", type="rate_limit_error",
+                             code="rate_limit_exceeded", headers={"retry-after": str(RETRY_AFTER_S)})
+            await error_response(error, state.metrics)(scope, receive, send)
+            return
+        job = Job(self.chat, asyncio.get_running_loop())
+        state.in_flight += 1
+        state.metrics.in_flight.set(state.in_flight)
+        disconnected = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            state.worker.submit(job)
+            if self.chat.stream:
+                await self._stream(job, disconnected, scope, receive, send)
+            else:
+                await self._complete(job, disconnected, scope, receive, send)
+        except ClientGone:
+            log.info("client left; request %s cancelled", self.ident)
+        finally:
+            disconnected.cancel()
+            state.release(job)
+
+    async def _complete(self, job: Job, disconnected, scope, receive, send) -> None:
+        while True:
+            for kind, value in await _next_events(job, disconnected):
+                if kind == "tokens":
+                    continue
+                job.answered = True
+                if kind == "failed":
+                    await error_response(engine_error(value), self.state.metrics)(scope, receive, send)
+                else:
+                    body = protocol.completion_body(self.ident, self.state.model_id, value, self.chat, job.seed)
+                    await JSONResponse(body)(scope, receive, send)
+                return
+
+    async def _stream(self, job: Job, disconnected, scope, receive, send) -> None:
+        """Server-sent chunks; the headers wait for the first event, so a request refused by the engine still gets
+        its status code."""
+        events = await _next_events(job, disconnected)
+        if events[0][0] == "failed":
+            job.answered = True
+            await error_response(engine_error(events[0][1]), self.state.metrics)(scope, receive, send)
+            return
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+        headers += [(k.encode(), v.encode()) for k, v in SSE_HEADERS.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._send(send, self._chunk({"role": "assistant", "content": ""}))
+        text = IncrementalText(self.state.tokenizer)
+        while True:
+            tokens = [t for kind, value in events if kind == "tokens" for t in value]
+            delta = text.add(tokens)
+            if delta:
+                await self._send(send, self._chunk({"content": delta}))
+            final = next((e for e in events if e[0] != "tokens"), None)
+            if final is not None:
+                job.answered = True
+                await self._end_stream(send, job, text, *final)
+                return
+            events = await _next_events(job, disconnected)
+
+    async def _end_stream(self, send, job: Job, text: IncrementalText, kind: str, value) -> None:
+        if kind == "failed":
+            error = engine_error(value)
+            self.state.metrics.http_errors.labels(str(error.status)).inc()
+            await self._send(send, error.body())
+        else:
+            rest = text.finish(value["response"])
+            if rest:
+                await self._send(send, self._chunk({"content": rest}))
+            info = protocol.decoding_info(value, self.chat, job.seed)
+            await self._send(send, self._chunk({}, protocol.finish_reason(value), parallel_decoding=info))
+            if self.chat.include_usage:
+                await self._send(send, protocol.chunk_body(self.ident, self.state.model_id, None,
+                                                           usage=protocol.usage(value)))
+        await self._send(send, "[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _chunk(self, delta: dict, finish: str | None = None, **extra) -> dict:
+        if self.chat.include_usage:
+            extra.setdefault("usage", None)
+        return protocol.chunk_body(self.ident, self.state.model_id, delta, finish, **extra)
+
+    @staticmethod
+    async def _send(send, data) -> None:
+        await send({"type": "http.response.body", "body": protocol.sse(data), "more_body": True})
+
+
+def check_key(state: ServerState, request: Request) -> None:
+    """401 unless the request carries ``Authorization: Bearer <--api_key>`` (compared in constant time)."""
+    if state.api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if not hmac.compare_digest(given.strip().encode(), state.api_key.encode()):
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The app; its lifespan starts the engine's thread and, at shutdown, stops it (cancelling what is left)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if not state.worker.alive:
+            state.worker.start()
+        yield
+        if not state.worker.stop(timeout=10.0):
+            log.warning("the engine's thread did not stop within 10 s")
+
+    app = FastAPI(title="parallel-decoding", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    state.tokenizer = _own_copy(state.tokenizer)
+    _routes(app, state)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error_response(error, state.metrics)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        kind = "not_found" if error.status_code == 404 else None
+        return error_response(APIError(error.status_code, str(error.detail), code=kind), state.metrics)
+
+    return app
+
+
+def _routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(state, request)
+        chat = protocol.parse_chat_request(await request.body(), state.model_ids)
+        return JobResponse(state, chat)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(state, request)
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request):
+        check_key(state, request)
+        if model not in state.model_ids:
+            raise APIError(404, f"The model {model!r} does not exist", param="model", code="model_not_found")
+        return _model_card(state)
+
+    @app.get("/health")
+    async def health():
+        running, waiting = state.worker.load()
+        ok = state.worker.alive and not state.worker.stopped
+        body = {"status": "ok" if ok else "stopping", "model": state.model_id, "running": running,
+                "waiting": waiting, "in_flight": state.in_flight, "max_queue": state.max_queue}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        running, waiting = state.worker.load()
+        state.metrics.load(running, waiting)
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "parallel-decoding"}
+
+
+def _own_copy(tokenizer):
+    """The event loop's own tokenizer, so streaming text never shares one with the engine's thread."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # a tokenizer that cannot be copied: decoding alone does not change it
+        return tokenizer
+
