@@ -165,14 +165,22 @@ def test_the_flex_mask_equals_the_dense_mask_uncompiled(gqa_model):
     assert flex_logits.isfinite().all()
 
 
-def test_the_block_mask_visits_the_blocks_up_to_the_largest_real_query_slot(uncompiled):
+def test_the_block_mask_visits_the_blocks_that_hold_the_live_slots(uncompiled):
     spare = uncompiled.arena.spare_slot
+    tables = uncompiled.arena.tables
     assert uncompiled.arena.key_branch.shape[0] == 32 * flex.BLOCK  # 4001 slots in whole blocks, PADDING past 4000
     assert (uncompiled.arena.key_branch[spare:] == PADDING).all()
-    for slots, expected in [([0], 1), ([127], 1), ([128], 2), ([5, 1000, 300], 8), ([3999], 32), ([spare], 0)]:
+    # One answer from slot 0 (forward_packed's default: every slot up to the largest row slot), then regions.
+    cases = [([0], [(0, 1)], [0]), ([127], [(0, 128)], [0]), ([128], [(0, 129)], [0, 1]),
+             ([5, 1000, 300], [(0, 1001)], list(range(8))), ([3999], [(0, 4000)], list(range(32))),
+             ([spare], [], []), ([50, 1050], [(0, 51), (1000, 1051)], [0, 7, 8]),
+             ([130, 3000], [(128, 131), (2990, 3001)], [1, 23])]
+    for slots, live, blocks in cases:
         branch = [PADDING if s == spare else SHARED for s in slots]
-        mask = flex.block_mask(uncompiled.arena.tables, torch.tensor(slots), torch.tensor(branch), torch.tensor(slots))
-        assert mask.kv_num_blocks.flatten().tolist() == [expected] and mask.shape == (1, 1, len(slots), CAPACITY + 1)
+        tables.visit(live)
+        mask = flex.block_mask(tables, torch.tensor(slots), torch.tensor(branch), torch.tensor(slots))
+        assert mask.kv_num_blocks.flatten().tolist() == [len(blocks)] and mask.shape == (1, 1, len(slots), CAPACITY + 1)
+        assert mask.kv_indices.flatten()[: len(blocks)].tolist() == blocks
 
 
 def test_the_dense_compiled_pass_honours_regions(gqa_model):

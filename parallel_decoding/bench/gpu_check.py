@@ -239,6 +239,7 @@ def attention_callables(arena: KVArena, model, text_len: int, compiled: bool) ->
     slots = torch.tensor([text_len - 1], device=device)  # (1,): the query's own slot
     branch, first = torch.tensor([SHARED], device=device), torch.tensor([0], device=device)  # (1,), (1,)
     mask = arena.tree_mask(slots, branch, first, dtype)  # (1, 1, 1, C + 1)
+    arena.tables.visit([(0, text_len)])  # the blocks that hold the text, as a pass lists them
     block_mask = flex.block_mask(arena.tables, slots, branch, first) if flex.supported() else None  # (1, 1, 1, C + 1)
     flex_attention = flex_attention_fn(compiled) if block_mask is not None else None
     group = query_heads // kv_heads

@@ -48,7 +48,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import flex
-from .attention import FLEX_BASES, base_attention, uses_branch_kernel
+from .attention import FLEX_BASES, base_attention, flex_name, uses_branch_kernel
 from .flex import PADDING
 from .hf import cache_argument, context_length, takes_cache_position
 from .interface import SHARED, logits_to_keep
@@ -149,16 +149,18 @@ class KVArena(Cache):
         self.length = keep
 
     def tree_mask(
-        self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype
+        self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype, span=None
     ) -> torch.Tensor:
-        """Record the queries' branch ids and return their additive mask over the visible slots, (1, 1, T, S).
+        """Record the queries' branch ids and return their additive mask over the visible slots, (1, 1, T, S), or
+        with ``span = (start, end)`` over those slots alone, (1, 1, T, end - start).
 
         slots, branch, first: (T,). A query sees the slots from its first visible slot up to its own that hold
         shared text or its own branch; a padding query sees padding slots only (the spare slot).
         """
         self.key_branch[slots] = branch
-        keys = self.key_branch[None, : self.visible_slots]  # (1, S)
-        index = self.slot_index[None, : self.visible_slots]  # (1, S)
+        start, end = (0, self.visible_slots) if span is None else span
+        keys = self.key_branch[None, start:end]  # (1, S)
+        index = self.slot_index[None, start:end]  # (1, S)
         window = (index >= first[:, None]) & (index <= slots[:, None])  # (T, S)
         own = keys == branch[:, None]  # (T, S)
         shared = (keys == SHARED) & (branch[:, None] != PADDING)  # (T, S)
@@ -185,8 +187,8 @@ class FastDecoder:
         self._cache_argument = cache_argument(model)  # looked up here: signature inspection does not trace
         self._cache_position = takes_cache_position(model)
         self.base_attention = base_attention(model.config._attn_implementation)
-        if compile and self.attention == "flex":
-            _own_attention(model, self.base_attention)
+        if (compile and self.attention == "flex") or (not compile and self.base_attention in FLEX_BASES):
+            _own_attention(model, self.base_attention)  # a compiled flex pass, or exact passes request by request
         self.attn_implementation = model.config._attn_implementation
         with torch.inference_mode():
             self.arena = KVArena(model, capacity)
@@ -253,7 +255,7 @@ class FastDecoder:
         return next((b for b in self.buckets if b >= rows), None)
 
     def _pass(
-        self, packed: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, flex_mask: bool = False
+        self, packed: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, flex_mask: bool = False, spans=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass; packed (5, W): token ids, positions, slots, branch ids, first visible slots.
 
@@ -263,12 +265,20 @@ class FastDecoder:
         """
         token_ids, positions, slots, branch, first = packed  # each (W,)
         self.arena.write_slots[: slots.shape[0]] = slots
+        kwargs = {self._cache_argument: self.arena}
         if flex_mask:
             self.arena.key_branch[slots] = branch
             mask = flex.block_mask(self.arena.tables, slots, branch, first)  # BlockMask (1, 1, W, C + 1)
+        elif spans is not None:  # the attention wrapper attends request by request, each with its own mask
+            kwargs[flex.REQUEST_SPANS] = [
+                (rows_start, rows_end, start, end, self.arena.tree_mask(
+                    slots[rows_start:rows_end], branch[rows_start:rows_end], first[rows_start:rows_end],
+                    self.model.dtype, span=(start, end)))  # (1, 1, rows, end - start)
+                for rows_start, rows_end, start, end in spans
+            ]
+            mask = torch.empty((1, 1, slots.shape[0], 0), dtype=self.model.dtype, device=slots.device)  # unused
         else:
             mask = self.arena.tree_mask(slots, branch, first, self.model.dtype)  # (1, 1, W, S)
-        kwargs = {self._cache_argument: self.arena}
         if self._cache_position:  # never derived from the arena's length inside a graph
             kwargs["cache_position"] = slots
         out = self.model(
@@ -330,15 +340,22 @@ class FastDecoder:
         ``first_slots[i] <= k <= slots[i]`` and slot ``k`` holds shared text or the row's own branch. Returns the
         float logits of the ``keep`` rows (None: the last, "all", or row indices), (R, V), or with ``greedy`` their
         argmax, (R,). ``length`` and any region bookkeeping are the caller's: only ``steps`` changes.
+
+        The rows of one request are consecutive and share a first visible slot, and a request's new rows are the
+        last slots it writes, so its text spans ``first .. its largest slot``: the pass attends over those spans
+        only (:func:`request_spans`), not over the room between regions.
         """
         self._check_attention()
         rows = [list(token_ids), list(positions), list(slots), list(branch_ids), list(first_slots)]
         self._check_rows(*rows)
         keep = logits_to_keep(keep)
         width = None if self._compiled is None else self.bucket(len(rows[0]))
+        spans = request_spans(rows[2], rows[4])
         if width is None:
-            out = self._exact_pass(rows, keep, greedy)
+            out = self._exact_pass(rows, keep, greedy, spans)
         else:
+            if self.attention == "flex":
+                self.arena.tables.visit([(first, end) for _, _, first, end in spans])
             out = self._padded_pass(rows, width, keep, greedy)
         self.steps += 1
         return out
@@ -357,14 +374,17 @@ class FastDecoder:
         if PADDING in branch_ids:
             raise ValueError(f"branch id {PADDING} is reserved for padding rows")
 
-    def _exact_pass(self, rows: list[list[int]], keep, greedy: bool) -> torch.Tensor:
-        """The uncompiled pass at its exact size, dense mask over the slots up to its largest query slot."""
+    def _exact_pass(self, rows: list[list[int]], keep, greedy: bool, spans: list[tuple]) -> torch.Tensor:
+        """The uncompiled pass at its exact size, dense mask over the slots up to its largest row slot; with several
+        requests (and the model on this decoder's attention wrapper), each request's rows attend over its own
+        span of slots only, so the cost follows each request's text, not the arena between them."""
         packed = torch.tensor(rows, device=self.device)  # (5, T)
         if not isinstance(keep, int):
             keep = torch.tensor(keep, device=self.device)  # (T',)
         self.arena.visible_slots = max(rows[2]) + 1
+        by_request = len(spans) > 1 and self.model.config._attn_implementation == flex_name(self.base_attention)
         try:
-            logits, tokens = self._pass(packed, keep)  # (T', V), (T',)
+            logits, tokens = self._pass(packed, keep, spans=spans if by_request else None)  # (T', V), (T',)
         finally:
             self.arena.visible_slots = self.arena.capacity + 1
         return tokens if greedy else logits
@@ -405,6 +425,17 @@ class FastDecoder:
                 if self.use_cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 self._compiled(packed)
+
+
+def request_spans(slots: list[int], first_slots: list[int]) -> list[tuple[int, int, int, int]]:
+    """The requests of a pass, ``(row_start, row_end, first_slot, end_slot)`` each: runs of consecutive rows with one
+    first visible slot, whose text spans ``first_slot .. end_slot - 1`` (its largest row slot)."""
+    spans, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or first_slots[i] != first_slots[start]:
+            spans.append((start, i, first_slots[start], max(slots[start:i]) + 1))
+            start = i
+    return spans
 
 
 def _attention_choice(attention: str, buckets: tuple[int, ...]) -> str:

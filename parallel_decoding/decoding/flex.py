@@ -14,7 +14,9 @@ fully masked row), and no real row sees the spare slot, whose branch id is ``PAD
 The model runs a wrapper of its own attention function, registered with transformers under
 ``arena_flex_<base>`` for ``base`` = ``sdpa`` or ``eager`` (no "flash" in the name: transformers would read that
 as a FlashAttention or hub-kernel request). Given a ``BlockMask`` as the attention mask (only the fast decoder
-passes one) the wrapper calls flex; given anything else it calls the base function with the arguments unchanged,
+passes one) the wrapper calls flex; given request spans (an uncompiled pass over several requests' regions) it
+calls the base function once per request, over that request's slots; given anything else it calls the base
+function with the arguments unchanged,
 and its mask function is the base's, so any other caller of the model (the eager reference decoder, ``generate``)
 gets exactly the base attention.
 """
@@ -38,6 +40,7 @@ except ImportError:  # torch without FlexAttention (before 2.5): the fast decode
     BlockMask = flex_attention = None
 
 BLOCK = 128  # flex's query and key block size, in slots
+REQUEST_SPANS = "arena_request_spans"  # keyword of an exact pass over several requests (see _by_request)
 PADDING = -2  # branch id of padding rows (and of the arena's spare slot and the slots past it)
 
 
@@ -73,11 +76,30 @@ def _flex(module, query, key, value, block_mask, kwargs) -> tuple[torch.Tensor, 
     return out.transpose(1, 2).contiguous(), None  # (1, H_q, W, D) -> (1, W, H_q, D)
 
 
+def _by_request(function, module, query, key, value, spans, args, kwargs):
+    """An exact pass over several requests: each request's rows attend, with the base function, over its own span
+    of slots alone, under its own mask, so the work follows each request's text and not the whole arena.
+
+    query (1, H_q, T, D); key, value (1, H_kv, S, D); spans: (row_start, row_end, first_slot, end_slot, mask) per
+    request, rows in order, mask (1, 1, rows, end_slot - first_slot). Returns ((1, T, H_q, D), None), as the base.
+    """
+    outs = []
+    for row_start, row_end, first, end, mask in spans:
+        out, _ = function(module, query[:, :, row_start:row_end], key[:, :, first:end], value[:, :, first:end], mask,
+                          *args, **kwargs)  # (1, rows, H_q, D)
+        outs.append(out)
+    return torch.cat(outs, dim=1), None  # (1, T, H_q, D)
+
+
 def _make_wrapper(base: str):
     def arena_flex_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        spans = kwargs.pop(REQUEST_SPANS, None)
         if BlockMask is not None and isinstance(attention_mask, BlockMask):
             return _flex(module, query, key, value, attention_mask, kwargs)
-        return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
+        function = _base_function(base, module)
+        if spans is not None:
+            return _by_request(function, module, query, key, value, spans, args, kwargs)
+        return function(module, query, key, value, attention_mask, *args, **kwargs)
 
     arena_flex_attention.__name__ = f"arena_flex_{base}_attention"
     return arena_flex_attention
@@ -126,14 +148,13 @@ def tree_mask_mod(key_branch: torch.Tensor, slots: torch.Tensor, branch: torch.T
 def block_mask(tables: "BlockTables", slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor) -> "BlockMask":
     """The pass's ``BlockMask``, (1, 1, W, C + 1), from device tensors only: call it inside the compiled pass.
 
-    Visited KV blocks: 0 .. ceil(written / BLOCK) - 1, written = 1 + the largest real query slot (0 for a pass of
-    padding rows only). Every visited block is partial (the mask_mod applies); the CPU template needs the
-    full-block tables anyway, so they are passed as zeros.
+    Visited KV blocks: the ones :meth:`BlockTables.visit` listed for this pass (those that hold the rows' text), read
+    from the tables on the device, so one graph serves every length and every layout of requests. Every visited
+    block is partial (the mask_mod applies); the CPU template needs the full-block tables anyway, so they are
+    passed as zeros.
     """
-    written = torch.where(branch != PADDING, slots + 1, 0).amax()  # ()
-    kv_num_blocks = torch.div(written + (BLOCK - 1), BLOCK, rounding_mode="floor").to(torch.int32).view(1, 1, 1)
     return BlockMask.from_kv_blocks(
-        kv_num_blocks,  # (1, 1, 1): batch, heads, query blocks
+        tables.kv_num_blocks,  # (1, 1, 1): batch, heads, query blocks
         tables.kv_indices,
         tables.full_kv_num_blocks,
         tables.full_kv_indices,
@@ -154,12 +175,27 @@ class BlockTables:
         self.key_branch = key_branch  # (blocks * BLOCK,), PADDING past the arena's last real slot
         self.kv_length = kv_length
         self.kv_indices = torch.arange(blocks, dtype=torch.int32, device=device).view(1, 1, 1, blocks)  # (1, 1, 1, N)
+        self.kv_num_blocks = torch.zeros((1, 1, 1), dtype=torch.int32, device=device)  # (1, 1, 1): blocks visited
+        self._visited: tuple | None = None  # the block list now in kv_indices, to skip rewriting the same one
         # Two distinct tensors for the partial and the (empty) full lists: one tensor for both fails to compile.
         self.full_kv_indices = torch.zeros((1, 1, 1, blocks), dtype=torch.int32, device=device)  # (1, 1, 1, N)
         self.full_kv_num_blocks = torch.zeros((1, 1, 1), dtype=torch.int32, device=device)  # (1, 1, 1)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.kv_indices, self.full_kv_indices, self.full_kv_num_blocks]
+        return [self.kv_indices, self.kv_num_blocks, self.full_kv_indices, self.full_kv_num_blocks]
+
+    @torch.inference_mode()  # the tables are made with the arena, under inference mode
+    def visit(self, live: list[tuple[int, int]]) -> None:
+        """List the blocks that hold slots of the ``live`` ranges ``(start, end)`` as the next pass's KV blocks, in
+        place (the compiled pass, and on CUDA its graph, read these tensors). One copy to the device, and none
+        when the list did not change."""
+        blocks = sorted({b for start, end in live if end > start for b in range(start // BLOCK, (end - 1) // BLOCK + 1)})
+        if tuple(blocks) == self._visited:
+            return
+        self._visited = tuple(blocks)
+        if blocks:
+            self.kv_indices[0, 0, 0, : len(blocks)].copy_(torch.tensor(blocks, dtype=torch.int32))
+        self.kv_num_blocks.fill_(len(blocks))
 
 
 def padded_slots(slots: int) -> int:
