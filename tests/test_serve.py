@@ -62,7 +62,7 @@ class ServerThread:
     """An in-process server: an engine over the shared model, uvicorn in a thread on 127.0.0.1:<free port>."""
 
     def __init__(self, model, tokenizer, max_batch_size=16, kv_capacity=8192, max_queue=64, api_key=None,
-                 admit_per_step=0):
+                 admit_per_step=0, grace_s=5.0):
         import uvicorn
 
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, kv_capacity=kv_capacity, compile=False)
@@ -75,7 +75,7 @@ class ServerThread:
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(self.state), log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=grace_s)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
@@ -412,6 +412,24 @@ def test_a_full_queue_answers_429_with_retry_after(small_server, embedded):
     assert [status for status, _, _ in results] == [200, 200]
     assert results[0][2]["choices"][0]["message"] == results[1][2]["choices"][0]["message"]
     _until(lambda: small_server.state.in_flight == 0 and small_server.slots_free(), "the queue did not drain")
+
+
+def test_stopping_cancels_what_outlives_the_grace_time(embedded):
+    model, tokenizer, prompts = embedded
+    running = ServerThread(model, tokenizer, grace_s=0.5)
+    try:
+        stream = _ask(running.client(), prompts[6], False, 160, stream=True)
+        next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+        running.gate.open.clear()  # the answer cannot finish within the grace time
+        running.server.should_exit = True
+        with pytest.raises(openai.APIError, match="the server stopped before the answer was finished"):
+            list(stream)
+        running.gate.open.set()
+        running.thread.join(WAIT_S)
+        assert not running.thread.is_alive() and not running.state.worker.alive
+        assert running.slots_free()  # the cancelled request's slots went back
+    finally:
+        running.stop()
 
 
 # --- detokenization -----------------------------------------------------------------------------------------------

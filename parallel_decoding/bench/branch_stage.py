@@ -389,13 +389,19 @@ def cpu_model() -> str:
     return f"{names[0]} ({len(names)} cores)" if names else f"{platform.machine()} CPU"
 
 
-def run(args: argparse.Namespace) -> dict:
+def bench_device(name: str) -> torch.device:
+    """``--device`` as a device this machine has, or a :class:`BenchError`."""
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError as e:
-        raise BenchError(f"--device {args.device}: {e}") from None
+        raise BenchError(f"--device {name}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {args.device}: CUDA is not available")
+        raise BenchError(f"--device {name}: CUDA is not available")
+    return device
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = bench_device(args.device)
     dtype = DTYPES[args.dtype]
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)

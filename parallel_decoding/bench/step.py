@@ -42,8 +42,8 @@ from ..decoding.arena import FastDecoder
 from ..decoding.flex import BLOCK as FLEX_BLOCK
 from ..engine.timing import synchronize
 from .branch_stage import (
-    DTYPES, BenchError, _no_init_context, device_name, exit_status, fill_random_weights, random_model, random_tokens,
-    weight_bytes,
+    DTYPES, BenchError, _no_init_context, bench_device, device_name, exit_status, fill_random_weights, random_model,
+    random_tokens, weight_bytes,
 )
 from .configs import MODEL_CONFIGS
 
@@ -313,12 +313,7 @@ def format_table(results: list[dict]) -> str:
 
 
 def run(args) -> dict:
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise BenchError(f"--device {args.device}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {args.device}: CUDA is not available")
+    device = bench_device(args.device)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     model = build_model(args.config, args.layers, device, DTYPES[args.dtype], args.seed)

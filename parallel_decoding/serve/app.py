@@ -114,6 +114,7 @@ class JobResponse(Response):
         super().__init__()
         self.state, self.chat = state, chat
         self.ident = protocol.completion_id()
+        self.started = False  # the stream's headers are sent
 
     async def __call__(self, scope, receive, send) -> None:
         state = self.state
@@ -135,6 +136,8 @@ class JobResponse(Response):
                 await self._complete(job, disconnected, scope, receive, send)
         except ClientGone:
             log.info("client left; request %s cancelled", self.ident)
+        except asyncio.CancelledError:  # the server stops and its grace time is over: say so, end cleanly
+            await self._stopping(scope, receive, send)
         finally:
             disconnected.cancel()
             state.release(job)
@@ -163,6 +166,7 @@ class JobResponse(Response):
         headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
         headers += [(k.encode(), v.encode()) for k, v in SSE_HEADERS.items()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        self.started = True
         await self._send(send, self._chunk({"role": "assistant", "content": ""}))
         text = IncrementalText(self.state.tokenizer)
         while True:
@@ -193,6 +197,17 @@ class JobResponse(Response):
                                                            usage=protocol.usage(value)))
         await self._send(send, "[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stopping(self, scope, receive, send) -> None:
+        error = engine_error(ServerShuttingDown("the server stopped before the answer was finished"))
+        self.state.metrics.http_errors.labels(str(error.status)).inc()
+        with contextlib.suppress(Exception):
+            if not self.started:
+                await error_response(error)(scope, receive, send)
+            else:
+                await self._send(send, error.body())
+                await self._send(send, "[DONE]")
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _chunk(self, delta: dict, finish: str | None = None, **extra) -> dict:
         if self.chat.include_usage:
