@@ -62,13 +62,13 @@ class ServerThread:
     """An in-process server: an engine over the shared model, uvicorn in a thread on 127.0.0.1:<free port>."""
 
     def __init__(self, model, tokenizer, max_batch_size=16, kv_capacity=8192, max_queue=64, api_key=None,
-                 admit_per_step=0, grace_s=5.0):
+                 grace_s=5.0):
         import uvicorn
 
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, kv_capacity=kv_capacity, compile=False)
         self.gate = StepGate(self.engine)
         metrics = Metrics()
-        worker = EngineWorker(self.engine, metrics, admit_per_step=admit_per_step)
+        worker = EngineWorker(self.engine, metrics)
         self.state = ServerState(worker, metrics, tokenizer, MODEL_ID,
                                  max_queue=max_queue, api_key=api_key)
         self.socket = bind("127.0.0.1", 0)
@@ -165,7 +165,7 @@ def reference(embedded):
 @pytest.fixture(scope="module")
 def server(embedded):
     model, tokenizer, _ = embedded
-    running = ServerThread(model, tokenizer, admit_per_step=3)  # prompts join 3 per pass (small_server: all)
+    running = ServerThread(model, tokenizer)
     yield running
     running.stop()
 

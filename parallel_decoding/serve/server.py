@@ -23,7 +23,6 @@ from .metrics import Metrics
 from .worker import EngineWorker
 
 log = logging.getLogger("parallel_decoding.serve")
-ADMIT_PER_STEP = 0
 DEFAULT_REQUEST_SLOTS = 8192  # the default arena holds --max_batch_size requests of this many tokens (or the context)
 
 
@@ -64,8 +63,7 @@ def build_state(args, model, tokenizer, path: str) -> ServerState:
     except ValueError as e:
         raise UsageError(f"cannot build the engine: {e}") from None
     metrics = Metrics()
-    worker = EngineWorker(engine, metrics, default_max_tokens=args.default_max_tokens,
-                          admit_per_step=args.admit_per_step)
+    worker = EngineWorker(engine, metrics, default_max_tokens=args.default_max_tokens)
     aliases = tuple(a for a in {args.model_path, path} if a and a != model_id(path))
     return ServerState(worker, metrics, tokenizer, model_id(path), max_queue=args.max_queue, api_key=args.api_key,
                        aliases=aliases)
@@ -134,9 +132,6 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv_capacity", type=int, default=None,
                    help=f"KV slots of the engine's arena (default: --max_batch_size x min(context, "
                         f"{DEFAULT_REQUEST_SLOTS}))")
-    p.add_argument("--admit_per_step", type=int, default=ADMIT_PER_STEP,
-                   help="at most N waiting requests join the batch per forward pass (0: all that fit): a pass that "
-                        "prefills many prompts at once is slow for every request in it")
     p.add_argument("--default_max_tokens", type=int, default=512, help="an answer's budget when a request sets none")
     p.add_argument("--api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $PARALLEL_DECODING_API_KEY, if set)")
@@ -155,8 +150,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check_flags(args) -> None:
-    for name, minimum in (("port", 0), ("max_batch_size", 1), ("max_queue", 1), ("default_max_tokens", 1),
-                          ("admit_per_step", 0)):
+    for name, minimum in (("port", 0), ("max_batch_size", 1), ("max_queue", 1), ("default_max_tokens", 1)):
         if getattr(args, name) < minimum:
             raise UsageError(f"--{name} must be >= {minimum}, got {getattr(args, name)}")
     if args.port > 65535:

@@ -63,14 +63,13 @@ class Job:
 class EngineWorker:
     """The thread that runs one engine; see the module docstring."""
 
-    def __init__(self, engine, metrics=None, default_max_tokens: int = DEFAULT_MAX_TOKENS, admit_per_step: int = 0):
+    def __init__(self, engine, metrics=None, default_max_tokens: int = DEFAULT_MAX_TOKENS):
         self.engine, self.metrics = engine, metrics
         self.default_max_tokens = default_max_tokens
         self._commands: deque = deque()
         self._wake = threading.Condition()
         self._active: dict[int, Job] = {}  # engine request index -> job (worker thread only)
         self._pending: deque[Job] = deque()  # submitted, not yet handed to the engine (worker thread only)
-        self.admit_per_step = admit_per_step
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="parallel-decoding-engine", daemon=True)
 
@@ -133,7 +132,7 @@ class EngineWorker:
                     self._pending.append(job)
                 else:
                     self._guarded(self._cancel, job)
-            for _ in range(min(len(self._pending), self.admit_per_step or len(self._pending))):
+            while self._pending:  # every new request joins the next pass that has room for it
                 self._guarded(self._submit, self._pending.popleft())
             if not self.engine.idle:
                 self._step()
