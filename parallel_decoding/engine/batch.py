@@ -61,9 +61,10 @@ class Engine:
     def max_batch_size(self) -> int:
         return self.scheduler.max_batch_size
 
-    def submit(self, prompt: str, parallel: bool = True, logits_processor=None, on_finish=None, on_tokens=None,
+    def submit(self, prompt, parallel: bool = True, logits_processor=None, on_finish=None, on_tokens=None,
                max_branches: int | None = None, **gen) -> Request:
-        """Queue one request (the user message ``prompt``); it joins the batch at the next :meth:`step` with room.
+        """Queue one request: ``prompt`` is the user message, or a list of ``{"role", "content"}`` chat messages
+        (``engine.decode.chat_prompt_ids``); it joins the batch at the next :meth:`step` with room.
 
         ``gen`` as for ``parallel_decode`` (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
         ``top_k``, ``generator``). A bad prompt or setting raises ``ValueError`` here; a request that cannot fit
