@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import subprocess
@@ -28,6 +27,7 @@ pytest.importorskip("uvicorn")
 
 from parallel_decoding import Engine, normal_decode, parallel_decode  # noqa: E402
 from parallel_decoding.cli import UsageError  # noqa: E402
+from parallel_decoding.serve.launch import start_server  # noqa: E402
 from parallel_decoding.serve.app import ServerState, create_app  # noqa: E402
 from parallel_decoding.serve.metrics import Metrics  # noqa: E402
 from parallel_decoding.serve.protocol import finish_reason  # noqa: E402
@@ -461,23 +461,7 @@ def test_bad_flags_are_one_line_and_exit_2():
 
 
 def _start_subprocess(*flags):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "parallel_decoding.serve", "--port", "0", "--compile", "off",
-                             *flags], cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"serving \S+ at (http://127\.0\.0\.1:\d+/v1)", line)
-        if match:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the pipe
-            return proc, match.group(1)
-    proc.kill()
-    proc.wait(WAIT_S)
-    raise AssertionError("the server did not start: " + "".join(lines))
+    return start_server(["--compile", "off", *flags], timeout=120)
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(embedded, reference):

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from ..serve.launch import ServerDidNotStart, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 EMBEDDED = REPO / "models" / "tiny-qwen2-retrieval"
@@ -59,23 +59,12 @@ def prompts(model_path: str, data_path: str, count: int) -> list[str]:
     return [build_prompt("retrieval", rows[i % len(rows)], instruction) for i in range(count)]
 
 
-def start_server(model_path: str, flags: str):
-    """A server subprocess on 127.0.0.1:<free port>; returns (process, its /v1 URL)."""
-    command = [sys.executable, "-m", "parallel_decoding.serve", "--model_path", model_path, "--host", "127.0.0.1",
-               "--port", "0", *flags.split()]
-    proc = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    deadline, lines = time.monotonic() + 900, []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"serving \S+ at (http://\S+/v1)", line)
-        if match:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, match.group(1)
-    proc.kill()
-    raise SystemExit("the server did not start:\n" + "".join(lines[-20:]))
+def start_load_server(model_path: str, flags: str):
+    """The server to load: a subprocess on 127.0.0.1 (``serve.launch``); returns (process, its /v1 URL)."""
+    try:
+        return start_server(["--model_path", model_path, *flags.split()], timeout=900)
+    except ServerDidNotStart as e:
+        raise SystemExit(str(e)) from None
 
 
 def stop_server(proc) -> int:
@@ -138,7 +127,7 @@ def main(argv=None) -> int:
     import openai
 
     args = parse_args(argv)
-    proc, url = (None, args.base_url) if args.base_url else start_server(args.model_path, args.server_flags)
+    proc, url = (None, args.base_url) if args.base_url else start_load_server(args.model_path, args.server_flags)
     try:
         client = openai.OpenAI(base_url=url, api_key=args.api_key, max_retries=0, timeout=args.timeout)
         model = client.models.list().data[0].id

@@ -27,24 +27,6 @@ import torch
 from ..decoding.regions import PassRequest
 
 
-class DecoderRegion:
-    """A whole decoder as one answer's region: ``length``, ``crop`` and ``steps`` are the decoder's own."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-
-    @property
-    def length(self) -> int:
-        return self.decoder.length
-
-    @property
-    def steps(self) -> int:
-        return self.decoder.steps
-
-    def crop(self, length: int) -> None:
-        self.decoder.crop(length)
-
-
 class SoloBackend:
     """One answer at a time on one decoder (``decoding.select.decoder_for``): batch size 1."""
 
@@ -54,15 +36,17 @@ class SoloBackend:
         self.decoder = decoder
         self.busy = False
 
-    def allocate(self, size: int, what: str) -> DecoderRegion | None:
+    def allocate(self, size: int, what: str):
+        """The whole decoder as the answer's region (it has a region's ``length``, ``crop`` and ``steps``), or None
+        while another answer holds it."""
         if self.busy:
             return None
         if hasattr(self.decoder, "reserve"):  # a fixed arena: refuse the answer before decoding if it cannot fit
             self.decoder.reserve(size, what)
         self.busy = True
-        return DecoderRegion(self.decoder)
+        return self.decoder
 
-    def release(self, region: DecoderRegion) -> None:
+    def release(self, region) -> None:
         self.busy = False
 
     def run(self, requests: list[PassRequest]) -> list[torch.Tensor]:
@@ -206,7 +190,7 @@ class Scheduler:
 
 def slots_of(decoder) -> Slots:
     """A whole plain decoder as the slots of one state machine (run it with :func:`drive`)."""
-    return Slots(DecoderRegion(decoder))
+    return Slots(decoder)
 
 
 def drive(steps, decoder):
