@@ -130,6 +130,8 @@ class RegionDecoder:
         # the pass returns the kept rows' logits and the greedy requests take their argmax, as the step would.
         greedy = all(request.greedy for request in requests)
         out = self.fast.forward_packed(token_ids, positions, slots, branch_ids, first_slots, keep=rows, greedy=greedy)
+        if greedy:  # every request reads its tokens on the host: one copy (the pass's one sync), not one per request
+            out = out.cpu()
         results, offset = [], 0  # out: (R,) tokens, or (R, V) logits
         for request, request_rows in zip(requests, kept):
             picked = out[offset : offset + len(request_rows)]
