@@ -14,7 +14,6 @@ import itertools
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 from conftest import tiny_decoder
 from parallel_decoding import decode_branches, normal_decode, parallel_decode

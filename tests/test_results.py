@@ -1,12 +1,10 @@
 """parallel_decoding.results: reading, matching, settings, atomic writes with the umask's mode, the one-writer lock."""
 
-import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +160,17 @@ def test_a_killed_holder_never_blocks_the_next_run(tmp_path):
     assert ResultsFile(path).lock_path.exists()  # left behind by the killed run ...
     with ResultsFile(path).locked():  # ... and no obstacle: the kernel released its flock
         pass
+
+
+def test_taking_the_lock_removes_what_a_killed_writer_left(tmp_path):
+    results = ResultsFile(tmp_path / "r.jsonl")
+    left = [tmp_path / ".r.jsonl.k2j3.tmp", tmp_path / ".r.jsonl.shard-0.oh86tat7.tmp"]  # a killed atomic write each
+    kept = [tmp_path / ".r.jsonl2.abcd.tmp", tmp_path / ".other.jsonl.abcd.tmp", tmp_path / "r.jsonl.shard-1"]
+    for path in left + kept:
+        path.write_text("half a row")
+    with results.locked():
+        assert not any(path.exists() for path in left)
+        assert all(path.read_text() == "half a row" for path in kept)  # other files' temp files, and shards, stay
 
 
 # --- data-parallel shards ---------------------------------------------------------------------------------------

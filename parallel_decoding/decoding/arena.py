@@ -271,9 +271,9 @@ class FastDecoder:
             mask = flex.block_mask(self.arena.tables, slots, branch, first)  # BlockMask (1, 1, W, C + 1)
         elif spans is not None:  # the attention wrapper attends request by request, each with its own mask
             kwargs[flex.REQUEST_SPANS] = [
-                (rows_start, rows_end, start, end, self.arena.tree_mask(
+                flex.RequestSpan(rows_start, rows_end, start, end, self.arena.tree_mask(
                     slots[rows_start:rows_end], branch[rows_start:rows_end], first[rows_start:rows_end],
-                    self.model.dtype, span=(start, end)))  # (1, 1, rows, end - start)
+                    self.model.dtype, span=(start, end)))  # mask (1, 1, rows, end - start)
                 for rows_start, rows_end, start, end in spans
             ]
             mask = torch.empty((1, 1, slots.shape[0], 0), dtype=self.model.dtype, device=slots.device)  # unused
@@ -375,14 +375,15 @@ class FastDecoder:
             raise ValueError(f"branch id {PADDING} is reserved for padding rows")
 
     def _exact_pass(self, rows: list[list[int]], keep, greedy: bool, spans: list[tuple]) -> torch.Tensor:
-        """The uncompiled pass at its exact size, dense mask over the slots up to its largest row slot; with several
-        requests (and the model on this decoder's attention wrapper), each request's rows attend over its own
-        span of slots only, so the cost follows each request's text, not the arena between them."""
+        """The uncompiled pass at its exact size. With the model on this decoder's attention wrapper, each request's
+        rows attend over its own span of slots only, under its own mask, so the cost follows each request's text,
+        not the arena between them; else (another attention implementation) a dense mask over the slots up to the
+        pass's largest row slot."""
         packed = torch.tensor(rows, device=self.device)  # (5, T)
         if not isinstance(keep, int):
             keep = torch.tensor(keep, device=self.device)  # (T',)
         self.arena.visible_slots = max(rows[2]) + 1
-        by_request = len(spans) > 1 and self.model.config._attn_implementation == flex_name(self.base_attention)
+        by_request = self.model.config._attn_implementation == flex_name(self.base_attention)
         try:
             logits, tokens = self._pass(packed, keep, spans=spans if by_request else None)  # (T', V), (T',)
         finally:

@@ -14,17 +14,18 @@ fully masked row), and no real row sees the spare slot, whose branch id is ``PAD
 The model runs a wrapper of its own attention function, registered with transformers under
 ``arena_flex_<base>`` for ``base`` = ``sdpa`` or ``eager`` (no "flash" in the name: transformers would read that
 as a FlashAttention or hub-kernel request). Given a ``BlockMask`` as the attention mask (only the fast decoder
-passes one) the wrapper calls flex; given request spans (an uncompiled pass over several requests' regions) it
-calls the base function once per request, over that request's slots; given anything else it calls the base
-function with the arguments unchanged,
-and its mask function is the base's, so any other caller of the model (the eager reference decoder, ``generate``)
-gets exactly the base attention.
+passes one) the wrapper calls flex; given request spans (an uncompiled pass of the arena) it attends once per
+request, over that request's slots (sdpa with grouped-query heads folded into rows, ``_sdpa_grouped``, else the
+base function); given anything else it calls the base function with the arguments unchanged, and its mask function
+is the base's, so any other caller of the model (the eager reference decoder, ``generate``) gets exactly the base
+attention.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -76,19 +77,68 @@ def _flex(module, query, key, value, block_mask, kwargs) -> tuple[torch.Tensor, 
     return out.transpose(1, 2).contiguous(), None  # (1, H_q, W, D) -> (1, W, H_q, D)
 
 
-def _by_request(function, module, query, key, value, spans, args, kwargs):
-    """An exact pass over several requests: each request's rows attend, with the base function, over its own span
-    of slots alone, under its own mask, so the work follows each request's text and not the whole arena.
+@dataclass
+class RequestSpan:
+    """One request's part of an exact pass: its rows ``row_start .. row_end - 1`` see slots ``first .. end - 1`` under
+    ``mask`` (1, 1, rows, end - first). Built once per pass and shared by every layer."""
 
-    query (1, H_q, T, D); key, value (1, H_kv, S, D); spans: (row_start, row_end, first_slot, end_slot, mask) per
-    request, rows in order, mask (1, 1, rows, end_slot - first_slot). Returns ((1, T, H_q, D), None), as the base.
+    row_start: int
+    row_end: int
+    first: int
+    end: int
+    mask: torch.Tensor
+    _grouped: dict = field(default_factory=dict)  # groups -> the mask with each row repeated per query head
+
+    def grouped_mask(self, groups: int) -> torch.Tensor:
+        """The mask for ``_sdpa_grouped``: (1, 1, G * rows, S), row g * rows + t is row t; made once per pass."""
+        if groups not in self._grouped:
+            self._grouped[groups] = self.mask.repeat(1, 1, groups, 1)
+        return self._grouped[groups]
+
+
+def _by_request(base: str, function, module, query, key, value, spans: list[RequestSpan], args, kwargs):
+    """An exact pass over one or more requests: each request's rows attend over its own span of slots alone, under
+    its own mask, so the work follows each request's text and not the whole arena.
+
+    query (1, H_q, T, D); key, value (1, H_kv, S, D); spans in row order. Returns ((1, T, H_q, D), None), as the base.
     """
+    groups = _groups(module)
+    grouped = base == "sdpa" and groups > 1 and _plain(module, kwargs)
     outs = []
-    for row_start, row_end, first, end, mask in spans:
-        out, _ = function(module, query[:, :, row_start:row_end], key[:, :, first:end], value[:, :, first:end], mask,
-                          *args, **kwargs)  # (1, rows, H_q, D)
+    for span in spans:
+        rows = query[:, :, span.row_start : span.row_end]  # (1, H_q, rows, D)
+        keys, values = key[:, :, span.first : span.end], value[:, :, span.first : span.end]  # (1, H_kv, S', D)
+        if grouped:
+            out = _sdpa_grouped(rows, keys, values, span.grouped_mask(groups), kwargs.get("scaling"))
+        else:
+            out, _ = function(module, rows, keys, values, span.mask, *args, **kwargs)  # (1, rows, H_q, D)
         outs.append(out)
     return torch.cat(outs, dim=1), None  # (1, T, H_q, D)
+
+
+def _groups(module) -> int:
+    return getattr(module, "num_key_value_groups", 1)
+
+
+def _plain(module, kwargs) -> bool:
+    """Whether the layer's attention is plain scaled dot products under a mask (what ``_sdpa_grouped`` computes)."""
+    if kwargs.get("dropout") and module.training:
+        return False
+    return all(kwargs.get(name) is None for name in ("sliding_window", "softcap", "s_aux", "position_bias"))
+
+
+def _sdpa_grouped(query, key, value, grouped_mask, scaling) -> torch.Tensor:
+    """sdpa of several query rows with grouped-query heads, without repeating the keys per query head: the G query
+    heads of one KV head become G x T rows of that head (transformers does this for one row, ``pack_gqa``). Each row
+    takes the same dot products and softmax as under ``repeat_kv``.
+
+    query (1, H_q, T, D); key, value (1, H_kv, S, D); grouped_mask (1, 1, G * T, S) (``RequestSpan.grouped_mask``).
+    Returns (1, T, H_q, D).
+    """
+    _, heads, rows, dim = query.shape
+    packed = query.reshape(1, key.shape[1], -1, dim)  # (1, H_q, T, D) -> (1, H_kv, G * T, D): row g * T + t
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=grouped_mask, scale=scaling)
+    return out.reshape(1, heads, rows, dim).transpose(1, 2).contiguous()  # (1, H_kv, G * T, D) -> (1, T, H_q, D)
 
 
 def _make_wrapper(base: str):
@@ -98,7 +148,7 @@ def _make_wrapper(base: str):
             return _flex(module, query, key, value, attention_mask, kwargs)
         function = _base_function(base, module)
         if spans is not None:
-            return _by_request(function, module, query, key, value, spans, args, kwargs)
+            return _by_request(base, function, module, query, key, value, spans, args, kwargs)
         return function(module, query, key, value, attention_mask, *args, **kwargs)
 
     arena_flex_attention.__name__ = f"arena_flex_{base}_attention"

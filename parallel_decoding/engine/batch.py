@@ -17,6 +17,7 @@ import hashlib
 
 import torch
 
+from ..decoding import flex
 from ..decoding.arena import BUCKETS, FastDecoder, prepare_fast_decoder
 from ..decoding.hf import check_model, context_length
 from ..decoding.interface import compile_enabled
@@ -35,12 +36,19 @@ def request_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def engine_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The compiled pass widths of an engine: ``decoding.arena.BUCKETS``, and with more than one request at a time
+    one more of flex's query block (128 rows), so that the branch steps of several parallel answers together still
+    take a compiled pass (a pass wider than the largest bucket runs uncompiled)."""
+    return BUCKETS if max_batch_size == 1 else tuple(sorted({*BUCKETS, flex.BLOCK}))
+
+
 class Engine:
     """Continuous batching of normal and parallel answers on one model and one KV arena.
 
     ``kv_capacity``: the arena's slots, shared by the requests in flight (default: the model's context length; a
     request needs its prompt plus its ``max_new_tokens``). ``compile``: as in ``normal_decode`` ("auto": on for
-    CUDA); ``buckets`` the compiled pass widths (default ``decoding.arena.BUCKETS``).
+    CUDA); ``buckets`` the compiled pass widths (default :func:`engine_buckets`).
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, kv_capacity: int | None = None, compile="auto",
@@ -51,15 +59,23 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.compiled = compile_enabled(compile, model.device)
         capacity = kv_capacity or context_length(model)
+        buckets = buckets or engine_buckets(max_batch_size)
         if self.compiled:  # the model's fast decoder: its graphs serve normal_decode(compile=True) too
-            fast = prepare_fast_decoder(model, capacity, buckets=buckets or BUCKETS, warm_up=True)
+            fast = prepare_fast_decoder(model, capacity, buckets=buckets, warm_up=True)
         else:
-            fast = FastDecoder(model, capacity, buckets=buckets or BUCKETS, compile=False)
+            fast = FastDecoder(model, capacity, buckets=buckets, compile=False)
         self.scheduler = Scheduler(RegionDecoder(fast), max_batch_size)
 
     @property
     def max_batch_size(self) -> int:
         return self.scheduler.max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, size: int) -> None:
+        """How many requests may run at once, from the next admission on (running requests are not stopped)."""
+        if size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {size}")
+        self.scheduler.max_batch_size = size
 
     def submit(self, prompt, parallel: bool = True, logits_processor=None, on_finish=None, on_tokens=None,
                max_branches: int | None = None, **gen) -> Request:

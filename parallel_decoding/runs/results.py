@@ -287,8 +287,12 @@ class ResultsFile:
     def locked(self, hint: str = "wait for it to finish"):
         """Hold an exclusive flock on ``<file>.lock`` for the block; ResultsLocked naming the holder's pid (and
         ending with ``hint``) if another process has it. The kernel drops the lock when its process dies, so a
-        killed run never blocks the next one; the lock file is removed on release."""
+        killed run never blocks the next one; the lock file is removed on release. Taking it removes the temporary
+        files a killed writer of this file or of its shards left (``atomic_file``): no live process writes them
+        while the lock is free, and a run's ranks write shards only after its holder has it."""
         fd = self._acquire(hint)
+        for stale in self.path.parent.glob(glob.escape(f".{self.path.name}.") + "*.tmp"):
+            stale.unlink(missing_ok=True)
         try:
             yield self
         finally:
