@@ -219,6 +219,57 @@ def test_forward_packed_refuses_rows_it_cannot_place(uncompiled):
     assert uncompiled.steps == steps + 1
 
 
+def test_each_request_of_an_exact_pass_takes_the_layout_its_text_allows(uncompiled):
+    arena = uncompiled.arena
+    prompt = list(range(2000, 2010))
+    arena.record_on_host(prompt, [SHARED] * 10)
+    assert arena.span_layout(prompt, [SHARED] * 10, 2000, 2010) == "causal"  # a prefill fills its span in order
+    assert arena.span_layout(prompt[::-1], [SHARED] * 10, 2000, 2010) == "tree"  # out of order: the mask decides
+    arena.record_on_host([2010], [SHARED])
+    assert arena.span_layout([2010], [SHARED], 2000, 2011) == "all"  # one row of shared text over shared text
+    arena.record_on_host([2010, 2011], [SHARED, SHARED])
+    assert arena.span_layout([2010, 2011], [SHARED] * 2, 2000, 2012) == "tree"  # rows after text: not sdpa's causal
+    arena.record_on_host([2010, 2011], [0, 1])
+    assert arena.span_layout([2010, 2011], [0, 1], 2000, 2012) == "tree"  # branch rows
+    arena.record_on_host([2012], [SHARED])
+    assert arena.span_layout([2012], [SHARED], 2000, 2013) == "tree"  # a shared row over text that holds branches
+    arena.record_on_host([2010, 2011], [SHARED, SHARED])  # the merged text overwrote the branches
+    assert arena.span_layout([2012], [SHARED], 2000, 2013) == "all"
+
+
+@torch.inference_mode()
+def test_the_layouts_without_a_mask_give_the_masked_logits(uncompiled, monkeypatch):
+    """A packed pass of a prefill (causal), a shared step (all) and branch rows (tree), and the same rows with every
+    request under its mask: the same logits."""
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 256, (64,), generator=g).tolist()
+    setup = dict(  # two prompts: at 1000 (30 tokens) and at 1500 (10 tokens)
+        token_ids=tokens[:40], positions=list(range(30)) + list(range(10)),
+        slots=list(range(1000, 1030)) + list(range(1500, 1510)), branch_ids=[SHARED] * 40,
+        first_slots=[1000] * 30 + [1500] * 10)
+    rows = dict(  # a prompt at 3000; one shared row after the text at 1000; two branch rows after the text at 1500
+        token_ids=tokens[40:60] + tokens[60:63],
+        positions=list(range(20)) + [30] + [10, 10],
+        slots=list(range(3000, 3020)) + [1030] + [1510, 1511],
+        branch_ids=[SHARED] * 20 + [SHARED] + [0, 1],
+        first_slots=[3000] * 20 + [1000] + [1500, 1500],
+    )
+    layouts = []
+    real_layout = uncompiled.arena.span_layout
+
+    def spy(*args):
+        layouts.append(real_layout(*args))
+        return layouts[-1]
+
+    outs = []
+    for layout in (spy, lambda *args: "tree"):
+        monkeypatch.setattr(uncompiled.arena, "span_layout", layout)
+        uncompiled.forward_packed(**setup)
+        outs.append(uncompiled.forward_packed(**rows, keep="all"))
+    assert layouts == ["causal", "causal", "causal", "all", "tree"]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
 # --- how the model's attention implementation is switched (no compile needed) ---------------------------------------
 
 @pytest.mark.parametrize("base", ["sdpa", "eager"])

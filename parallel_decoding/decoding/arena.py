@@ -39,6 +39,7 @@ for; a run loads its one model first.)
 
 from __future__ import annotations
 
+import functools
 import inspect
 import statistics
 import time
@@ -130,6 +131,10 @@ class KVArena(Cache):
         self.key_branch = torch.full((blocks,), PADDING, dtype=torch.long, device=device)  # (N * BLOCK,)
         self.key_branch[:capacity] = SHARED
         self.tables = flex.BlockTables(self.key_branch, slots)
+        # The same branch ids of the real slots and the spare one, on the host, written by every pass: an exact pass
+        # tells from them, without a device sync, that a request's text holds no branch (flex.RequestSpan layouts).
+        self.host_branch = torch.full((slots,), SHARED, dtype=torch.long)  # (C + 1,), on the CPU
+        self.host_branch[capacity] = PADDING
         self.slot_index = torch.arange(slots, device=device)  # (C + 1,)
         # Slots a pass attends over, S: all of them in a compiled pass (one shape for every length), only those up
         # to the largest query slot in an uncompiled exact-size pass (a prefill or a merge need not scan the arena).
@@ -148,17 +153,19 @@ class KVArena(Cache):
             raise ValueError(f"cannot crop a KV arena of {self.length} tokens to {keep}")
         self.length = keep
 
-    def tree_mask(
-        self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype, span=None
-    ) -> torch.Tensor:
-        """Record the queries' branch ids and return their additive mask over the visible slots, (1, 1, T, S), or
-        with ``span = (start, end)`` over those slots alone, (1, 1, T, end - start).
+    def tree_mask(self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Record the queries' branch ids and return their additive mask over the visible slots, (1, 1, T, S)."""
+        self.key_branch[slots] = branch
+        return self.span_mask(slots, branch, first, dtype, 0, self.visible_slots)
+
+    def span_mask(self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype,
+                  start: int, end: int) -> torch.Tensor:
+        """The additive mask of queries over the slots ``start .. end - 1``, (1, 1, T, end - start), from the recorded
+        branch ids (the queries' own included).
 
         slots, branch, first: (T,). A query sees the slots from its first visible slot up to its own that hold
         shared text or its own branch; a padding query sees padding slots only (the spare slot).
         """
-        self.key_branch[slots] = branch
-        start, end = (0, self.visible_slots) if span is None else span
         keys = self.key_branch[None, start:end]  # (1, S)
         index = self.slot_index[None, start:end]  # (1, S)
         window = (index >= first[:, None]) & (index <= slots[:, None])  # (T, S)
@@ -167,6 +174,21 @@ class KVArena(Cache):
         visible = window & (own | shared)
         mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=slots.device)  # (T, S)
         return mask.masked_fill(visible, 0.0)[None, None]  # (1, 1, T, S)
+
+    @torch.inference_mode()  # the arena is made under inference mode
+    def record_on_host(self, slots: list[int], branch_ids: list[int]) -> None:
+        self.host_branch[slots] = torch.tensor(branch_ids, dtype=torch.long)
+
+    def span_layout(self, slots: list[int], branch_ids: list[int], first: int, end: int) -> str:
+        """How one request's rows of an exact pass (at ``slots``, with ``branch_ids``) see their span of slots
+        ``first .. end - 1`` (see ``flex.RequestSpan``), from the branch ids recorded on the host."""
+        if any(b != SHARED for b in branch_ids) or not bool((self.host_branch[first:end] == SHARED).all()):
+            return "tree"  # a branch in the rows or in their text: the mask decides
+        if len(slots) == 1:
+            return "all"  # one row of shared text at the span's last slot, over shared text: it sees every key
+        if slots == list(range(first, end)):
+            return "causal"  # the rows fill the span in order: each sees the keys up to its own
+        return "tree"
 
 
 class FastDecoder:
@@ -269,12 +291,13 @@ class FastDecoder:
         if flex_mask:
             self.arena.key_branch[slots] = branch
             mask = flex.block_mask(self.arena.tables, slots, branch, first)  # BlockMask (1, 1, W, C + 1)
-        elif spans is not None:  # the attention wrapper attends request by request, each with its own mask
+        elif spans is not None:  # the attention wrapper attends request by request, each under its own layout
+            self.arena.key_branch[slots] = branch
             kwargs[flex.REQUEST_SPANS] = [
-                flex.RequestSpan(rows_start, rows_end, start, end, self.arena.tree_mask(
-                    slots[rows_start:rows_end], branch[rows_start:rows_end], first[rows_start:rows_end],
-                    self.model.dtype, span=(start, end)))  # mask (1, 1, rows, end - start)
-                for rows_start, rows_end, start, end in spans
+                flex.RequestSpan(rows_start, rows_end, start, end, layout, functools.partial(
+                    self.arena.span_mask, slots[rows_start:rows_end], branch[rows_start:rows_end],
+                    first[rows_start:rows_end], self.model.dtype, start, end))  # mask (1, 1, rows, end - start)
+                for rows_start, rows_end, start, end, layout in spans
             ]
             mask = torch.empty((1, 1, slots.shape[0], 0), dtype=self.model.dtype, device=slots.device)  # unused
         else:
@@ -349,6 +372,7 @@ class FastDecoder:
         rows = [list(token_ids), list(positions), list(slots), list(branch_ids), list(first_slots)]
         self._check_rows(*rows)
         keep = logits_to_keep(keep)
+        self.arena.record_on_host(rows[2], rows[3])
         width = None if self._compiled is None else self.bucket(len(rows[0]))
         spans = request_spans(rows[2], rows[4])
         if width is None:
@@ -384,6 +408,9 @@ class FastDecoder:
             keep = torch.tensor(keep, device=self.device)  # (T',)
         self.arena.visible_slots = max(rows[2]) + 1
         by_request = self.model.config._attn_implementation == flex_name(self.base_attention)
+        if by_request:
+            spans = [(a, b, first, end, self.arena.span_layout(rows[2][a:b], rows[3][a:b], first, end))
+                     for a, b, first, end in spans]
         try:
             logits, tokens = self._pass(packed, keep, spans=spans if by_request else None)  # (T', V), (T',)
         finally:

@@ -15,8 +15,8 @@ The model runs a wrapper of its own attention function, registered with transfor
 ``arena_flex_<base>`` for ``base`` = ``sdpa`` or ``eager`` (no "flash" in the name: transformers would read that
 as a FlashAttention or hub-kernel request). Given a ``BlockMask`` as the attention mask (only the fast decoder
 passes one) the wrapper calls flex; given request spans (an uncompiled pass of the arena) it attends once per
-request, over that request's slots (sdpa with grouped-query heads folded into rows, ``_sdpa_grouped``, else the
-base function); given anything else it calls the base function with the arguments unchanged, and its mask function
+request, over that request's slots (``_by_request``: with the sdpa base, sdpa itself, without a mask where the
+request's layout needs none; else the base function under the request's mask); given anything else it calls the base function with the arguments unchanged, and its mask function
 is the base's, so any other caller of the model (the eager reference decoder, ``generate``) gets exactly the base
 attention.
 """
@@ -41,6 +41,8 @@ except ImportError:  # torch without FlexAttention (before 2.5): the fast decode
     BlockMask = flex_attention = None
 
 BLOCK = 128  # flex's query and key block size, in slots
+# sdpa's enable_gqa (torch 2.5+): grouped-query heads read their KV head without repeat_kv (a causal prefill).
+_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
 REQUEST_SPANS = "arena_request_spans"  # keyword of an exact pass over several requests (see _by_request)
 PADDING = -2  # branch id of padding rows (and of the arena's spare slot and the slots past it)
 
@@ -79,39 +81,54 @@ def _flex(module, query, key, value, block_mask, kwargs) -> tuple[torch.Tensor, 
 
 @dataclass
 class RequestSpan:
-    """One request's part of an exact pass: its rows ``row_start .. row_end - 1`` see slots ``first .. end - 1`` under
-    ``mask`` (1, 1, rows, end - first). Built once per pass and shared by every layer."""
+    """One request's part of an exact pass: its rows ``row_start .. row_end - 1`` see slots ``first .. end - 1``.
+
+    ``layout`` says how (``KVArena.span_layout``): "tree", the mask decides; "all", one row of shared text over
+    shared text, which sees every key of the span (no mask); "causal", rows of shared text that fill the span in
+    order, each seeing the keys up to its own (a prompt's prefill; sdpa's causal path, no mask). ``make_mask()``
+    builds the additive mask (1, 1, rows, end - first) when one is needed: once per pass, shared by every layer.
+    """
 
     row_start: int
     row_end: int
     first: int
     end: int
-    mask: torch.Tensor
-    _grouped: dict = field(default_factory=dict)  # groups -> the mask with each row repeated per query head
+    layout: str
+    make_mask: object
+    _masks: dict = field(default_factory=dict)  # groups -> the mask, each row repeated per query head of a KV head
 
-    def grouped_mask(self, groups: int) -> torch.Tensor:
-        """The mask for ``_sdpa_grouped``: (1, 1, G * rows, S), row g * rows + t is row t; made once per pass."""
-        if groups not in self._grouped:
-            self._grouped[groups] = self.mask.repeat(1, 1, groups, 1)
-        return self._grouped[groups]
+    def mask(self, groups: int = 1) -> torch.Tensor:
+        """(1, 1, G * rows, S): row g * rows + t is row t (``_sdpa_grouped``); G = 1 is the mask itself."""
+        if groups not in self._masks:
+            self._masks[groups] = self.make_mask() if groups == 1 else self.mask().repeat(1, 1, groups, 1)
+        return self._masks[groups]
 
 
 def _by_request(base: str, function, module, query, key, value, spans: list[RequestSpan], args, kwargs):
     """An exact pass over one or more requests: each request's rows attend over its own span of slots alone, under
-    its own mask, so the work follows each request's text and not the whole arena.
+    its own layout, so the work follows each request's text and not the whole arena.
 
     query (1, H_q, T, D); key, value (1, H_kv, S, D); spans in row order. Returns ((1, T, H_q, D), None), as the base.
+    With the sdpa base the wrapper calls sdpa itself: without a mask where the layout needs none, and with grouped
+    query heads folded into rows, not repeated keys; with another base it calls the base under the span's mask.
     """
     groups = _groups(module)
-    grouped = base == "sdpa" and groups > 1 and _plain(module, kwargs)
+    direct = base == "sdpa" and _plain(module, kwargs)
+    scaling = kwargs.get("scaling")
     outs = []
     for span in spans:
         rows = query[:, :, span.row_start : span.row_end]  # (1, H_q, rows, D)
         keys, values = key[:, :, span.first : span.end], value[:, :, span.first : span.end]  # (1, H_kv, S', D)
-        if grouped:
-            out = _sdpa_grouped(rows, keys, values, span.grouped_mask(groups), kwargs.get("scaling"))
+        if not direct:
+            out, _ = function(module, rows, keys, values, span.mask(), *args, **kwargs)  # (1, rows, H_q, D)
+        elif span.layout == "all":
+            out = _sdpa_grouped(rows, keys, values, None, scaling)
+        elif span.layout == "causal" and (groups == 1 or _SDPA_GQA):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                rows, keys, values, is_causal=True, scale=scaling, **({"enable_gqa": True} if groups > 1 else {}))
+            out = out.transpose(1, 2).contiguous()  # (1, H_q, rows, D) -> (1, rows, H_q, D)
         else:
-            out, _ = function(module, rows, keys, values, span.mask, *args, **kwargs)  # (1, rows, H_q, D)
+            out = _sdpa_grouped(rows, keys, values, span.mask(groups), scaling)
         outs.append(out)
     return torch.cat(outs, dim=1), None  # (1, T, H_q, D)
 
@@ -127,13 +144,13 @@ def _plain(module, kwargs) -> bool:
     return all(kwargs.get(name) is None for name in ("sliding_window", "softcap", "s_aux", "position_bias"))
 
 
-def _sdpa_grouped(query, key, value, grouped_mask, scaling) -> torch.Tensor:
+def _sdpa_grouped(query, key, value, grouped_mask: torch.Tensor | None, scaling) -> torch.Tensor:
     """sdpa of several query rows with grouped-query heads, without repeating the keys per query head: the G query
     heads of one KV head become G x T rows of that head (transformers does this for one row, ``pack_gqa``). Each row
     takes the same dot products and softmax as under ``repeat_kv``.
 
-    query (1, H_q, T, D); key, value (1, H_kv, S, D); grouped_mask (1, 1, G * T, S) (``RequestSpan.grouped_mask``).
-    Returns (1, T, H_q, D).
+    query (1, H_q, T, D); key, value (1, H_kv, S, D); grouped_mask (1, 1, G * T, S) (``RequestSpan.mask(G)``), or
+    None where every row sees every key. Returns (1, T, H_q, D).
     """
     _, heads, rows, dim = query.shape
     packed = query.reshape(1, key.shape[1], -1, dim)  # (1, H_q, T, D) -> (1, H_kv, G * T, D): row g * T + t
