@@ -262,10 +262,16 @@ def test_the_layouts_without_a_mask_give_the_masked_logits(uncompiled, monkeypat
         return layouts[-1]
 
     outs = []
-    for layout in (spy, lambda *args: "tree"):
-        monkeypatch.setattr(uncompiled.arena, "span_layout", layout)
-        uncompiled.forward_packed(**setup)
-        outs.append(uncompiled.forward_packed(**rows, keep="all"))
+    model = uncompiled.model
+    previous = model.config._attn_implementation  # an earlier test may have set the model back to plain sdpa
+    model.set_attn_implementation(flex_name("sdpa"))  # the wrapper, as making an uncompiled decoder sets it
+    try:
+        for layout in (spy, lambda *args: "tree"):
+            monkeypatch.setattr(uncompiled.arena, "span_layout", layout)
+            uncompiled.forward_packed(**setup)
+            outs.append(uncompiled.forward_packed(**rows, keep="all"))
+    finally:
+        model.set_attn_implementation(previous)
     assert layouts == ["causal", "causal", "causal", "all", "tree"]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
 
