@@ -153,7 +153,9 @@ class KVArena(Cache):
             raise ValueError(f"cannot crop a KV arena of {self.length} tokens to {keep}")
         self.length = keep
 
-    def tree_mask(self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def tree_mask(
+        self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Record the queries' branch ids and return their additive mask over the visible slots, (1, 1, T, S)."""
         self.key_branch[slots] = branch
         return self.span_mask(slots, branch, first, dtype, 0, self.visible_slots)

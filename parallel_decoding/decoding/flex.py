@@ -16,9 +16,9 @@ The model runs a wrapper of its own attention function, registered with transfor
 as a FlashAttention or hub-kernel request). Given a ``BlockMask`` as the attention mask (only the fast decoder
 passes one) the wrapper calls flex; given request spans (an uncompiled pass of the arena) it attends once per
 request, over that request's slots (``_by_request``: with the sdpa base, sdpa itself, without a mask where the
-request's layout needs none; else the base function under the request's mask); given anything else it calls the base function with the arguments unchanged, and its mask function
-is the base's, so any other caller of the model (the eager reference decoder, ``generate``) gets exactly the base
-attention.
+request's layout needs none; else the base function under the request's mask); given anything else it calls the
+base function with the arguments unchanged, and its mask function is the base's, so any other caller of the model
+(the eager reference decoder, ``generate``) gets exactly the base attention.
 """
 
 from __future__ import annotations
