@@ -110,6 +110,8 @@ def test_task_table_on_the_embedded_model(capsys):
     (["--repeats", "0"], "--batch_sizes and --repeats must be >= 1"),
     (["--config", "tiny", "--branches", "0"], "every size of a synthetic answer must be >= 1"),
     (["--config", "tiny", "--requests", "0"], "--requests and --prompt_len must be >= 1"),
+    (["--data_path", "missing.jsonl"], "cannot read dataset missing.jsonl"),
+    (["--model_path", "no/such/model", "--max_samples", "1"], "--model_path no/such/model: not a directory"),
 ])
 def test_bad_settings_are_one_line(capsys, argv, message):
     assert bench_batch.main(argv) == 2

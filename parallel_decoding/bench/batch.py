@@ -30,8 +30,10 @@ import torch
 from ..engine.batch import Engine, request_outcome
 from ..engine.decode import chat_prompt_ids
 from ..engine.timing import synchronize
-from ..tasks import build_prompt, load_dataset, resolve_format_prompt
-from .branch_stage import DTYPES, BenchError, bench_device, device_name, exit_status, random_model, random_tokens
+from ..tasks import DatasetError, build_prompt, load_dataset, resolve_format_prompt
+from .branch_stage import (
+    DTYPES, BenchError, bench_device, checkpoint_model, device_name, exit_status, random_model, random_tokens,
+)
 from .configs import MODEL_CONFIGS
 from .synthetic import SyntheticAnswer, SyntheticShape
 
@@ -103,12 +105,14 @@ class SyntheticWorkload:
 
 
 def task_workload(args) -> TaskWorkload:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=DTYPES[args.dtype], attn_implementation="sdpa")
-    model = model.to(bench_device(args.device)).eval()
+    try:
+        rows = load_dataset(args.task, args.data_path)[: args.max_samples]
+    except DatasetError as e:
+        raise BenchError(str(e)) from e
+    model = checkpoint_model(args.model_path, bench_device(args.device), DTYPES[args.dtype], "sdpa")
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
-    rows = load_dataset(args.task, args.data_path)[: args.max_samples]
     format_prompt = resolve_format_prompt(None, args.model_path)  # the model's own instruction, as generate.py
     return TaskWorkload(model, tokenizer, [build_prompt(args.task, row, format_prompt.text) for row in rows],
                         args.max_new_tokens)
