@@ -21,13 +21,13 @@ from parallel_decoding.cli import one_line
 
 from .comparison import mode_error, mode_generator, mode_order, new_result, record_answer
 from .loading import usable_context
-from .settings import arena_capacity
 from .throughput import batch_columns
 
 
 def engine_settings(generation: dict) -> dict:
-    """The generation keyword arguments of one request (the run's, without ``compile``: the engine's own)."""
-    return {key: value for key, value in generation.items() if key != "compile"}
+    """The generation keyword arguments of one request (the run's, without ``compile`` and ``decoder``: the engine's
+    own)."""
+    return {key: value for key, value in generation.items() if key not in ("compile", "decoder")}
 
 
 def make_engine(run, prompts: list, generation: dict):
@@ -36,7 +36,7 @@ def make_engine(run, prompts: list, generation: dict):
     as the run resolves --compile (every bucket before the first row, untimed)."""
     from parallel_decoding.decoding.attention import set_attention
 
-    from ..engine.batch import Engine
+    from ..engine.batch import Engine, kv_capacity_for
     from ..engine.decode import chat_prompt_ids
 
     size = run.args.batch_size
@@ -45,11 +45,15 @@ def make_engine(run, prompts: list, generation: dict):
     else:
         lengths = [len(chat_prompt_ids(run.tokenizer, prompt)) for prompt in prompts]
         context = usable_context(run.model, 0)
-        capacity, given = arena_capacity(lengths, run.args.max_new_tokens, size, context), ""
+        # Room for that many of the longest prompt and its answer, never for more requests than there are prompts.
+        request_tokens = max(lengths) + run.args.max_new_tokens
+        capacity, given = kv_capacity_for(min(size, len(lengths)), request_tokens, context), ""
     compiled = generation["compile"]
-    run.log(f"batch engine: up to {size} rows in flight per mode; KV arena of {capacity} tokens{given}; compile: "
-            + ("on, compiling the step for every bucket (untimed)" if compiled else "off (uncompiled passes)"))
-    set_attention(run.model, run.backends[run.modes[0]])  # both modes: sdpa or eager (runs/flags.py)
+    run.log(
+        f"batch engine: up to {size} rows in flight per mode; KV arena of {capacity} tokens{given}; compile: "
+        + ("on, compiling the step for every bucket (untimed)" if compiled else "off (uncompiled passes)")
+    )
+    set_attention(run.model, run.attention[run.modes[0]])  # both modes: sdpa or eager (runs/flags.py)
     return Engine(run.model, run.tokenizer, max_batch_size=size, kv_capacity=capacity, compile=compiled)
 
 
@@ -105,13 +109,19 @@ def run_batch(run, engine, k: int, batch_id: int, indices: list, prompts: dict, 
     results = {i: new_result(run.rows[i], prompts[i], order) for i in indices}
     errors = {i: [] for i in indices}
     for mode in order:
-        set_attention(run.model, run.backends[mode])
+        set_attention(run.model, run.attention[mode])
         outcomes, seconds, tokens = decode_mode(engine, indices, prompts, mode, generation, run.args.seed)
         time_column, tokens_column = batch_columns(mode)
         for i, out in outcomes.items():
             result = results[i]
-            result.update({f"{mode}_attention": run.backends[mode], "batch": batch_id, time_column: seconds,
-                           tokens_column: tokens})
+            result.update(
+                {
+                    f"{mode}_attention": run.attention[mode],
+                    "batch": batch_id,
+                    time_column: seconds,
+                    tokens_column: tokens,
+                }
+            )
             if isinstance(out, BaseException):
                 errors[i].append(mode_error(mode, out))
             else:

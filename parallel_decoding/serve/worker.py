@@ -1,6 +1,7 @@
-"""The engine's thread: it owns the :class:`~parallel_decoding.engine.batch.Engine` (which is not thread-safe),
-takes jobs and cancellations from the HTTP side, and steps the engine while any request is in flight (continuous
-batching: a request joins the next pass that has room for it).
+"""The engine's thread: it owns the engine (a :class:`~.engines.ServingEngine`: the project's batch engine, or the
+completions method on vLLM or an OpenAI-compatible server; neither is thread-safe), takes jobs and cancellations
+from the HTTP side, and steps the engine while any request is in flight (continuous batching: a request joins the
+next pass that has room for it).
 
 The HTTP side never blocks on it: :meth:`EngineWorker.submit` and :meth:`EngineWorker.cancel` only queue a command,
 and each job's events (``("tokens", ids)``, ``("finished", result)``, ``("failed", exception)``) are put on the
@@ -17,10 +18,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from parallel_decoding.cli import one_line
+from parallel_decoding.engine.decode import StopReason
 
+from .engines import Answer, ServedRequest, ServingEngine, serving_engine
 from .protocol import ChatRequest, finish_reason
 
 log = logging.getLogger("parallel_decoding.serve")
@@ -43,7 +44,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     created: float = field(default_factory=time.perf_counter)
-    request: object = None  # the engine's Request, once submitted
+    request: ServedRequest | None = None  # the engine's request, once submitted
     seed: int | None = None
     first_token: bool = False
     cancelled: bool = False
@@ -63,8 +64,12 @@ class Job:
 class EngineWorker:
     """The thread that runs one engine; see the module docstring."""
 
-    def __init__(self, engine, metrics=None, default_max_tokens: int = DEFAULT_MAX_TOKENS):
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine, metrics=None, default_max_tokens: int = DEFAULT_MAX_TOKENS, tokenizer=None):
+        """``engine``: a ServingEngine, or the project's batch Engine (given its adapter); ``tokenizer`` makes the
+        prompt ids of a job that comes without them (default: the batch engine's)."""
+        self.engine: ServingEngine = serving_engine(engine)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+        self.metrics = metrics
         self.default_max_tokens = default_max_tokens
         self._commands: deque = deque()
         self._wake = threading.Condition()
@@ -103,8 +108,8 @@ class EngineWorker:
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests of the engine (a snapshot; read from any thread)."""
-        scheduler = self.engine.scheduler
-        return len(scheduler.running), len(scheduler.waiting) + len(self._pending)
+        running, waiting = self.engine.load
+        return running, waiting + len(self._pending)
 
     def _post(self, kind: str, job) -> None:
         with self._wake:
@@ -126,7 +131,7 @@ class EngineWorker:
                 self._commands.clear()
             for i, (kind, job) in enumerate(commands):
                 if kind == "stop":
-                    self._shutdown(commands[i + 1:])
+                    self._shutdown(commands[i + 1 :])
                     return
                 if kind == "submit":
                     self._pending.append(job)
@@ -147,16 +152,13 @@ class EngineWorker:
     def _submit(self, job: Job) -> None:
         if job.cancelled:  # the client left before the job reached the engine
             job.closed = True
-            self._count_end(job, "cancelled")
+            self._count_end(job, StopReason.CANCELLED)
             return
-        gen = job.chat.generation(self.default_max_tokens)
-        if job.chat.sampling:
-            job.seed = secrets.randbits(63) if job.chat.seed is None else job.chat.seed % 2**64
-            gen["generator"] = torch.Generator(device=self.engine.model.device).manual_seed(job.seed)
         try:
             request = self.engine.submit(
-                job.chat.messages, parallel=job.chat.parallel, max_branches=job.chat.max_branches,
-                on_tokens=lambda ids: self._tokens(job, ids), on_finish=lambda r: self._finished(job, r), **gen,
+                self._answer(job),
+                on_tokens=lambda ids: self._tokens(job, ids),
+                on_finish=lambda r: self._finished(job, r),
             )
         except (ValueError, TypeError) as e:  # a bad prompt or setting: refused before it queues
             job.closed = True
@@ -165,6 +167,26 @@ class EngineWorker:
             return
         job.request = request
         self._active[request.index] = job
+
+    def _answer(self, job: Job) -> Answer:
+        """What the job asks the engine for. The HTTP side tokenizes the prompt off this thread (``app.Preparer``); a
+        job submitted without it (a caller that skips the HTTP side) has its ids made here (ValueError for a prompt
+        the template refuses)."""
+        from parallel_decoding.engine.decode import chat_prompt_ids
+
+        if job.chat.sampling:
+            job.seed = secrets.randbits(63) if job.chat.seed is None else job.chat.seed % 2**64
+        if job.chat.prompt_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("the request has no prompt ids and this worker has no tokenizer to make them")
+            job.chat.prompt_ids = chat_prompt_ids(self.tokenizer, job.chat.messages)
+        return Answer(
+            job.chat.prompt_ids,
+            job.chat.parallel,
+            job.chat.max_branches,
+            job.chat.generation(self.default_max_tokens),
+            job.seed,
+        )
 
     def _tokens(self, job: Job, token_ids: list[int]) -> None:
         if not job.first_token and self.metrics is not None:
@@ -179,7 +201,7 @@ class EngineWorker:
             return
         job.closed = True
         if job.cancelled:
-            self._count_end(job, "cancelled")
+            self._count_end(job, StopReason.CANCELLED)
         elif job.failure is not None or request.error is not None:
             job.post("failed", job.failure or request.error)
             self._count_end(job, "error")
@@ -217,7 +239,7 @@ class EngineWorker:
         try:
             ended = self.engine.step()
         except Exception as e:  # the pass itself failed: every request in flight fails, the server goes on
-            in_pass = [job for job in self._active.values() if job.request.steps is not None]  # admitted ones
+            in_pass = [job for job in self._active.values() if self.engine.admitted(job.request)]
             log.exception("a forward pass failed; failing its %d requests", len(in_pass))
             failure = EngineFailed(f"the engine failed: {one_line(e)}")
             for job in in_pass:
@@ -225,7 +247,7 @@ class EngineWorker:
             return
         if self.metrics is not None:
             running, waiting = self.load()
-            admitted = sum(1 for r in ended if r.steps is not None)  # ended in this pass, so they were in it
+            admitted = sum(1 for r in ended if self.engine.admitted(r))  # ended in this pass, so they were in it
             self.metrics.step(time.perf_counter() - start, running + admitted, running, waiting)
 
     def _shutdown(self, commands: list) -> None:

@@ -1,0 +1,1 @@
+"""The method as completion requests to a serving engine: the interface, the stage-level method and its clients."""
