@@ -27,11 +27,11 @@ pytest.importorskip("uvicorn")
 
 from parallel_decoding import Engine, normal_decode, parallel_decode  # noqa: E402
 from parallel_decoding.cli import UsageError  # noqa: E402
-from parallel_decoding.serve.launch import start_server  # noqa: E402
 from parallel_decoding.serve.app import ServerState, create_app  # noqa: E402
+from parallel_decoding.serve.launch import start_server  # noqa: E402
 from parallel_decoding.serve.metrics import Metrics  # noqa: E402
 from parallel_decoding.serve.protocol import finish_reason  # noqa: E402
-from parallel_decoding.serve.server import bind  # noqa: E402
+from parallel_decoding.serve.server import bind, uvicorn_config  # noqa: E402
 from parallel_decoding.serve.text import IncrementalText  # noqa: E402
 from parallel_decoding.serve.worker import EngineWorker  # noqa: E402
 
@@ -42,6 +42,7 @@ WAIT_S = 30  # the longest any single wait in these tests may take
 
 
 # --- servers ------------------------------------------------------------------------------------------------------
+
 
 class StepGate:
     """Wraps ``engine.step`` so a test can hold the engine between passes: cleared, the next pass waits."""
@@ -61,21 +62,31 @@ class StepGate:
 class ServerThread:
     """An in-process server: an engine over the shared model, uvicorn in a thread on 127.0.0.1:<free port>."""
 
-    def __init__(self, model, tokenizer, max_batch_size=16, kv_capacity=8192, max_queue=64, api_key=None,
-                 grace_s=5.0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size=16,
+        kv_capacity=8192,
+        max_queue=64,
+        api_key=None,
+        grace_s=5.0,
+        limits=None,
+        idle_timeout=5.0,
+    ):
         import uvicorn
 
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, kv_capacity=kv_capacity, compile=False)
         self.gate = StepGate(self.engine)
         metrics = Metrics()
         worker = EngineWorker(self.engine, metrics)
-        self.state = ServerState(worker, metrics, tokenizer, MODEL_ID,
-                                 max_queue=max_queue, api_key=api_key)
+        self.state = ServerState(worker, metrics, tokenizer, MODEL_ID, max_queue=max_queue, api_key=api_key)
+        if limits is not None:
+            self.state.limits = limits
         self.socket = bind("127.0.0.1", 0)
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(self.state), log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=grace_s)
+        config = uvicorn_config(create_app(self.state), "warning", grace_s, idle_timeout)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
@@ -92,8 +103,8 @@ class ServerThread:
         assert not self.state.worker.alive, "the engine's thread did not stop"
 
     def slots_free(self) -> bool:
-        backend = self.engine.scheduler.backend
-        return self.engine.idle and backend.allocator.free_slots == backend.capacity
+        runner = self.engine.scheduler.runner
+        return self.engine.idle and runner.allocator.free_slots == runner.capacity
 
 
 def _until(condition, message, timeout=WAIT_S):
@@ -107,8 +118,12 @@ def _raw(url, path, body=None, headers=None, method=None):
     """(status, headers, parsed JSON body) of one plain HTTP request."""
     conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=WAIT_S)
     payload = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    conn.request(method or ("GET" if body is None else "POST"), path, body=payload,
-                 headers={"content-type": "application/json", **(headers or {})})
+    conn.request(
+        method or ("GET" if body is None else "POST"),
+        path,
+        body=payload,
+        headers={"content-type": "application/json", **(headers or {})},
+    )
     response = conn.getresponse()
     data = response.read()
     conn.close()
@@ -129,6 +144,7 @@ def _metric(url, name, **labels) -> float:
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def embedded():
@@ -171,8 +187,13 @@ def server(embedded):
 
 
 def _ask(client, prompt, parallel, max_tokens, **kwargs):
-    return client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": prompt}],
-                                          max_tokens=max_tokens, extra_body={"parallel": parallel}, **kwargs)
+    return client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        extra_body={"parallel": parallel},
+        **kwargs,
+    )
 
 
 def _streamed(client, prompt, parallel, max_tokens, **kwargs):
@@ -269,8 +290,9 @@ def test_sampling_follows_the_seed(server, embedded):
     first = _ask(client, prompts[3], True, 120, temperature=0.9, seed=7)
     again = _ask(client, prompts[3], True, 120, temperature=0.9, seed=7)
     generator = torch.Generator(device=model.device).manual_seed(7)
-    ref = parallel_decode(model, tokenizer, prompts[3], max_new_tokens=120, do_sample=True, temperature=0.9,
-                          generator=generator)
+    ref = parallel_decode(
+        model, tokenizer, prompts[3], max_new_tokens=120, do_sample=True, temperature=0.9, generator=generator
+    )
     assert first.choices[0].message.content == again.choices[0].message.content == ref["response"]
     assert first.model_extra["parallel_decoding"]["seed"] == 7
 
@@ -295,7 +317,7 @@ BAD_BODIES = [
     ({"messages": "hi"}, 400, "messages"),
     ({"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "   "}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "   "}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2.5}, 400, "max_completion_tokens"),
@@ -342,6 +364,7 @@ def test_bad_requests_get_their_status_and_an_error_object(server, embedded, ref
 
 # --- cancellation, the arena, the queue, the key ------------------------------------------------------------------
 
+
 def test_a_cancelled_stream_frees_its_slots(server, embedded, reference):
     prompts = embedded[2]
     client = server.client()
@@ -355,7 +378,9 @@ def test_a_cancelled_stream_frees_its_slots(server, embedded, reference):
     _until(lambda: server.state.in_flight == 0, "the server did not see the client leave")
     server.gate.open.set()
     _until(server.slots_free, "the cancelled request's slots were not freed")
-    assert _metric(server.url, "parallel_decoding_requests_total", mode="parallel", outcome="cancelled") == cancelled + 1
+    assert (
+        _metric(server.url, "parallel_decoding_requests_total", mode="parallel", outcome="cancelled") == cancelled + 1
+    )
     _same_as_reference(_ask(client, prompts[4], True, 160), reference(4, True, 160))
     assert server.slots_free()
 
@@ -434,28 +459,42 @@ def test_stopping_cancels_what_outlives_the_grace_time(embedded):
 
 # --- detokenization -----------------------------------------------------------------------------------------------
 
+
 def test_incremental_text_holds_back_incomplete_characters(qwen_tokenizer):
     text = "Plan: 北京 → 上海 🚄🚄, then «café» naïve 😀!\n####Ü: ok"
     ids = qwen_tokenizer.encode(text)
     assert any("\ufffd" in qwen_tokenizer.decode(ids[:i]) for i in range(len(ids)))  # some tokens split a character
     for step in (1, 2, 3):
         stream = IncrementalText(qwen_tokenizer)
-        deltas = [stream.add(ids[i:i + step]) for i in range(0, len(ids), step)]
+        deltas = [stream.add(ids[i : i + step]) for i in range(0, len(ids), step)]
         deltas.append(stream.finish(qwen_tokenizer.decode(ids, skip_special_tokens=True)))
         assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
 
 
 # --- the command line ---------------------------------------------------------------------------------------------
 
+
 def test_bad_flags_are_one_line_and_exit_2():
     from parallel_decoding.serve.__main__ import parse_args
 
-    for argv in (["--port", "x"], ["--max_batch_size", "0"], ["--max_queue", "0"], ["--kv_capacity", "-1"],
-                 ["--compile", "maybe"], ["--api_key", " "], ["--port", "70000"]):
+    for argv in (
+        ["--port", "x"],
+        ["--max_batch_size", "0"],
+        ["--max_queue", "0"],
+        ["--kv_capacity", "-1"],
+        ["--compile", "maybe"],
+        ["--api_key", " "],
+        ["--port", "70000"],
+    ):
         with pytest.raises(UsageError):
             parse_args(argv)
-    proc = subprocess.run([sys.executable, "-m", "parallel_decoding.serve", "--max_batch_size", "0"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "parallel_decoding.serve", "--max_batch_size", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--max_batch_size must be >= 1" in proc.stderr
 

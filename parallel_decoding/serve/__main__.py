@@ -2,6 +2,8 @@
 
     python -m parallel_decoding.serve                      # the embedded model on http://127.0.0.1:8000/v1
     python -m parallel_decoding.serve --model_path Qwen/Qwen2.5-7B-Instruct --max_batch_size 16 --api_key KEY
+    python -m parallel_decoding.serve --engine vllm --engine_args '{"tensor_parallel_size": 2}'   # vLLM batches
+    python -m parallel_decoding.serve --engine openai --base_url http://127.0.0.1:8001/v1   # in front of a server
 
 Bad flags are one line on stderr and exit status 2.
 """

@@ -19,11 +19,19 @@ class ServerDidNotStart(RuntimeError):
     """The server exited, or printed no address in time; the message ends with its last lines of output."""
 
 
-def start_server(flags: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
-    """A server subprocess with ``flags`` on 127.0.0.1, port 0 (any free one); returns it and its /v1 URL."""
+def start_server(flags: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """A server subprocess with ``flags`` on 127.0.0.1, port 0 (any free one), and ``env`` added to this process's
+    environment; returns it and its /v1 URL."""
     command = [sys.executable, "-m", "parallel_decoding.serve", "--host", "127.0.0.1", "--port", "0", *flags]
-    proc = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None  # stderr=PIPE
     deadline, lines = time.monotonic() + timeout, []
     while time.monotonic() < deadline:
         line = proc.stderr.readline()

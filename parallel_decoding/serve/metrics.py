@@ -39,16 +39,17 @@ class Metrics:
         self.branches = counter("branches", "branches decoded in parallel")
         self.fallbacks = counter("fallbacks", "parallel answers decoded sequentially (no closed block)")
         self.latency = histogram("request_latency_seconds", "submission to last token", LATENCY_BUCKETS, ("mode",))
-        self.first_token = histogram("time_to_first_token_seconds", "submission to first streamed token",
-                                     LATENCY_BUCKETS, ("mode",))
+        self.first_token = histogram(
+            "time_to_first_token_seconds", "submission to first streamed token", LATENCY_BUCKETS, ("mode",)
+        )
         self.batch_size = histogram("batch_size", "requests in one forward pass", BATCH_BUCKETS)
         self.step_time = histogram("step_seconds", "duration of one engine step", STEP_BUCKETS)
         self.branches_per_answer = histogram("branches_per_answer", "branches of one parallel answer", BRANCH_BUCKETS)
         self.running = Gauge(f"{PREFIX}_requests_running", "requests in the engine's batch", registry=registry)
-        self.waiting = Gauge(f"{PREFIX}_requests_waiting", "requests waiting for room in the engine",
-                             registry=registry)
-        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "requests accepted and not finished (--max_queue)",
-                               registry=registry)
+        self.waiting = Gauge(f"{PREFIX}_requests_waiting", "requests waiting for room in the engine", registry=registry)
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "requests accepted and not finished (--max_queue)", registry=registry
+        )
 
     def finished(self, mode: str, result: dict, outcome: str, latency: float) -> None:
         self.requests.labels(mode, outcome).inc()

@@ -12,9 +12,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
+
+from parallel_decoding.engine.decode import LENGTH_STOPS, StopReason
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_SEED = 2**64
+MAX_INTEGER_DIGITS = 64  # a JSON integer longer than this is kept as its length only (no field takes one)
 
 # Fields with no effect here: allowed only at the value that changes nothing.
 NEUTRAL = {
@@ -37,8 +41,15 @@ NEUTRAL = {
 class APIError(Exception):
     """An error answer: HTTP ``status`` and OpenAI's ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -51,11 +62,36 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, param=param, code=code)
 
 
+@dataclass(frozen=True)
+class HugeInteger:
+    """A JSON integer of more than MAX_INTEGER_DIGITS digits, kept as its digit count (Python refuses to convert
+    very long ones, and no field of a request can take one); a field that gets one says so."""
+
+    digits: int
+
+
+def _integer(text: str) -> int | HugeInteger:
+    return HugeInteger(len(text.lstrip("-"))) if len(text) > MAX_INTEGER_DIGITS else int(text)
+
+
+def _json_body(raw: bytes):
+    """The parsed body; 400 for what is not JSON, nests too deeply for the parser, or is not Unicode."""
+    try:
+        return json.loads(raw, parse_int=_integer)
+    except json.JSONDecodeError as e:
+        raise bad(f"the request body is not valid JSON (line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise bad("the request body is not valid UTF-8") from None
+    except RecursionError:
+        raise bad("the request body nests arrays or objects too deeply") from None
+
+
 @dataclass
 class ChatRequest:
     """A checked chat-completions request."""
 
     messages: list
+    prompt_ids: list[int] | None = None  # the messages in the chat template, tokenized (off the engine's thread)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -78,19 +114,20 @@ class ChatRequest:
 
     def generation(self, default_max_tokens: int) -> dict:
         """The engine's generation settings (the random stream is the worker's to make, from ``seed``)."""
-        gen = {"max_new_tokens": self.max_tokens or default_max_tokens}
+        gen: dict[str, Any] = {"max_new_tokens": self.max_tokens or default_max_tokens}
         if self.sampling:
-            gen.update(do_sample=True, temperature=float(self.temperature),
-                       top_p=1.0 if self.top_p is None else float(self.top_p), top_k=self.top_k or 0)
+            gen.update(
+                do_sample=True,
+                temperature=float(self.temperature or 0.0),
+                top_p=1.0 if self.top_p is None else float(self.top_p),
+                top_k=self.top_k or 0,
+            )
         return gen
 
 
 def parse_chat_request(raw: bytes, model_ids: tuple[str, ...]) -> ChatRequest:
     """The request body, checked; raises :class:`APIError` (400, or 404 for a model this server does not serve)."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"the request body is not valid JSON: {e}") from None
+    body = _json_body(raw)
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     for field, neutral in NEUTRAL.items():
@@ -98,8 +135,12 @@ def parse_chat_request(raw: bytes, model_ids: tuple[str, ...]) -> ChatRequest:
             raise bad(f"{field!r} is not supported by this server", param=field, code="unsupported_parameter")
     model = _typed(body, "model", str)
     if model is not None and model not in model_ids:
-        raise APIError(404, f"The model {model!r} does not exist; this server serves {model_ids[0]!r}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model {model!r} does not exist; this server serves {model_ids[0]!r}",
+            param="model",
+            code="model_not_found",
+        )
     n = _typed(body, "n", int)
     if n is not None and n != 1:
         raise bad(f"only n = 1 is supported, got {n}", param="n")
@@ -152,12 +193,25 @@ def parse_messages(messages) -> list[dict]:
 
 def _content(content, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _unicode(content, where)
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            return "".join(p["text"] for p in content)
+            return "".join(_unicode(p["text"], f"{where}[{i}].text") for i, p in enumerate(content))
         raise bad(f"{where}: only text content parts are supported", param=where)
     raise bad(f"{where} must be a string or an array of text parts, got {_json_type(content)}", param=where)
+
+
+def _unicode(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode: JSON's ``\\ud800`` escapes can make a lone surrogate, which no encoder
+    takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(
+            f"{where} is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}",
+            param=where,
+        ) from None
+    return text
 
 
 def _typed(body: dict, name: str, kind: type, param: str | None = None):
@@ -166,6 +220,8 @@ def _typed(body: dict, name: str, kind: type, param: str | None = None):
     value = body.get(name)
     if value is None:
         return None
+    if isinstance(value, HugeInteger):
+        raise bad(f"{param or name!r} is too large: an integer of {value.digits} digits", param=param or name)
     number = kind in (int, float) and isinstance(value, bool)
     if number or not isinstance(value, (int, float) if kind is float else kind):
         expected = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object"}
@@ -181,8 +237,15 @@ def _at_least(body: dict, name: str, minimum: int) -> int | None:
 
 
 def _json_type(value) -> str:
-    for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "an integer"), (float, "a number"),
-                       (list, "an array"), (dict, "an object")):
+    for kind, name in (
+        (HugeInteger, "an integer"),
+        (bool, "a boolean"),
+        (str, "a string"),
+        (int, "an integer"),
+        (float, "a number"),
+        (list, "an array"),
+        (dict, "an object"),
+    ):
         if isinstance(value, kind):
             return name
     return "null" if value is None else type(value).__name__
@@ -190,28 +253,31 @@ def _json_type(value) -> str:
 
 # --- answers ----------------------------------------------------------------------------------------------------
 
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
 def finish_reason(result: dict) -> str:
-    """"length" when a cap on the answer's budget ended it (max_tokens, the context, or the branches using up the
-    budget), else "stop"."""
-    budget_caps = [cap for cap in result.get("caps", []) if cap.startswith("the answer reached")
-                   or "the answer's budget" in cap]
-    return "length" if budget_caps else "stop"
+    """ "length" when the answer's budget ended it (max_tokens, the context, or the branches using up the budget:
+    the engine's ``stop_reason``), else "stop"."""
+    return "length" if result.get("stop_reason", StopReason.EOS) in LENGTH_STOPS else "stop"
 
 
 def decoding_info(result: dict, chat: ChatRequest, seed: int | None) -> dict:
     """How the answer was decoded: the ``parallel_decoding`` object of a response (and of the last chunk)."""
     info = {
         "mode": chat.mode,
-        "branches": [{"title": b["title"], "block": b["block"], "tokens": b["tokens"], "stop": b["stop"]}
-                     for b in result.get("branches", [])],
+        "branches": [
+            {"title": b["title"], "block": b["block"], "tokens": b["tokens"], "stop": b["stop"]}
+            for b in result.get("branches", [])
+        ],
         "blocks": result.get("num_blocks", 0),
         "steps": result.get("steps"),
         "fallback": result.get("fallback"),
         "caps": list(result.get("caps", [])),
+        "cap_kinds": [str(kind) for kind in result.get("cap_kinds", [])],
+        "stop_reason": str(result.get("stop_reason", StopReason.EOS)),
         "time": result.get("time"),
         "seed": seed,
     }
@@ -232,12 +298,14 @@ def completion_body(ident: str, model: str, result: dict, chat: ChatRequest, see
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": result["response"]},
-            "logprobs": None,
-            "finish_reason": finish_reason(result),
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result["response"]},
+                "logprobs": None,
+                "finish_reason": finish_reason(result),
+            }
+        ],
         "usage": usage(result),
         "parallel_decoding": decoding_info(result, chat, seed),
     }
@@ -246,9 +314,9 @@ def completion_body(ident: str, model: str, result: dict, chat: ChatRequest, see
 def chunk_body(ident: str, model: str, delta: dict | None, finish: str | None = None, **extra) -> dict:
     """A ``chat.completion.chunk`` object (``delta`` None: the usage chunk, with no choices)."""
     chunk = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-    chunk["choices"] = [] if delta is None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    ]
+    chunk["choices"] = (
+        [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    )
     chunk.update(extra)
     return chunk
 

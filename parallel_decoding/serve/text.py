@@ -37,7 +37,7 @@ class IncrementalText:
         stable = os.path.commonprefix([before, text]).rstrip(REPLACEMENT)
         if len(stable) <= len(self.sent) or not stable.startswith(self.sent):
             return ""
-        delta, self.sent = stable[len(self.sent):], stable
+        delta, self.sent = stable[len(self.sent) :], stable
         return delta
 
     def finish(self, response: str) -> str:
@@ -45,5 +45,5 @@ class IncrementalText:
         if not response.startswith(self.sent):  # cannot happen with a stable prefix; say so rather than hide it
             log.warning("streamed text is not a prefix of the answer; the stream differs from it")
             return ""
-        delta, self.sent = response[len(self.sent):], response
+        delta, self.sent = response[len(self.sent) :], response
         return delta
