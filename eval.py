@@ -48,27 +48,43 @@ def build_parser():
     p = OneLineArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     p.add_argument("--df_path", help="results file (jsonl) from generate.py or the reference")
     p.add_argument("--task", choices=sorted(TASK_FIELDS))
-    p.add_argument("--report", nargs="?", const="results", default=None, metavar="DIR",
-                   help="compare evaluated runs: read every *.summary.json under DIR (default: results) and write "
-                        "report.csv, report.md and report.png there")
+    p.add_argument(
+        "--report",
+        nargs="?",
+        const="results",
+        default=None,
+        metavar="DIR",
+        help="compare evaluated runs: read every *.summary.json under DIR (default: results) and write "
+        "report.csv, report.md and report.png there",
+    )
     p.add_argument("--api_key", default=None, help="judge API key (default: env OPENAI_API_KEY)")
-    p.add_argument("--base_url", default=None,
-                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: env OPENAI_BASE_URL, "
-                        "else api.openai.com)")
+    p.add_argument(
+        "--base_url",
+        default=None,
+        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: env OPENAI_BASE_URL, "
+        "else api.openai.com)",
+    )
     p.add_argument("--model_name", default="gpt-4o", help="judge model name")
     p.add_argument("--no_judge", action="store_true", help="speed and judge-free metrics only; no network")
     p.add_argument("--rejudge", action="store_true", help="discard stored judge scores of the evaluated rows")
     p.add_argument("--concurrency", type=int, default=8, help="judge requests in flight at once")
     p.add_argument("--max_rows", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
-    p.add_argument("--max_retries", type=int, default=5,
-                   help="extra attempts per judge request on HTTP 429/5xx, timeouts and dropped connections")
-    p.add_argument("--backoff_base", type=float, default=1.0,
-                   help="first retry waits this many seconds, doubling on each further retry")
+    p.add_argument(
+        "--max_retries",
+        type=int,
+        default=5,
+        help="extra attempts per judge request on HTTP 429/5xx, timeouts and dropped connections",
+    )
+    p.add_argument(
+        "--backoff_base",
+        type=float,
+        default=1.0,
+        help="first retry waits this many seconds, doubling on each further retry",
+    )
     p.add_argument("--backoff_max", type=float, default=60.0, help="longest wait between retries (s)")
     p.add_argument("--judge_max_tokens", type=int, default=512, help="max tokens of one verdict")
-    p.add_argument("--save_every", type=int, default=8,
-                   help="rewrite the results file after this many new judgements")
+    p.add_argument("--save_every", type=int, default=8, help="rewrite the results file after this many new judgements")
     return p
 
 
@@ -107,8 +123,10 @@ def judge_endpoint(args):
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
     if not api_key:
-        raise UsageError("the judge needs an API key: pass --api_key or set OPENAI_API_KEY "
-                         "(or use --no_judge for speed and judge-free metrics only)")
+        raise UsageError(
+            "the judge needs an API key: pass --api_key or set OPENAI_API_KEY "
+            "(or use --no_judge for speed and judge-free metrics only)"
+        )
     if base_url is not None and not base_url.startswith(("http://", "https://")):
         raise UsageError("--base_url / OPENAI_BASE_URL must start with http:// or https://")
     return api_key, base_url
@@ -138,15 +156,34 @@ def judge_run(args, endpoint, rows, evaluated, df_path):
     """Grade the missing answers of ``evaluated`` and store the verdicts in ``df_path``; an exit code if the run
     cannot go on to the summary, else None."""
     api_key, base_url = endpoint
-    judge = Judge(args.model_name, api_key, base_url, timeout=args.timeout, max_retries=args.max_retries,
-                  backoff_base=args.backoff_base, backoff_max=args.backoff_max, max_tokens=args.judge_max_tokens)
+    judge = Judge(
+        args.model_name,
+        api_key,
+        base_url,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        backoff_base=args.backoff_base,
+        backoff_max=args.backoff_max,
+        max_tokens=args.judge_max_tokens,
+    )
     try:
-        judge_and_store(rows, evaluated, args.task, judge, df_path, concurrency=args.concurrency,
-                        save_every=args.save_every, rejudge=args.rejudge, log=log)
+        judge_and_store(
+            rows,
+            evaluated,
+            args.task,
+            judge,
+            df_path,
+            concurrency=args.concurrency,
+            save_every=args.save_every,
+            rejudge=args.rejudge,
+            log=log,
+        )
     except JudgeError as error:
         left = len(pending_judgements(evaluated))
-        log(f"eval.py: error: {judge.scrub(error)}; the verdicts received so far are saved in {df_path}, "
-            f"{left} answers still to judge: rerun to continue")
+        log(
+            f"eval.py: error: {judge.scrub(error)}; the verdicts received so far are saved in {df_path}, "
+            f"{left} answers still to judge: rerun to continue"
+        )
         return EXIT_JUDGE_FAILED
     except KeyboardInterrupt:
         log(f"eval.py: interrupted; the verdicts received so far are saved in {df_path}")

@@ -2,13 +2,15 @@
 
 The public API. Names are imported on first use (PEP 562), so the parts without torch (tasks, evaluation) load
 without it. docs/architecture.md maps the folders: ``engine`` (the method), ``decoding`` (one forward pass),
-``runs`` (what generate.py drives), ``evaluation`` (eval.py), ``tasks`` (datasets and prompts), ``bench``.
+``runs`` (what generate.py drives), ``evaluation`` (eval.py), ``tasks`` (datasets and prompts), ``bench``;
+``ServedEngine`` (``served_engine``) runs the method on vLLM or an OpenAI-compatible server.
 """
 
 import importlib
 
 _EXPORTS = {
     "Engine": "engine.batch",
+    "ServedEngine": "served_engine",
     "GenerationConfig": "engine.decode",
     "chat_prompt_ids": "engine.decode",
     "normal_decode": "engine.decode",

@@ -43,8 +43,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     env = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun sets 1 per process as well
-    common = [str(REPO / "generate.py"), "--task", args.task, "--max_samples", str(args.rows),
-              "--max_new_tokens", str(args.max_new_tokens)]
+    common = [
+        str(REPO / "generate.py"),
+        "--task",
+        args.task,
+        "--max_samples",
+        str(args.rows),
+        "--max_new_tokens",
+        str(args.max_new_tokens),
+    ]
     if args.model_path:
         common += ["--model_path", args.model_path]
     model_name = os.path.basename(os.path.normpath(args.model_path or str(REPO / "models" / "tiny-qwen2-retrieval")))
@@ -52,8 +59,21 @@ def main(argv=None) -> int:
         runs = {
             "1 process x 1 thread": ([sys.executable, *common, "--output_dir", f"{tmp}/one"], 1, f"{tmp}/one"),
             "2 processes x 1 thread (--data_parallel)": (
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
-                 "--data_parallel", "--output_dir", f"{tmp}/two"], 2, f"{tmp}/two"),
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    "2",
+                    *common,
+                    "--data_parallel",
+                    "--output_dir",
+                    f"{tmp}/two",
+                ],
+                2,
+                f"{tmp}/two",
+            ),
         }
         measured = {}
         for name, (command, processes, out_dir) in runs.items():
@@ -68,7 +88,9 @@ def main(argv=None) -> int:
         print(f"{name:44} {args.rows / wall:18.3f} {args.rows / decoding:16.3f}")
     (one_wall, one_decoding, one_rows), (two_wall, two_decoding, two_rows) = measured.values()
     print(f"{'ratio (2 processes / 1 process)':44} {one_wall / two_wall:17.2f}x {one_decoding / two_decoding:15.2f}x")
-    same = [{k: r[k] for k in ANSWER_COLUMNS} for r in one_rows] == [{k: r[k] for k in ANSWER_COLUMNS} for r in two_rows]
+    same = [{k: r[k] for k in ANSWER_COLUMNS} for r in one_rows] == [
+        {k: r[k] for k in ANSWER_COLUMNS} for r in two_rows
+    ]
     print(f"same answers in both results files: {same}")
     return 0 if same else 1
 

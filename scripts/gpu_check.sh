@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# One GPU session's check of the fast path (at most 8 minutes on one H100/H200, offline: random weights of the
-# Qwen2.5-7B shape in bf16, nothing downloaded). Run from the repository root:
+# One GPU session's check of the fast path (at most 11 minutes on one H100/H200, offline: the embedded model and
+# random weights of the Qwen2.5-7B shape in bf16, nothing downloaded). Run from the repository root:
 #
 #     bash scripts/gpu_check.sh            # writes results/gpu_check.md; exit status 0 only if every check passed
 #
+# 0. the Quick start's answers on the GPU: generate.py over 8 rows of data/retrieval_4.jsonl on the embedded model in
+#    float32, on the eager path and on the compiled one (CUDA graphs, FlexAttention's Triton kernels), and
+#    python -m parallel_decoding.bench.same_answers holds the compiled answers to the eager ones in both modes (the
+#    tests hold the two equal on a CPU; on the first H200 run, 2026-12-04, bf16, the compiled parallel answers were
+#    wrong: docs/bench.md);
 # 1. python -m parallel_decoding.bench.gpu_check, in a KV arena of 32768 slots (the model's context, what the engine
 #    allocates): ms/token of the eager and the fast (flex) normal step, ms per fast parallel step for N in {1, 16},
 #    the bytes each step reads (weights + the K/V its attention touches) with the achieved GB/s and the ratio to the
@@ -24,9 +29,30 @@ OUT=results/gpu_check.md
 mkdir -p "$(dirname "$OUT")"
 export PYTHONPATH="$PWD/flash-attention:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-CHECK_LIMIT_S=290   # model build + 2 flex buckets + 1 dense bucket compiled and recorded + measurements
-BATCH_LIMIT_S=140   # model build + 2 buckets compiled and recorded + 8 settings of 16 requests
-KERNEL_LIMIT_S=45   # 290 + 140 + 45 s: under 8 minutes with the start
+ANSWERS_LIMIT_S=150  # two runs of generate.py over 8 rows (one compiling its buckets)
+CHECK_LIMIT_S=240    # model build + 2 flex buckets + 1 dense bucket compiled and recorded + measurements
+BATCH_LIMIT_S=200    # model build + 2 buckets compiled and recorded + 8 settings of 16 requests (146 s on an H200)
+KERNEL_LIMIT_S=45    # 150 + 240 + 200 + 45 s: under 12 minutes with the start, inside a 15-minute device lease
+
+ANSWERS_DIR=$(mktemp -d)
+ANSWERS_ROWS=(--task retrieval --device cuda --dtype float32 --max_samples 8)
+timeout "$ANSWERS_LIMIT_S" bash -c "python3 generate.py ${ANSWERS_ROWS[*]} --compile off --output_dir $ANSWERS_DIR/eager \
+    && python3 generate.py ${ANSWERS_ROWS[*]} --compile on --output_dir $ANSWERS_DIR/compiled" >"$ANSWERS_DIR/log" 2>&1
+answers_run=$?
+python3 -m parallel_decoding.bench.same_answers "$ANSWERS_DIR"/eager/*/retrieval_4.jsonl \
+    "$ANSWERS_DIR"/compiled/*/retrieval_4.jsonl >"$ANSWERS_DIR/same" 2>&1
+answers_status=$?
+[ "$answers_run" -eq 0 ] || answers_status=$answers_run
+{
+  echo "# Answers on the GPU: the compiled path against the eager one (generate.py, 8 rows, float32; exit status $answers_status)"
+  echo
+  echo '```'
+  cat "$ANSWERS_DIR/same"
+  grep -E "^generate: .*(rows|error)" "$ANSWERS_DIR/log"
+  echo '```'
+  echo
+} >"$OUT.answers"
+echo "answers exit status $answers_status"
 
 timeout "$CHECK_LIMIT_S" python3 -m parallel_decoding.bench.gpu_check --config qwen2.5-7b --device cuda --dtype bfloat16 \
     --capacity 32768 --attention flex --prompt_len 1024 --steps 32 --branches 1 16 --match_tokens 64 \
@@ -58,10 +84,35 @@ status=$?
   echo
   cat "$KERNEL_MD" 2>/dev/null
   echo
-  echo "- gpu_check exit status $check_status, batch exit status $batch_status (124: out of time)"
+  echo "- answers exit status $answers_status, gpu_check exit status $check_status, batch exit status $batch_status (124: out of time)"
   echo "- $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
   echo "- $(python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" 2>&1)"
   echo "- commit $(git rev-parse --short HEAD 2>/dev/null)"
 } >>"$OUT"
+cat "$OUT.answers" "$OUT" >"$OUT.all" && mv "$OUT.all" "$OUT" && rm -f "$OUT.answers"
 cat "$OUT"
-[ "$check_status" -eq 0 ] && [ "$batch_status" -eq 0 ] && [ "$status" -eq 0 ]
+[ "$answers_status" -eq 0 ] && [ "$check_status" -eq 0 ] && [ "$batch_status" -eq 0 ] && [ "$status" -eq 0 ]
+overall=$?
+
+# 4. vLLM (issue 30): the branch stage on vLLM for the Qwen2.5-0.5B shape (8 branches of 64 tokens sharing a 512-token
+#    prefix vs one request writing 512 tokens; python -m parallel_decoding.bench.vllm --part branches), where vLLM
+#    imports; else one line says it was skipped (pip install -e ".[vllm]" adds it).
+VLLM_LIMIT_S=240
+if python3 -c "import vllm" >/dev/null 2>&1; then
+    VLLM_LOG=$(mktemp)
+    timeout "$VLLM_LIMIT_S" python3 -m parallel_decoding.bench.vllm --part branches --dtype bfloat16 --repeats 3 \
+        --engine_args '{"gpu_memory_utilization": 0.5}' >"$VLLM_LOG" 2>&1
+    vllm_status=$?
+    {
+      echo
+      echo "## vLLM branch stage (python -m parallel_decoding.bench.vllm --part branches, exit status $vllm_status)"
+      echo
+      echo '```'
+      grep -E '^(repeat |bench.vllm)' "$VLLM_LOG"
+      echo '```'
+    } | tee -a "$OUT"
+    [ "$vllm_status" -eq 0 ] || overall=1
+else
+    echo "vLLM step skipped: vllm does not import on this machine (pip install -e \".[vllm]\" adds it)" | tee -a "$OUT"
+fi
+exit "$overall"

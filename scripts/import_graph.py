@@ -85,8 +85,12 @@ def folder_graph(root: Path = REPO) -> dict[str, set[str]]:
 
 
 def to_dot(graph: dict[str, set[str]], title: str) -> str:
-    lines = [f'digraph "{title}" {{', "  rankdir=LR;", '  node [shape=box, fontname="Helvetica"];',
-             f'  label="{title}"; labelloc=t;']
+    lines = [
+        f'digraph "{title}" {{',
+        "  rankdir=LR;",
+        '  node [shape=box, fontname="Helvetica"];',
+        f'  label="{title}"; labelloc=t;',
+    ]
     for source in sorted(graph):
         lines.append(f'  "{source}";')
         lines += [f'  "{source}" -> "{target}";' for target in sorted(graph[source])]

@@ -56,6 +56,8 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from parallel_decoding.engine.decode import chat_prompt_ids  # noqa: E402
+from parallel_decoding.tasks import MODEL_FORMAT_PROMPT_FILE, MODEL_TASKS_FILE, build_prompt  # noqa: E402
 from parallel_decoding.tasks.retrieval import (  # noqa: E402
     FIRST_NAMES,
     GPA_MAX_HUNDREDTHS,
@@ -65,8 +67,6 @@ from parallel_decoding.tasks.retrieval import (  # noqa: E402
     format_gpa,
     make_retrieval_rows,
 )
-from parallel_decoding.engine.decode import chat_prompt_ids  # noqa: E402
-from parallel_decoding.tasks import MODEL_FORMAT_PROMPT_FILE, MODEL_TASKS_FILE, build_prompt  # noqa: E402
 
 EVAL_SEED = 1234  # seed of the held-out data/retrieval_*.jsonl files; training never uses it
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "models" / "tiny-qwen2-retrieval"
@@ -133,8 +133,12 @@ def make_rows(num_rows_4: int, num_rows_10: int, seed: int) -> list:
     """Training rows, 4- and 10-student ones interleaved in a seeded order."""
     if seed == EVAL_SEED:
         raise ValueError(f"--data_seed {seed} is the held-out evaluation seed; pick another")
-    rows = [row for num_students, num_rows in ((4, num_rows_4), (10, num_rows_10)) if num_rows > 0
-            for row in make_retrieval_rows(num_students, num_rows, seed)]
+    rows = [
+        row
+        for num_students, num_rows in ((4, num_rows_4), (10, num_rows_10))
+        if num_rows > 0
+        for row in make_retrieval_rows(num_students, num_rows, seed)
+    ]
     held_out = held_out_prompts()
     rows = [row for row in rows if row["prompt"] not in held_out]  # none match for seed 1; kept as a guarantee
     random.Random(seed).shuffle(rows)
@@ -143,8 +147,12 @@ def make_rows(num_rows_4: int, num_rows_10: int, seed: int) -> list:
 
 def held_out_prompts() -> set:
     """The prompts of the committed evaluation files, which training must never see."""
-    return {json.loads(line)["prompt"] for path in sorted((REPO_ROOT / "data").glob("retrieval_*.jsonl"))
-            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    return {
+        json.loads(line)["prompt"]
+        for path in sorted((REPO_ROOT / "data").glob("retrieval_*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    }
 
 
 # --- 2. tokenizer ---------------------------------------------------------------------------------------------
@@ -170,10 +178,12 @@ def train_tokenizer(rows: list, vocab_size: int):
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, special=True, normalized=False) for t in (ENDOFTEXT, IM_START, IM_END)]
     markers = [AddedToken(t, special=False, normalized=False) for t in (BRANCH, BLOCK_END, ELLIPSIS, FINAL)]
@@ -212,13 +222,18 @@ def check_tokenizer(tokenizer) -> None:
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"tokenizer: {text!r} should be one token, got {tokenizer.convert_ids_to_tokens(ids)}")
-    one = {text: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))[0] for text in (BRANCH, BLOCK_END, ELLIPSIS, "\n", ":")}
+    one = {
+        text: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))[0]
+        for text in (BRANCH, BLOCK_END, ELLIPSIS, "\n", ":")
+    }
     name_ids = tokenizer.encode("\nAva Chen", add_special_tokens=False)[1:]  # a name as it starts a resume line
     skeleton = tokenizer.encode("####Ava Chen:......\n####%%%%", add_special_tokens=False)
     expected = [one[BRANCH], *name_ids, one[":"], one[ELLIPSIS], one["\n"], one[BRANCH], one[BLOCK_END]]
     if skeleton != expected:
-        raise ValueError(f"tokenizer: skeleton pieces {tokenizer.convert_ids_to_tokens(skeleton)}, "
-                         f"expected {tokenizer.convert_ids_to_tokens(expected)}")
+        raise ValueError(
+            f"tokenizer: skeleton pieces {tokenizer.convert_ids_to_tokens(skeleton)}, "
+            f"expected {tokenizer.convert_ids_to_tokens(expected)}"
+        )
 
 
 # --- 3. examples ----------------------------------------------------------------------------------------------
@@ -254,7 +269,7 @@ def build_example(tokenizer, row: dict) -> Example:
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
 
     segments = []  # (ids, loss mask)
-    full = answer_full(row)[len(STEM):]
+    full = answer_full(row)[len(STEM) :]
     segments.append((_encode(tokenizer, full) + [im_end], None))
 
     skeleton_ids, skeleton_loss = [], []
@@ -342,8 +357,9 @@ class ModelSize:
     max_position_embeddings: int = 2048
 
 
-TINY_SIZE = ModelSize(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
+TINY_SIZE = ModelSize(
+    hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 ROPE_THETA = 1e6  # Qwen2.5's; its many slow RoPE frequencies leave room for position-free content matching
 
@@ -408,7 +424,8 @@ def calibrate_norms(model, tokenizer) -> None:
 
 def norms(model) -> list:
     return [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [
-        model.model.norm]
+        model.model.norm
+    ]
 
 
 # --- 4a. structured initialization ------------------------------------------------------------------------------
@@ -446,7 +463,7 @@ class ResidualLayout:
     prev_line: slice
 
     @classmethod
-    def for_width(cls, hidden_size: int) -> "ResidualLayout":
+    def for_width(cls, hidden_size: int) -> ResidualLayout:
         if hidden_size % 6:
             raise ValueError(f"structured init needs hidden_size divisible by 6, got {hidden_size}")
         t, c = hidden_size // 2, hidden_size // 6
@@ -499,8 +516,15 @@ def _name_token_ids(tokenizer) -> tuple:
     return starts, spaced, last
 
 
-def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float = 30.0, induction_gain: float = 2.5,
-                         copy_norm: float = 3.0, value_gain: float = 2.0) -> None:
+def init_lookup_circuits(
+    model,
+    tokenizer,
+    seed: int = 1234,
+    name_score: float = 30.0,
+    induction_gain: float = 2.5,
+    copy_norm: float = 3.0,
+    value_gain: float = 2.0,
+) -> None:
     """Start the four building-block heads described above (in place; see the section comment)."""
     config = model.config
     num_kv, group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
@@ -566,8 +590,8 @@ def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float =
         kv_rows, q_rows = clear(layer0, 1)
         layer0.k_proj.bias[kv_rows] = prev_k_bias
         layer0.q_proj.bias[q_rows] = prev_q_bias
-        layer0.v_proj.weight[kv_rows.start: kv_rows.start + channel, layout.token] = prev_proj
-        layer0.o_proj.weight[layout.prev, q_rows.start: q_rows.start + channel] = write_gain * torch.eye(channel)
+        layer0.v_proj.weight[kv_rows.start : kv_rows.start + channel, layout.token] = prev_proj
+        layer0.o_proj.weight[layout.prev, q_rows.start : q_rows.start + channel] = write_gain * torch.eye(channel)
 
         # layer 0, KV head 0: the nearest names -> LINE. One slow RoPE pair (~0.03 rad/token) makes the score
         # name_score * cos(0.03 d): names on the current line (d < 30) win over the previous line's.
@@ -576,8 +600,8 @@ def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float =
         name_read = norm_scale / math.sqrt(2.0)  # a name's embedding is ~half name direction
         layer0.k_proj.weight[kv_rows.start + pair, layout.token] = name_dir
         layer0.q_proj.bias[q_rows.start + pair] = name_score * math.sqrt(head_dim) / name_read
-        layer0.v_proj.weight[kv_rows.start: kv_rows.start + channel, layout.token] = line_proj
-        layer0.o_proj.weight[layout.line, q_rows.start: q_rows.start + channel] = write_gain * torch.eye(channel)
+        layer0.v_proj.weight[kv_rows.start : kv_rows.start + channel, layout.token] = line_proj
+        layer0.o_proj.weight[layout.line, q_rows.start : q_rows.start + channel] = write_gain * torch.eye(channel)
 
         # layer 1, KV head 0: induction on the slow RoPE pairs (nearly position-free over a prompt's length)
         kv_rows, q_rows = clear(layer1, 0)
@@ -596,10 +620,9 @@ def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float =
         kv_rows, q_rows = clear(layer1, 1)
         layer1.k_proj.bias[kv_rows] = prev_k_bias
         layer1.q_proj.bias[q_rows] = prev_q_bias
-        layer1.v_proj.weight[kv_rows.start: kv_rows.start + channel, layout.line] = torch.eye(channel)
+        layer1.v_proj.weight[kv_rows.start : kv_rows.start + channel, layout.line] = torch.eye(channel)
         line_gain = 2.0 / norm_scale  # LINE is read at about half the RMSNorm length: bring it back to ~1
-        layer1.o_proj.weight[layout.prev_line, q_rows.start: q_rows.start + channel] = line_gain * torch.eye(channel)
-
+        layer1.o_proj.weight[layout.prev_line, q_rows.start : q_rows.start + channel] = line_gain * torch.eye(channel)
 
 
 # --- 4b. the range check, set by hand and kept fixed -------------------------------------------------------------
@@ -630,8 +653,20 @@ def init_lookup_circuits(model, tokenizer, seed: int = 1234, name_score: float =
 # gain 1; with 1/64 per hundredth and steps sharp at 1/64, the comparison is exact.
 
 NORM_EPS = 1e6
-RESERVED_DIMS = ("is_gpa", "value", "between", "and", "prev_between", "prev_and", "low_here", "high_here", "bound",
-                 "low", "high", "verdict")
+RESERVED_DIMS = (
+    "is_gpa",
+    "value",
+    "between",
+    "and",
+    "prev_between",
+    "prev_and",
+    "low_here",
+    "high_here",
+    "bound",
+    "low",
+    "high",
+    "verdict",
+)
 RANGE_CHECK_TOKENS = (" between", " and", " inside", " outside")
 VALUE_SCALE = 1 / 64  # one hundredth of a GPA in the value dimension: a power of two, so bfloat16 keeps it exact
 BOUND_SCORE = 40.0  # attention score of the two bound tokens in the range-ends head; every other key scores 0
@@ -696,8 +731,9 @@ def init_range_check(model, tokenizer) -> None:
             layer.mlp.down_proj.weight[layout.reserved] = 0
 
         # layer 0: the previous-token head also copies the previous token's between/and
-        for value_row, column, (src, dst) in zip(rows["spare_values"], rows["prev_head_spare"],
-                                                 (("between", "prev_between"), ("and", "prev_and"))):
+        for value_row, column, (src, dst) in zip(
+            rows["spare_values"], rows["prev_head_spare"], (("between", "prev_between"), ("and", "prev_and"))
+        ):
             attn0.v_proj.weight[value_row] = 0
             attn0.v_proj.weight[value_row, R(src)] = 1.0
             attn0.o_proj.weight[:, column] = 0
@@ -710,8 +746,12 @@ def init_range_check(model, tokenizer) -> None:
             proj.weight[:MARK_UNITS] = 0
         mlp0.down_proj.weight[:, :MARK_UNITS] = 0
         unit_index = 0
-        for mark, up, out in (("prev_between", "value", "low_here"), ("prev_and", "value", "high_here"),
-                              ("prev_between", "is_gpa", "bound"), ("prev_and", "is_gpa", "bound")):
+        for mark, up, out in (
+            ("prev_between", "value", "low_here"),
+            ("prev_and", "value", "high_here"),
+            ("prev_between", "is_gpa", "bound"),
+            ("prev_and", "is_gpa", "bound"),
+        ):
             for threshold, sign in ((0.25, 1.0), (0.5, -1.0)):
                 mlp0.gate_proj.weight[unit_index, R(mark)] = k
                 mlp0.gate_proj.weight[unit_index, R("is_gpa")] = -k * threshold
@@ -731,8 +771,9 @@ def init_range_check(model, tokenizer) -> None:
         attn1.q_proj.bias[ends] = 0
         attn1.q_proj.bias[ends.start + rows["slow_pair"]] = BOUND_SCORE * math.sqrt(head_dim) / key_gain
         attn1.o_proj.weight[:, ends] = 0
-        for value_row, column, (src, dst) in zip(rows["spare_values"], rows["ends_head_spare"],
-                                                 (("low_here", "low"), ("high_here", "high"))):
+        for value_row, column, (src, dst) in zip(
+            rows["spare_values"], rows["ends_head_spare"], (("low_here", "low"), ("high_here", "high"))
+        ):
             attn1.v_proj.weight[value_row] = 0
             attn1.v_proj.bias[value_row] = 0
             attn1.v_proj.weight[value_row, R(src)] = 1.0
@@ -744,8 +785,9 @@ def init_range_check(model, tokenizer) -> None:
         for proj in (mlp1.gate_proj, mlp1.up_proj):
             proj.weight[:VERDICT_UNITS] = 0
         mlp1.down_proj.weight[:, :VERDICT_UNITS] = 0
-        for unit_index, (plus, minus, offset) in enumerate((("value", "low", k), ("value", "low", 0.0),
-                                                            ("high", "value", k), ("high", "value", 0.0))):
+        for unit_index, (plus, minus, offset) in enumerate(
+            (("value", "low", k), ("value", "low", 0.0), ("high", "value", k), ("high", "value", 0.0))
+        ):
             mlp1.gate_proj.weight[unit_index, R(plus)] = per_hundredth
             mlp1.gate_proj.weight[unit_index, R(minus)] = -per_hundredth
             mlp1.gate_proj.weight[unit_index, R("is_gpa")] = offset
@@ -824,7 +866,8 @@ def train(model, batches: list, pad_id: int, args) -> list:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95),
+        lr=args.lr,
+        betas=(0.9, 0.95),
     )
     model.train()
     log, start, cpu_start, window = [], time.time(), time.process_time(), []
@@ -843,11 +886,21 @@ def train(model, batches: list, pad_id: int, args) -> list:
             for param, mask, value in frozen:  # AdamW's decay and momentum would still move them
                 param[mask] = value[mask]
         window.append(loss.item())
-        log.append({"step": step + 1, "loss": loss.item(), "lr": lr, "time": time.time() - start,
-                    "cpu_time": time.process_time() - cpu_start})
+        log.append(
+            {
+                "step": step + 1,
+                "loss": loss.item(),
+                "lr": lr,
+                "time": time.time() - start,
+                "cpu_time": time.process_time() - cpu_start,
+            }
+        )
         if (step + 1) % args.log_every == 0 or step + 1 == len(batches):
-            print(f"step {step + 1:5d}/{len(batches)}  loss {sum(window) / len(window):.4f}  lr {lr:.2e}  "
-                  f"{time.time() - start:7.1f}s wall  {time.process_time() - cpu_start:7.1f}s cpu", flush=True)
+            print(
+                f"step {step + 1:5d}/{len(batches)}  loss {sum(window) / len(window):.4f}  lr {lr:.2e}  "
+                f"{time.time() - start:7.1f}s wall  {time.process_time() - cpu_start:7.1f}s cpu",
+                flush=True,
+            )
             window = []
     model.eval()
     return log
@@ -889,7 +942,8 @@ def save(model, tokenizer, log: list, args, output_dir: Path, elapsed: float) ->
     tokenizer.save_pretrained(output_dir)
     (output_dir / MODEL_FORMAT_PROMPT_FILE).write_text(FORMAT_INSTRUCTION + "\n", encoding="utf-8")
     (output_dir / MODEL_TASKS_FILE).write_text(
-        "# Tasks this model was trained for (generate.py warns before decoding any other task).\nretrieval\n")
+        "# Tasks this model was trained for (generate.py warns before decoding any other task).\nretrieval\n"
+    )
     summary = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -914,7 +968,9 @@ def plot_loss(log: list, path: Path) -> None:
     ax.plot(steps, losses, lw=0.8, label="loss (per step)")
     k = max(1, len(losses) // 50)
     if k > 1:
-        smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))
+        ]
         ax.plot(steps, smooth, lw=1.5, label=f"mean of last {k}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -937,9 +993,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--frac_10", type=float, default=0.4, help="fraction of training rows with 10 students")
-    p.add_argument("--branch_weight", type=float, default=3.0,
-                   help="loss weight of the branch segments' tokens: a branch must find its student by name alone, "
-                        "where the full answer can also go by the order of the lines")
+    p.add_argument(
+        "--branch_weight",
+        type=float,
+        default=3.0,
+        help="loss weight of the branch segments' tokens: a branch must find its student by name alone, "
+        "where the full answer can also go by the order of the lines",
+    )
     p.add_argument("--tokenizer_rows", type=int, default=2000, help="rows the BPE is trained on")
     p.add_argument("--vocab_size", type=int, default=2048)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -979,8 +1039,11 @@ def main(argv=None) -> int:
     check_tokenizer(tokenizer)
     batches = make_batches(tokenizer, rows, args.batch_size)[: args.steps]
     tokens = sum(len(e.input_ids) for b in batches for e in b)
-    print(f"{len(rows)} rows, vocab {len(tokenizer)}, {len(batches)} batches, {tokens} tokens; "
-          f"data ready in {time.time() - t0:.1f}s", flush=True)
+    print(
+        f"{len(rows)} rows, vocab {len(tokenizer)}, {len(batches)} batches, {tokens} tokens; "
+        f"data ready in {time.time() - t0:.1f}s",
+        flush=True,
+    )
 
     model = make_model(tokenizer, TINY_SIZE if args.tiny else ModelSize())
     print(f"Qwen2ForCausalLM with {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)

@@ -19,7 +19,8 @@ sys.path.insert(0, str(REPO))
 
 # Qwen2's pre-tokenizer pattern (the one its tokenizer.json uses).
 QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+    r"""|\s+(?!\S)|\s+"""
 )
 QWEN2_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 151643, 151644, 151645
 QWEN25_CHAT_TEMPLATE = (
@@ -54,7 +55,9 @@ def qwen_tokenizer():
     return build_qwen2_tokenizer()
 
 
-def tiny_decoder(family: str = "qwen2", vocab_size: int = 256, attn_implementation: str = "eager", seed: int = 0, **overrides):
+def tiny_decoder(
+    family: str = "qwen2", vocab_size: int = 256, attn_implementation: str = "eager", seed: int = 0, **overrides
+):
     """A small random-weight decoder (fp32, grouped-query attention) from a config."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 

@@ -14,7 +14,8 @@ from parallel_decoding.decoding.eager import EagerDecoder
 def decode_branches_one_by_one(
     decoder, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int, stop_token_ids=()
 ) -> list[list[int]]:
-    """Plain reference for ``engine.branches.decode_branches_cached``: each branch alone after the cached prefix, greedy.
+    """Plain reference for ``engine.branches.decode_branches_cached``: each branch alone after the cached prefix,
+    greedy.
 
     Per branch: crop the cache to the prefix, prefill the branch's forced start, then one pass per token, exactly
     as normal decoding writes one branch after another.
@@ -43,7 +44,8 @@ def decode_branches_reference(
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
 ) -> list[list[int]]:
-    """Plain reference for ``parallel_decoding.decode_branches``: each branch decoded alone, greedy, one after another."""
+    """Plain reference for ``parallel_decoding.decode_branches``: each branch decoded alone, greedy, one after
+    another."""
     decoder = EagerDecoder(model)
     decoder.forward(prefix_ids[0].tolist())
     stops = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)

@@ -11,13 +11,17 @@ alone, on the eager reference and on the fast decoder. After warm-up the compile
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
-
 from conftest import tiny_decoder
+
 from parallel_decoding.decoding import flex
 from parallel_decoding.decoding.arena import PADDING, ArenaFullError, FastDecoder
 from parallel_decoding.decoding.attention import flex_name, set_attention
+from parallel_decoding.decoding.backends import backend
 from parallel_decoding.decoding.eager import EagerDecoder
 from parallel_decoding.decoding.interface import SHARED
 
@@ -131,8 +135,13 @@ def test_greedy_decoding_near_the_end_of_a_large_arena_equals_the_reference(gqa_
         tokens = [int(expected[0])]
         for _ in range(CAPACITY - first - length):
             tokens.append(int(reference.forward(tokens[-1:], greedy=True)[0]))
-    got = [int(compiled.forward_packed(prompt, range(length), range(first, first + length), [SHARED] * length,
-                                       [first] * length, greedy=True)[0])]
+    got = [
+        int(
+            compiled.forward_packed(
+                prompt, range(length), range(first, first + length), [SHARED] * length, [first] * length, greedy=True
+            )[0]
+        )
+    ]
     with torch.compiler.set_stance("fail_on_recompile"):
         for step, slot in enumerate(range(first + length, CAPACITY)):
             out = compiled.forward_packed(got[-1:], [length + step], [slot], [SHARED], [first], greedy=True)
@@ -149,14 +158,19 @@ def test_the_flex_mask_equals_the_dense_mask_uncompiled(gqa_model):
     _packed(decoder, {name: script[:4] for name, script in scripts.items()})  # prompts and three single steps
     spare = decoder.arena.spare_slot
     #        A        B, branch 0  B, branch 1  C          padding
-    rows = [[1, 2, 3, 4, 0, 0], [130, 132, 132, 115, 0, 0], [130, 1132, 1133, 3995, spare, spare],
-            [SHARED, 0, 1, SHARED, PADDING, PADDING], [0, 1000, 1000, 3880, spare, spare]]
+    rows = [
+        [1, 2, 3, 4, 0, 0],
+        [130, 132, 132, 115, 0, 0],
+        [130, 1132, 1133, 3995, spare, spare],
+        [SHARED, 0, 1, SHARED, PADDING, PADDING],
+        [0, 1000, 1000, 3880, spare, spare],
+    ]
     name = flex.register(gqa_model, "sdpa")
     with torch.inference_mode():
         dense_logits, _ = decoder._pass(torch.tensor(rows))
         gqa_model.set_attn_implementation(name)
         try:
-            flex_logits, _ = decoder._pass(torch.tensor(rows), flex_mask=True)
+            flex_logits, _ = decoder._pass(torch.tensor(rows), attend=backend("flex"))
         finally:
             set_attention(gqa_model, "sdpa")
     assert gqa_model.config._attn_implementation == name  # set_attention: the wrapper of sdpa is sdpa already
@@ -171,10 +185,16 @@ def test_the_block_mask_visits_the_blocks_that_hold_the_live_slots(uncompiled):
     assert uncompiled.arena.key_branch.shape[0] == 32 * flex.BLOCK  # 4001 slots in whole blocks, PADDING past 4000
     assert (uncompiled.arena.key_branch[spare:] == PADDING).all()
     # One answer from slot 0 (forward_packed's default: every slot up to the largest row slot), then regions.
-    cases = [([0], [(0, 1)], [0]), ([127], [(0, 128)], [0]), ([128], [(0, 129)], [0, 1]),
-             ([5, 1000, 300], [(0, 1001)], list(range(8))), ([3999], [(0, 4000)], list(range(32))),
-             ([spare], [], []), ([50, 1050], [(0, 51), (1000, 1051)], [0, 7, 8]),
-             ([130, 3000], [(128, 131), (2990, 3001)], [1, 23])]
+    cases = [
+        ([0], [(0, 1)], [0]),
+        ([127], [(0, 128)], [0]),
+        ([128], [(0, 129)], [0, 1]),
+        ([5, 1000, 300], [(0, 1001)], list(range(8))),
+        ([3999], [(0, 4000)], list(range(32))),
+        ([spare], [], []),
+        ([50, 1050], [(0, 51), (1000, 1051)], [0, 7, 8]),
+        ([130, 3000], [(128, 131), (2990, 3001)], [1, 23]),
+    ]
     for slots, live, blocks in cases:
         branch = [PADDING if s == spare else SHARED for s in slots]
         tables.visit(live)
@@ -244,9 +264,12 @@ def test_the_layouts_without_a_mask_give_the_masked_logits(uncompiled, monkeypat
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 256, (64,), generator=g).tolist()
     setup = dict(  # two prompts: at 1000 (30 tokens) and at 1500 (10 tokens)
-        token_ids=tokens[:40], positions=list(range(30)) + list(range(10)),
-        slots=list(range(1000, 1030)) + list(range(1500, 1510)), branch_ids=[SHARED] * 40,
-        first_slots=[1000] * 30 + [1500] * 10)
+        token_ids=tokens[:40],
+        positions=list(range(30)) + list(range(10)),
+        slots=list(range(1000, 1030)) + list(range(1500, 1510)),
+        branch_ids=[SHARED] * 40,
+        first_slots=[1000] * 30 + [1500] * 10,
+    )
     rows = dict(  # a prompt at 3000; one shared row after the text at 1000; two branch rows after the text at 1500
         token_ids=tokens[40:60] + tokens[60:63],
         positions=list(range(20)) + [30] + [10, 10],
@@ -277,6 +300,7 @@ def test_the_layouts_without_a_mask_give_the_masked_logits(uncompiled, monkeypat
 
 
 # --- how the model's attention implementation is switched (no compile needed) ---------------------------------------
+
 
 @pytest.mark.parametrize("base", ["sdpa", "eager"])
 def test_the_flex_wrapper_is_its_base_for_every_other_caller(base):
@@ -332,13 +356,94 @@ def test_warm_up_calls_each_bucket_until_its_graph_is_recorded(monkeypatch, cuda
     assert marks == (list(range(len(seen))) if cuda_graphs else [])  # a new generation before every call
 
 
-def test_the_capacity_table_runs_every_decoder_to_the_reference_tokens():
-    """The benchmark helper (numbers go to docs/bench.md, none asserted here): rows per (capacity, attention)."""
-    from parallel_decoding.decoding.arena import capacity_table
+# --- the compiled step against the arena's capacity (a measuring helper, held to the eager reference here) ----------
 
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step(decoder, token: int) -> tuple[int, float]:
+    """One greedy one-row step after ``token``: the next token and the step's seconds (device-synchronized)."""
+    _synchronize(decoder.device)
+    start = time.perf_counter()
+    token = int(decoder.forward([token], greedy=True)[0])  # the read-back syncs a CUDA step too
+    return token, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def step_times(decoder, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Prefill ``prompt`` (untimed) on a fresh answer, then ``steps`` greedy one-row steps: the tokens chosen and
+    the seconds of each step (device-synchronized). Works for any decoder (``EagerDecoder`` too)."""
+    decoder.reset()
+    tokens, seconds = [int(decoder.forward(prompt, greedy=True)[0])], []
+    for _ in range(steps):
+        token, elapsed = _timed_step(decoder, tokens[-1])
+        tokens.append(token)
+        seconds.append(elapsed)
+    return tokens, seconds
+
+
+@torch.inference_mode()
+def _interleaved_sweep(decoders: dict, prompt: list[int], steps: int) -> dict:
+    """Every decoder prefills ``prompt``, then they take their greedy steps in turns (step i of each, in an order
+    rotating with i), so a shared machine's load falls on all alike: per decoder, (tokens, seconds per step)."""
+    keys = list(decoders)
+    runs = {}
+    for key in keys:
+        decoders[key].reset()
+        runs[key] = ([int(decoders[key].forward(prompt, greedy=True)[0])], [])
+    for step in range(steps):
+        for key in keys[step % len(keys) :] + keys[: step % len(keys)]:
+            token, elapsed = _timed_step(decoders[key], runs[key][0][-1])
+            runs[key][0].append(token)
+            runs[key][1].append(elapsed)
+    return runs
+
+
+def capacity_table(model, capacities, attentions, prefill: int, steps: int, skip: int, repeats: int) -> list[dict]:
+    """Median ms of the compiled one-row greedy step (bucket 1) per (capacity, attention), same text for all.
+
+    One ``FastDecoder(model, capacity, buckets=(1,), attention=...)`` each, warmed up; a random prompt of
+    ``prefill`` tokens, then ``steps`` greedy steps of which the first ``skip`` are dropped. The decoders take
+    their steps in turns, ``repeats`` sweeps, under ``fail_on_recompile``. Rows: ``capacity``, ``attention``,
+    ``median_ms``, ``sweep_medians_ms``, ``tokens_equal`` (every sweep's tokens equal the eager reference
+    decoder's).
+    """
+    vocab = model.config.get_text_config().vocab_size
+    prompt = torch.randint(0, vocab, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
+    reference, _ = step_times(EagerDecoder(model), prompt, steps)
+    decoders = {}
+    for capacity in capacities:
+        for attention in attentions:
+            decoders[capacity, attention] = FastDecoder(model, capacity, buckets=(1,), attention=attention)
+            decoders[capacity, attention].warm_up()
+    medians: dict = {key: [] for key in decoders}
+    equal = {key: True for key in decoders}
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(repeats):
+            for key, (tokens, seconds) in _interleaved_sweep(decoders, prompt, steps).items():
+                medians[key].append(1e3 * statistics.median(seconds[skip:]))
+                equal[key] &= tokens == reference
+    return [
+        {
+            "capacity": capacity,
+            "attention": attention,
+            "median_ms": statistics.median(medians[capacity, attention]),
+            "sweep_medians_ms": medians[capacity, attention],
+            "tokens_equal": equal[capacity, attention],
+        }
+        for capacity, attention in decoders
+    ]
+
+
+def test_the_capacity_table_runs_every_decoder_to_the_reference_tokens():
+    """The measuring helper (no numbers asserted here): rows per (capacity, attention), tokens as the reference."""
     model = tiny_decoder("qwen2", attn_implementation="sdpa")
-    rows = capacity_table(model, capacities=(200,), attentions=("flex", "dense"), prefill=130, steps=4, skip=1,
-                          repeats=2)
+    rows = capacity_table(
+        model, capacities=(200,), attentions=("flex", "dense"), prefill=130, steps=4, skip=1, repeats=2
+    )
     assert [(r["capacity"], r["attention"]) for r in rows] == [(200, "flex"), (200, "dense")]
     for row in rows:
         assert row["tokens_equal"] and len(row["sweep_medians_ms"]) == 2 and row["median_ms"] > 0

@@ -7,23 +7,39 @@ for one compiled case), packed into one pass.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-
 from conftest import tiny_decoder
-from parallel_decoding import Engine, normal_decode, parallel_decode
-from parallel_decoding.decoding.regions import SlotAllocator
-from parallel_decoding.engine.batch import request_seed
 from test_engine import _scripted
 
-ANSWER_KEYS = ("response", "length", "num_branches", "num_blocks", "stage1_response", "branches", "fallback", "caps",
-               "steps", "prompt_tokens")
+from parallel_decoding import Engine, normal_decode, parallel_decode
+from parallel_decoding.decoding.hf import context_length
+from parallel_decoding.decoding.regions import SlotAllocator
+from parallel_decoding.engine.batch import DEFAULT_REQUEST_TOKENS, request_seed
+
+ANSWER_KEYS = (
+    "response",
+    "length",
+    "num_branches",
+    "num_blocks",
+    "stage1_response",
+    "branches",
+    "fallback",
+    "caps",
+    "steps",
+    "prompt_tokens",
+)
 
 # Scripted answers (forced by a logits processor, as in tests/test_engine.py): blocks of ragged branches, two blocks,
 # no block at all (the fallback), an unclosed block (the rewind), text after a merge.
 SCRIPTS = {
     "three branches": ("Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%",),
-    "two blocks": ("First:\n####A:......\n####B:......\n####%%%%", "\nThen:\n####C:......\n####D:......\n####E:......\n####%%%%"),
+    "two blocks": (
+        "First:\n####A:......\n####B:......\n####%%%%",
+        "\nThen:\n####C:......\n####D:......\n####E:......\n####%%%%",
+    ),
     "no block": ("Just an answer without any block.",),
     "unclosed": ("Start\n####Only:......\n####Second:......\n",),
     "one branch": ("Hmm.\n####Single step:......\n####%%%%",),
@@ -57,14 +73,27 @@ def _cases(max_new_tokens=(60, 24)):
 
 def _alone(model, tokenizer, name, parallel, budget, **gen):
     decode = parallel_decode if parallel else normal_decode
-    return decode(model, tokenizer, PROMPTS[name], logits_processor=_scripted(tokenizer, PROMPTS[name], *SCRIPTS[name]),
-                  max_new_tokens=budget, **gen)
+    return decode(
+        model,
+        tokenizer,
+        PROMPTS[name],
+        logits_processor=_scripted(tokenizer, PROMPTS[name], *SCRIPTS[name]),
+        max_new_tokens=budget,
+        **gen,
+    )
 
 
 def _batched(engine, tokenizer, cases, **gen):
-    requests = [engine.submit(PROMPTS[name], parallel=parallel, max_new_tokens=budget,
-                              logits_processor=_scripted(tokenizer, PROMPTS[name], *SCRIPTS[name]), **gen)
-                for name, parallel, budget in cases]
+    requests = [
+        engine.submit(
+            PROMPTS[name],
+            parallel=parallel,
+            max_new_tokens=budget,
+            logits_processor=_scripted(tokenizer, PROMPTS[name], *SCRIPTS[name]),
+            **gen,
+        )
+        for name, parallel, budget in cases
+    ]
     while not engine.idle:
         engine.step()
     return requests
@@ -80,23 +109,39 @@ def test_every_request_equals_its_batch_1_answer(qwen_model, max_batch_size):
         assert request.error is None, request.error
         _same(request.result, _alone(model, tokenizer, name, parallel, budget))
     assert engine.scheduler.passes < sum(r.result["steps"] for r in requests)  # passes were shared
-    assert engine.scheduler.backend.allocator.free_slots == 2048  # every region went back
+    assert engine.scheduler.runner.allocator.free_slots == 2048  # every region went back
 
 
 def test_sampled_requests_equal_their_batch_1_answers(qwen_model):
     model, tokenizer = qwen_model
-    cases = [(name, parallel, 40) for name in ("three branches", "two blocks", "no block") for parallel in (True, False)]
+    cases = [
+        (name, parallel, 40) for name in ("three branches", "two blocks", "no block") for parallel in (True, False)
+    ]
     settings = dict(do_sample=True, temperature=0.7, top_p=0.9)
     engine = Engine(model, tokenizer, max_batch_size=4, kv_capacity=1024, compile=False)
-    requests = [engine.submit(PROMPTS[name], parallel=parallel, max_new_tokens=budget, **settings,
-                              logits_processor=_scripted(tokenizer, PROMPTS[name], *SCRIPTS[name]),
-                              generator=torch.Generator().manual_seed(request_seed(7, i)))
-                for i, (name, parallel, budget) in enumerate(cases)]
+    requests = [
+        engine.submit(
+            PROMPTS[name],
+            parallel=parallel,
+            max_new_tokens=budget,
+            **settings,
+            logits_processor=_scripted(tokenizer, PROMPTS[name], *SCRIPTS[name]),
+            generator=torch.Generator().manual_seed(request_seed(7, i)),
+        )
+        for i, (name, parallel, budget) in enumerate(cases)
+    ]
     while not engine.idle:
         engine.step()
     for i, ((name, parallel, budget), request) in enumerate(zip(cases, requests)):
-        alone = _alone(model, tokenizer, name, parallel, budget, **settings,
-                       generator=torch.Generator().manual_seed(request_seed(7, i)))
+        alone = _alone(
+            model,
+            tokenizer,
+            name,
+            parallel,
+            budget,
+            **settings,
+            generator=torch.Generator().manual_seed(request_seed(7, i)),
+        )
         _same(request.result, alone)
 
 
@@ -121,8 +166,10 @@ def test_a_request_does_not_see_the_others(qwen_model):
         engine = Engine(model, tokenizer, max_batch_size=4, kv_capacity=1024, compile=False)
         recorders = [Record() for _ in words]
         prompts = [words[0], other, words[1], words[2]]
-        requests = [engine.submit(p, parallel=False, max_new_tokens=12, logits_processor=[r] if r else None)
-                    for p, r in zip(prompts, [recorders[0], None, recorders[1], recorders[2]])]
+        requests = [
+            engine.submit(p, parallel=False, max_new_tokens=12, logits_processor=[r] if r else None)
+            for p, r in zip(prompts, [recorders[0], None, recorders[1], recorders[2]])
+        ]
         while not engine.idle:
             engine.step()
         runs.append(([requests[i].result for i in (0, 2, 3)], recorders))
@@ -140,7 +187,7 @@ def test_many_more_requests_than_the_batch_reuse_the_arena(qwen_model):
     # Room for two or three requests at a time: regions are freed and reused all along.
     engine = Engine(model, tokenizer, max_batch_size=4, kv_capacity=260, compile=False)
     starts = set()
-    original_allocate = engine.scheduler.backend.allocate
+    original_allocate = engine.scheduler.runner.allocate
 
     def allocate(size, what="an answer"):
         region = original_allocate(size, what)
@@ -148,21 +195,55 @@ def test_many_more_requests_than_the_batch_reuse_the_arena(qwen_model):
             starts.add(region.start)
         return region
 
-    engine.scheduler.backend.allocate = allocate
+    engine.scheduler.runner.allocate = allocate
     requests = _batched(engine, tokenizer, cases)
     for (name, parallel, budget), request in zip(cases, requests):
         _same(request.result, _alone(model, tokenizer, name, parallel, budget))
     assert len(starts) > 1 and 0 in starts  # several places, slot 0 among them again and again
-    assert engine.scheduler.backend.allocator.free_slots == 260
+    assert engine.scheduler.runner.allocator.free_slots == 260
+
+
+def test_the_default_arena_holds_a_full_batch_and_a_smaller_one_says_once_why_requests_wait(qwen_model):
+    """By default the arena holds max_batch_size requests of the model's context (engine.batch.kv_capacity_for), so
+    a full batch runs at once; an arena given smaller makes requests wait, and the engine warns once, saying why."""
+    model, tokenizer = qwen_model
+    engine = Engine(model, tokenizer, max_batch_size=8, compile=False)
+    assert engine.scheduler.runner.capacity == 8 * min(context_length(model), DEFAULT_REQUEST_TOKENS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: nothing waits
+        requests = [engine.submit(PROMPTS["no block"], parallel=False, max_new_tokens=30) for _ in range(8)]
+        engine.step()
+        assert len(engine.scheduler.running) == 8
+        while not engine.idle:
+            engine.step()
+    slots = requests[0].spec.slots_needed
+    small = Engine(model, tokenizer, max_batch_size=4, kv_capacity=2 * slots + 1, compile=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        requests = [small.submit(PROMPTS["no block"], parallel=False, max_new_tokens=30) for _ in range(4)]
+        small.step()
+        assert len(small.scheduler.running) == 2 and len(small.scheduler.waiting) == 2
+        while not small.idle:
+            small.step()
+    said = [str(w.message) for w in caught]
+    assert said == [
+        "a request waits for KV slots with 2 of max_batch_size=4 requests running: the KV arena is too small for "
+        f"that many requests like this one ({requests[0].spec.what}); give the engine a larger kv_capacity to run "
+        "them at once"
+    ]
+    assert all(r.error is None for r in requests)
 
 
 def test_a_request_that_can_never_fit_is_refused_alone(qwen_model):
     model, tokenizer = qwen_model
     engine = Engine(model, tokenizer, max_batch_size=4, kv_capacity=120, compile=False)
-    results = engine.generate([PROMPTS["no block"], PROMPTS["unclosed"] * 3, PROMPTS["no block"]], parallel=False,
-                              max_new_tokens=40)
-    assert results[1] == {"error": "ArenaFullError: a prompt of 83 tokens and 40 new tokens needs 123 KV slots but the "
-                                   "arena holds 120; make it larger"}
+    results = engine.generate(
+        [PROMPTS["no block"], PROMPTS["unclosed"] * 3, PROMPTS["no block"]], parallel=False, max_new_tokens=40
+    )
+    assert results[1] == {
+        "error": "ArenaFullError: a prompt of 83 tokens and 40 new tokens needs 123 KV slots but the "
+        "arena holds 120; make it larger"
+    }
     alone = normal_decode(model, tokenizer, PROMPTS["no block"], max_new_tokens=40)
     _same(results[0], alone)
     _same(results[2], alone)
@@ -180,20 +261,29 @@ def test_a_cancelled_request_frees_its_slots(qwen_model):
     while not engine.idle:
         engine.step()
     _same(kept.result, normal_decode(model, tokenizer, PROMPTS["no block"], max_new_tokens=30))
-    assert engine.scheduler.backend.allocator.free_slots == 512
+    assert engine.scheduler.runner.allocator.free_slots == 512
 
 
 def test_generate_is_the_same_at_any_batch_size_and_keeps_prompt_order(qwen_model):
     model, tokenizer = qwen_model
     prompts = [PROMPTS[name] for name in SCRIPTS]
     for settings in ({}, {"do_sample": True, "temperature": 0.8, "top_k": 50}):
-        answers = [Engine(model, tokenizer, max_batch_size=size, kv_capacity=1024, compile=False)
-                   .generate(prompts, parallel=True, max_new_tokens=20, seed=3, **settings) for size in (1, 2, 5)]
+        answers = [
+            Engine(model, tokenizer, max_batch_size=size, kv_capacity=1024, compile=False).generate(
+                prompts, parallel=True, max_new_tokens=20, seed=3, **settings
+            )
+            for size in (1, 2, 5)
+        ]
         tokens = [[{k: a[k] for k in ANSWER_KEYS} for a in run] for run in answers]
         assert tokens[0] == tokens[1] == tokens[2]
-        assert [a["prompt_tokens"] for a in answers[0]] == [len(tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False))
-            for p in prompts]  # prompt order
+        assert [a["prompt_tokens"] for a in answers[0]] == [
+            len(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+            for p in prompts
+        ]  # prompt order
 
 
 def test_bad_engine_settings_raise_one_sentence(qwen_model):
@@ -223,6 +313,7 @@ def test_compiled_engine_equals_the_eager_reference():
 
 # --- the slot allocator -----------------------------------------------------------------------------------------------
 
+
 def test_slot_allocator_is_first_fit_and_coalesces_freed_neighbours():
     slots = SlotAllocator(100)
     a, b, c = slots.allocate(30), slots.allocate(30), slots.allocate(30)
@@ -243,6 +334,7 @@ def test_slot_allocator_is_first_fit_and_coalesces_freed_neighbours():
 
 # --- streaming --------------------------------------------------------------------------------------------------------
 
+
 def test_streamed_tokens_join_into_the_answer_and_the_first_branch_streams_live(qwen_model):
     model, tokenizer = qwen_model
     cases = _cases()
@@ -250,13 +342,18 @@ def test_streamed_tokens_join_into_the_answer_and_the_first_branch_streams_live(
     streamed = [[] for _ in cases]  # per request: (pass number, tokens) as they were handed over
     requests = []
     for i, (name, parallel, budget) in enumerate(cases):
-        requests.append(engine.submit(
-            PROMPTS[name], parallel=parallel, max_new_tokens=budget,
-            logits_processor=_scripted(tokenizer, PROMPTS[name], *SCRIPTS[name]),
-            on_tokens=lambda tokens, i=i: streamed[i].append((engine.scheduler.passes, tokens))))
+        requests.append(
+            engine.submit(
+                PROMPTS[name],
+                parallel=parallel,
+                max_new_tokens=budget,
+                logits_processor=_scripted(tokenizer, PROMPTS[name], *SCRIPTS[name]),
+                on_tokens=lambda tokens, i=i: streamed[i].append((engine.scheduler.passes, tokens)),
+            )
+        )
     while not engine.idle:
         engine.step()
-    for (name, parallel, budget), request, pieces in zip(cases, requests, streamed):
+    for (name, parallel, _budget), request, pieces in zip(cases, requests, streamed):
         tokens = [t for _, chunk in pieces for t in chunk]
         assert tokenizer.decode(tokens, skip_special_tokens=True) == request.result["response"], (name, parallel)
         assert len(tokens) == request.result["length"]

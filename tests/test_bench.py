@@ -7,16 +7,45 @@ import json
 
 import pytest
 import torch
+from reference import decode_branches_one_by_one
 
 from parallel_decoding.bench import branch_stage as bench
-from reference import decode_branches_one_by_one
 from parallel_decoding.bench.configs import MODEL_CONFIGS, qwen2_config
 
-TINY = ["--config", "tiny", "--prefix_len", "12", "--branch_len", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "float32"]
+TINY = [
+    "--config",
+    "tiny",
+    "--prefix_len",
+    "12",
+    "--branch_len",
+    "3",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+]
 REQUIRED = {
-    "speedup", "efficiency", "sequential_tokens_per_s", "parallel_tokens_per_s", "peak_memory_mb",
-    "sequential_ms_per_step", "parallel_ms_per_step", "sequential_weight_gb_per_s", "parallel_weight_gb_per_s",
-    "num_branches", "branch_len", "prefix_len", "attn_implementation", "dtype", "device", "device_name", "results",
+    "speedup",
+    "efficiency",
+    "sequential_tokens_per_s",
+    "parallel_tokens_per_s",
+    "peak_memory_mb",
+    "sequential_ms_per_step",
+    "parallel_ms_per_step",
+    "sequential_weight_gb_per_s",
+    "parallel_weight_gb_per_s",
+    "num_branches",
+    "branch_len",
+    "prefix_len",
+    "attn_implementation",
+    "dtype",
+    "device",
+    "device_name",
+    "results",
 }
 
 
@@ -92,8 +121,24 @@ def test_bad_flags_fail_with_one_line(capsys):
 def test_model_path_loads_a_checkpoint(tmp_path, capsys):
     model = bench.random_model("tiny", torch.device("cpu"), torch.float32, "sdpa", seed=2)
     model.save_pretrained(tmp_path / "ckpt")
-    args = ["--model_path", str(tmp_path / "ckpt"), "--prefix_len", "8", "--branch_len", "2", "--num_branches", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--dtype", "float32"]
+    args = [
+        "--model_path",
+        str(tmp_path / "ckpt"),
+        "--prefix_len",
+        "8",
+        "--branch_len",
+        "2",
+        "--num_branches",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
     assert bench.main(args) == 0
     summary = last_json(capsys)
     assert summary["model"] == str(tmp_path / "ckpt") and summary["token_agreement"] == 1.0
@@ -101,30 +146,63 @@ def test_model_path_loads_a_checkpoint(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
-GPU_CHECK_TINY = ["--config", "tiny", "--device", "cpu", "--dtype", "float32", "--compile", "off", "--prompt_len", "24",
-                  "--capacity", "128"]
+GPU_CHECK_TINY = [
+    "--config",
+    "tiny",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--compile",
+    "off",
+    "--prompt_len",
+    "24",
+    "--capacity",
+    "128",
+]
 
 
 def test_gpu_check_report_on_a_tiny_cpu_model(tmp_path, capsys):
     from parallel_decoding.bench import gpu_check
 
     out = tmp_path / "gpu_check.md"
-    argv = GPU_CHECK_TINY + ["--steps", "3", "--branches", "1", "2", "5", "--match_tokens", "6", "--text_lens", "16", "40",
-                             "--out", str(out)]
+    argv = GPU_CHECK_TINY + [
+        "--steps",
+        "3",
+        "--branches",
+        "1",
+        "2",
+        "5",
+        "--match_tokens",
+        "6",
+        "--text_lens",
+        "16",
+        "40",
+        "--out",
+        str(out),
+    ]
     assert gpu_check.main(argv) == 0
     text = out.read_text()
     assert text == capsys.readouterr().out
-    for line in ("| eager normal step (ms/token) |", "| fast normal step (ms/token) |",
-                 "| fast parallel step, N=1 (ms/step) |", "| fast parallel step, N=5 (ms/step) |",
-                 "| greedy token match, fast vs eager (6 tokens) | 1.000 (divergence: none) |",
-                 "- fast path: KV arena of 128 slots, attention flex, compile off",
-                 "## Flex vs dense step, by length of text in the arena",
-                 "| 16 | flex (uncompiled: exact-size passes) |", "| 40 | dense (uncompiled: exact-size passes) |",
-                 "## One step's attention alone, every layer (flex, dense mask, the Triton kernel)",
-                 "| 16 | dense |", "| 40 | flex |", "| 40 | kernel |",  # the kernel on Triton's interpreter (conftest.py)
-                 "## CUDA graphs and recompiles of the timed steps",
-                 "- fast parallel step, N=5: cudagraph_skips 0 after warm-up, 0 after the timed steps; no recompile "
-                 "(no CUDA graphs here)", "- result: passed"):
+    for line in (
+        "| eager normal step (ms/token) |",
+        "| fast normal step (ms/token) |",
+        "| fast parallel step, N=1 (ms/step) |",
+        "| fast parallel step, N=5 (ms/step) |",
+        "| greedy token match, fast vs eager (6 tokens) | 1.000 (divergence: none) |",
+        "- fast path: KV arena of 128 slots, attention flex, compile off",
+        "## Flex vs dense step, by length of text in the arena",
+        "| 16 | flex (uncompiled: exact-size passes) |",
+        "| 40 | dense (uncompiled: exact-size passes) |",
+        "## One step's attention alone, every layer (flex, dense mask, the Triton kernel)",
+        "| 16 | dense |",
+        "| 40 | flex |",
+        "| 40 | kernel |",  # the kernel on Triton's interpreter (conftest.py)
+        "## CUDA graphs and recompiles of the timed steps",
+        "- fast parallel step, N=5: cudagraph_skips 0 after warm-up, 0 after the timed steps; no recompile "
+        "(no CUDA graphs here)",
+        "- result: passed",
+    ):
         assert line in text, line
     alone = [row for row in text.splitlines() if row.startswith(("| 16 | ", "| 40 | ")) and row.count("|") == 8]
     assert len(alone) == 6 and not any("not run" in row or "error" in row for row in alone), alone
@@ -143,15 +221,31 @@ def test_gpu_check_fails_with_one_line_after_writing_the_report(tmp_path, capsys
     from parallel_decoding.bench import gpu_check, step
 
     def failure(self):
-        return f"{self.what}: a timed step ran outside a recorded graph" if self.what == "fast parallel step, N=1" else None
+        return (
+            f"{self.what}: a timed step ran outside a recorded graph"
+            if self.what == "fast parallel step, N=1"
+            else None
+        )
 
     monkeypatch.setattr(step.StepCheck, "failure", failure)
     out = tmp_path / "gpu_check.md"
-    argv = GPU_CHECK_TINY + ["--steps", "1", "--branches", "1", "--match_tokens", "1", "--text_lens", "16", "--out", str(out)]
+    argv = GPU_CHECK_TINY + [
+        "--steps",
+        "1",
+        "--branches",
+        "1",
+        "--match_tokens",
+        "1",
+        "--text_lens",
+        "16",
+        "--out",
+        str(out),
+    ]
     assert gpu_check.main(argv) == 1
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
-        "parallel_decoding.bench.gpu_check: FAILED: fast parallel step, N=1: a timed step ran outside a recorded graph"]
+        "parallel_decoding.bench.gpu_check: FAILED: fast parallel step, N=1: a timed step ran outside a recorded graph"
+    ]
     text = out.read_text()
     assert text == captured.out and "| greedy token match, fast vs eager (1 tokens) |" in text
     assert "- result: FAILED: fast parallel step, N=1: a timed step ran outside a recorded graph" in text
@@ -159,8 +253,22 @@ def test_gpu_check_fails_with_one_line_after_writing_the_report(tmp_path, capsys
 
 # --- python -m parallel_decoding.bench.step -----------------------------------------------------------------------
 
-STEP_TINY = ["--config", "tiny", "--prefix_len", "20", "--steps", "2", "--repeats", "1", "--device", "cpu",
-             "--dtype", "float32", "--num_threads", "1"]
+STEP_TINY = [
+    "--config",
+    "tiny",
+    "--prefix_len",
+    "20",
+    "--steps",
+    "2",
+    "--repeats",
+    "1",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--num_threads",
+    "1",
+]
 
 
 def test_step_bench_prints_the_table_the_ratios_and_json(capsys):
@@ -171,16 +279,47 @@ def test_step_bench_prints_the_table_the_ratios_and_json(capsys):
     summary = json.loads(lines[-1])
     assert lines[1].startswith("| attention | capacity | rows | KV slots read | x heads | ms/step |")
     assert len([line for line in lines if line.startswith(("| flex |", "| dense |"))]) == 4
-    assert {"config", "layers", "dtype", "device", "device_name", "prefix_len", "steps", "repeats", "capacities",
-            "attention", "rows", "weight_bytes", "results", "capacity_ratios", "graphs", "failure"} <= summary.keys()
-    assert summary["capacities"] == [40, 160] and summary["attention"] == ["flex", "dense"] and summary["failure"] is None
+    assert {
+        "config",
+        "layers",
+        "dtype",
+        "device",
+        "device_name",
+        "prefix_len",
+        "steps",
+        "repeats",
+        "capacities",
+        "attention",
+        "rows",
+        "weight_bytes",
+        "results",
+        "capacity_ratios",
+        "graphs",
+        "failure",
+    } <= summary.keys()
+    assert (
+        summary["capacities"] == [40, 160] and summary["attention"] == ["flex", "dense"] and summary["failure"] is None
+    )
     for row in summary["results"]:
-        assert {"attention", "capacity", "rows", "mean_written", "kv_slots_read", "kv_heads_read", "ms_per_step",
-                "repeat_ms", "kv_bytes", "bytes_per_step", "gb_per_s"} <= row.keys()
+        assert {
+            "attention",
+            "capacity",
+            "rows",
+            "mean_written",
+            "kv_slots_read",
+            "kv_heads_read",
+            "ms_per_step",
+            "repeat_ms",
+            "kv_bytes",
+            "bytes_per_step",
+            "gb_per_s",
+        } <= row.keys()
         assert row["bytes_per_step"] == summary["weight_bytes"] + row["kv_bytes"] and row["gb_per_s"] > 0
         # tiny: 4 query heads, 2 KV heads; flex reads whole 128-slot blocks of the written text, dense the arena
         assert row["kv_heads_read"] == (2 if row["attention"] == "flex" else 4)
-        assert row["kv_slots_read"] == (min(128, row["capacity"] + 1) if row["attention"] == "flex" else row["capacity"] + 1)
+        assert row["kv_slots_read"] == (
+            min(128, row["capacity"] + 1) if row["attention"] == "flex" else row["capacity"] + 1
+        )
     ratios = {(r["attention"], r["rows"]): r for r in summary["capacity_ratios"]}
     assert ratios.keys() == {("flex", 1), ("dense", 1)}
     flex = ratios["flex", 1]
@@ -190,12 +329,15 @@ def test_step_bench_prints_the_table_the_ratios_and_json(capsys):
     assert "flex, 1 row(s): step at capacity 160 / at 40 = " in "\n".join(lines)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--rows", "0"], "--rows must be between 1 and 128"),
-    (["--capacities", "22"], "--capacities must hold --prefix_len + rows x (steps + 1) = 23 tokens, got 22"),
-    (["--layers", "3"], "--layers must be between 1 and 2 for tiny, got 3"),
-    (["--attention", "sparse"], "argument --attention: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rows", "0"], "--rows must be between 1 and 128"),
+        (["--capacities", "22"], "--capacities must hold --prefix_len + rows x (steps + 1) = 23 tokens, got 22"),
+        (["--layers", "3"], "--layers must be between 1 and 2 for tiny, got 3"),
+        (["--attention", "sparse"], "argument --attention: invalid choice"),
+    ],
+)
 def test_step_bench_bad_flags_are_one_line_with_status_2(flags, message, capsys):
     from parallel_decoding.bench import step
 
@@ -212,7 +354,8 @@ def test_step_bench_without_cuda_is_one_line_with_status_2(capsys):
         pytest.skip("a GPU is present")
     assert step.main(STEP_TINY + ["--device", "cuda", "--capacities", "64"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "parallel_decoding.bench.step: error: --device cuda: CUDA is not available"]
+        "parallel_decoding.bench.step: error: --device cuda: CUDA is not available"
+    ]
 
 
 def test_step_bench_bytes_and_layer_cut():
@@ -254,8 +397,10 @@ def test_step_check_counts_replays_and_catches_recompiles(monkeypatch):
     with check:
         manager._run("replay", 0)
         manager._run("warm", 0)
-    assert check.failure() == ("timed: 2 compiled calls in 2 timed steps, 1 graph replays, 0 recordings, 1 eager runs: "
-                               "a timed step ran outside a recorded graph")
+    assert check.failure() == (
+        "timed: 2 compiled calls in 2 timed steps, 1 graph replays, 0 recordings, 1 eager runs: "
+        "a timed step ran outside a recorded graph"
+    )
     check.counts.update(calls=2, replays=2, eager_runs=0)
     check.skips_after = 1
     assert "inductor skipped CUDA graphs for 1 compiled graph(s)" in check.failure()
@@ -284,3 +429,26 @@ def test_compiled_bench_compiles_every_bucket_it_uses_before_timing(monkeypatch,
         torch.compiler.set_stance("default")
     summary = last_json(capsys)
     assert summary["compile"] is True and summary["token_agreement"] == 1.0
+
+
+def test_same_answers_counts_equal_rows_and_fails_on_any_difference(tmp_path, capsys):
+    """scripts/gpu_check.sh's answers step: the compiled path's results file held to the eager one's."""
+    from parallel_decoding.bench import same_answers
+
+    rows = [{"normal_response": "a", "parallel_response": "a"}, {"normal_response": "b", "parallel_response": "c"}]
+    reference, candidate = tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl"
+    reference.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    candidate.write_text(reference.read_text(encoding="utf-8"), encoding="utf-8")
+    assert same_answers.main([str(reference), str(candidate)]) == 0
+    assert "parallel answers equal to the reference's: 2/2" in capsys.readouterr().out
+    garbled = [rows[0], {"normal_response": "b", "parallel_response": "x x x"}]
+    candidate.write_text("".join(json.dumps(r) + "\n" for r in garbled), encoding="utf-8")
+    assert same_answers.main([str(reference), str(candidate)]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "normal answers equal to the reference's: 2/2" in out
+        and "parallel answers equal to the reference's: 1/2" in out
+    )
+    candidate.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    assert same_answers.main([str(reference), str(candidate)]) == 2
+    assert "the files hold 2 and 1 rows" in capsys.readouterr().err

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from reference import decode_branches_one_by_one
 
 from parallel_decoding.bench import batch as bench_batch
 from parallel_decoding.bench.branch_stage import random_model
 from parallel_decoding.bench.synthetic import SyntheticAnswer, SyntheticShape
 from parallel_decoding.decoding.eager import EagerDecoder
 from parallel_decoding.engine.batch import Engine, request_outcome
-from reference import decode_branches_one_by_one
 
 SHAPE = SyntheticShape(skeleton_tokens=3, branches=3, branch_tokens=4, conclusion_tokens=2)
 
@@ -38,8 +38,10 @@ def test_synthetic_answers_equal_the_plain_reference_in_a_mixed_batch(tiny):
     titles = [torch.randint(0, 512, (SHAPE.branches,), generator=generator).tolist() for _ in prompts]
     modes = [True, False, True, False]
     engine = Engine(tiny, None, max_batch_size=3, kv_capacity=3 * 60, compile=False)
-    requests = [engine.scheduler.submit(SyntheticAnswer(p, parallel, SHAPE, t))
-                for p, parallel, t in zip(prompts, modes, titles)]
+    requests = [
+        engine.scheduler.submit(SyntheticAnswer(p, parallel, SHAPE, t))
+        for p, parallel, t in zip(prompts, modes, titles)
+    ]
     while not engine.idle:
         engine.step()
     answers = [request_outcome(r) for r in requests]
@@ -73,46 +75,103 @@ def run_bench(capsys, argv) -> tuple[dict, str, str]:
 
 
 def test_synthetic_table_on_a_tiny_model(capsys):
-    result, table, err = run_bench(capsys, [
-        "--config", "tiny", "--requests", "5", "--prompt_len", "20", "--skeleton_tokens", "3", "--branches", "3",
-        "--branch_tokens", "4", "--conclusion_tokens", "2", "--batch_sizes", "1", "3", "--repeats", "2",
-        "--num_threads", "1"])
+    result, table, err = run_bench(
+        capsys,
+        [
+            "--config",
+            "tiny",
+            "--requests",
+            "5",
+            "--prompt_len",
+            "20",
+            "--skeleton_tokens",
+            "3",
+            "--branches",
+            "3",
+            "--branch_tokens",
+            "4",
+            "--conclusion_tokens",
+            "2",
+            "--batch_sizes",
+            "1",
+            "3",
+            "--repeats",
+            "2",
+            "--num_threads",
+            "1",
+        ],
+    )
     settings = result["settings"]
-    assert [(s["batch_size"], s["mode"]) for s in settings] == [(1, "normal"), (1, "parallel"), (3, "normal"),
-                                                                   (3, "parallel")]
+    assert [(s["batch_size"], s["mode"]) for s in settings] == [
+        (1, "normal"),
+        (1, "parallel"),
+        (3, "normal"),
+        (3, "parallel"),
+    ]
     for s in settings:
         assert s["tokens"] == 5 * 17 and s["same_answers_as_first"] == 5  # float32: the same answers at any batch size
         assert len(s["tokens_per_s_repeats"]) == 2 and s["tokens_per_s"] == min(s["tokens_per_s_repeats"])
         assert s["capacity"] == 3 * (20 + 17) and s["p99_s"] >= s["p50_s"] > 0
     by = {(s["batch_size"], s["mode"]): s for s in settings}
     assert by[1, "normal"]["passes"] == 5 * 17  # one token per pass
-    assert by[1, "parallel"]["passes"] == 5 * (3 + 4 + 2)  # skeleton, branch steps (titles prefilled), merge + conclusion
+    assert by[1, "parallel"]["passes"] == 5 * (
+        3 + 4 + 2
+    )  # skeleton, branch steps (titles prefilled), merge + conclusion
     assert by[3, "normal"]["passes"] < by[1, "normal"]["passes"]
     assert by[1, "normal"]["speedup_vs_first"] == 1.0
     assert set(result["parallel_over_normal"]) == {"1", "3"}  # JSON keys
     assert "median of 2 interleaved repeats" in table and "5 synthetic requests of 20 prompt tokens" in table
-    assert table.splitlines()[1].split() == ["batch", "mode", "tokens/s", "vs", "first", "p50", "s", "p99", "s",
-                                             "passes", "same", "answers"]
+    assert table.splitlines()[1].split() == [
+        "batch",
+        "mode",
+        "tokens/s",
+        "vs",
+        "first",
+        "p50",
+        "s",
+        "p99",
+        "s",
+        "passes",
+        "same",
+        "answers",
+    ]
     progress = [line for line in err.splitlines() if line.startswith("repeat ")]
     assert len(progress) == 8 and progress[0].startswith("repeat 1, batch 1, normal: ")
     assert progress[4].startswith("repeat 2, batch 1, parallel: ")  # the modes alternate from one repeat to the next
 
 
 def test_task_table_on_the_embedded_model(capsys):
-    result, table, _ = run_bench(capsys, ["--max_samples", "3", "--max_new_tokens", "48", "--batch_sizes", "1", "2",
-                                          "--repeats", "1", "--num_threads", "1"])
+    result, table, _ = run_bench(
+        capsys,
+        [
+            "--max_samples",
+            "3",
+            "--max_new_tokens",
+            "48",
+            "--batch_sizes",
+            "1",
+            "2",
+            "--repeats",
+            "1",
+            "--num_threads",
+            "1",
+        ],
+    )
     assert result["requests"] == 3 and result["model"] == "models/tiny-qwen2-retrieval"
     assert all(s["same_answers_as_first"] == 3 and s["tokens"] > 0 for s in result["settings"])
     assert "3 rows, max_new_tokens 48" in table
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--repeats", "0"], "--batch_sizes and --repeats must be >= 1"),
-    (["--config", "tiny", "--branches", "0"], "every size of a synthetic answer must be >= 1"),
-    (["--config", "tiny", "--requests", "0"], "--requests and --prompt_len must be >= 1"),
-    (["--data_path", "missing.jsonl"], "cannot read dataset missing.jsonl"),
-    (["--model_path", "no/such/model", "--max_samples", "1"], "--model_path no/such/model: not a directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--repeats", "0"], "--batch_sizes and --repeats must be >= 1"),
+        (["--config", "tiny", "--branches", "0"], "every size of a synthetic answer must be >= 1"),
+        (["--config", "tiny", "--requests", "0"], "--requests and --prompt_len must be >= 1"),
+        (["--data_path", "missing.jsonl"], "cannot read dataset missing.jsonl"),
+        (["--model_path", "no/such/model", "--max_samples", "1"], "--model_path no/such/model: not a directory"),
+    ],
+)
 def test_bad_settings_are_one_line(capsys, argv, message):
     assert bench_batch.main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -130,9 +189,36 @@ def test_engine_batch_size_can_change_between_admissions(tiny):
 def test_compiled_synthetic_table_as_gpu_check_runs_it(capsys):
     """The GPU script's batch call (compiled, two widths) at the tiny shape: every answer the same at every batch
     size, the compiled passes included (a pass of the prefills runs at its exact size)."""
-    result, _, _ = run_bench(capsys, [
-        "--config", "tiny", "--compile", "on", "--buckets", "4", "16", "--requests", "3", "--prompt_len", "24",
-        "--skeleton_tokens", "2", "--branches", "4", "--branch_tokens", "3", "--conclusion_tokens", "2",
-        "--batch_sizes", "1", "3", "--repeats", "1", "--num_threads", "1"])
+    result, _, _ = run_bench(
+        capsys,
+        [
+            "--config",
+            "tiny",
+            "--compile",
+            "on",
+            "--buckets",
+            "4",
+            "16",
+            "--requests",
+            "3",
+            "--prompt_len",
+            "24",
+            "--skeleton_tokens",
+            "2",
+            "--branches",
+            "4",
+            "--branch_tokens",
+            "3",
+            "--conclusion_tokens",
+            "2",
+            "--batch_sizes",
+            "1",
+            "3",
+            "--repeats",
+            "1",
+            "--num_threads",
+            "1",
+        ],
+    )
     assert result["compile"] == "on"
     assert all(s["same_answers_as_first"] == 3 and s["tokens"] == 3 * (4 * 4 + 2) for s in result["settings"])

@@ -26,10 +26,19 @@ def _args(max_samples=ROWS):
     return ["--task", "retrieval", "--max_samples", str(max_samples), "--max_new_tokens", "40"]
 
 
-
 # Columns that depend on the tokens decoded; timings and speeds differ from run to run.
-ANSWER_COLUMNS = ("full_prompt", "normal_response", "normal_length", "parallel_response", "parallel_length",
-                  "num_parallel_branches", "stage1_response", "branches", "fallback", "error")
+ANSWER_COLUMNS = (
+    "full_prompt",
+    "normal_response",
+    "normal_length",
+    "parallel_response",
+    "parallel_length",
+    "num_parallel_branches",
+    "stage1_response",
+    "branches",
+    "fallback",
+    "error",
+)
 
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason=f"the embedded model {MODEL} is not in this checkout")
 
@@ -43,8 +52,16 @@ def _answers(rows: list) -> list:
 
 
 def _torchrun_command(*argv):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(REPO / "generate.py"), *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "generate.py"),
+        *argv,
+    ]
 
 
 def _torchrun(*argv, timeout=240):
@@ -114,9 +131,29 @@ def test_tensor_parallel_refuses_heads_the_world_size_does_not_divide(tmp_path):
     assert proc.returncode != 0
     assert "exitcode  : 2" in proc.stderr  # torchrun's report of the workers' exit status
     ours = [line for line in proc.stderr.splitlines() if line.startswith("generate.py: error: ")]
-    assert ours == [f"generate.py: error: --tp over 2 processes: {model} has num_key_value_heads=3, which 2 does "
-                    f"not divide; use a --nproc_per_node that divides 3"]
+    assert ours == [
+        f"generate.py: error: --tp over 2 processes: {model} has num_key_value_heads=3, which 2 does "
+        f"not divide; use a --nproc_per_node that divides 3"
+    ]
     assert not list((tmp_path / "out").rglob("*.jsonl*"))  # no results file, no shard
+
+
+def test_stop_frees_the_control_group_before_the_interpreter_exits(tmp_path):
+    """A gloo group left for the interpreter's exit can abort the process (its worker threads still hold a finished
+    collective's tensors and need the GIL): stop() destroys the control group and the default one itself."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    control = distributed.ControlGroup(dist.new_group(backend="gloo"))
+    ranks = distributed.Ranks(distributed.TENSOR_PARALLEL, 0, 0, 1, control)
+    gathered = [None]
+    dist.all_gather_object(gathered, "an error", group=ranks.control_group)
+    assert gathered == ["an error"]
+    distributed.stop(ranks)
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="the control group was closed"):
+        _ = ranks.control_group
+    distributed.stop(ranks)  # twice is harmless (generate.py's finally after an earlier stop)
 
 
 def test_head_check_counts_query_and_key_value_heads():
@@ -130,6 +167,7 @@ def test_head_check_counts_query_and_key_value_heads():
 
 
 # --- data parallel ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", [distributed.DATA_PARALLEL, distributed.TENSOR_PARALLEL])
 def test_each_rank_makes_its_cuda_device_the_current_one(monkeypatch, mode):
@@ -167,8 +205,13 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
 def test_data_parallel_survives_a_killed_rank_and_gives_the_single_process_answers(tmp_path, single_process_rows):
     out = tmp_path / MODEL.name / "retrieval_4.jsonl"
     shard1 = out.with_name("retrieval_4.jsonl.shard-1")  # rank 1 decodes rows 1 and 3
-    launcher = subprocess.Popen(_torchrun_command("--data_parallel", *_args(), "--output_dir", str(tmp_path)),
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        _torchrun_command("--data_parallel", *_args(), "--output_dir", str(tmp_path)),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (shard1.exists() and shard1.read_text().count("\n") == 1):
@@ -214,6 +257,7 @@ def test_shards_of_any_rank_count_resume_without_torchrun(tmp_path, single_proce
 
 # --- bad combinations: one line, exit 2, before any model is loaded --------------------------------------------
 
+
 def _bad(capsys, argv) -> str:
     assert generate.main(argv) == 2
     err = capsys.readouterr().err
@@ -228,18 +272,22 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert "--tp with --data_parallel is not supported" in _bad(capsys, [*_args(), *out, "--tp", "--data_parallel"])
     assert "--device_map with --tp is not supported" in _bad(capsys, [*_args(), *out, "--tp", "--device_map", "auto"])
     assert "--device_map with --data_parallel is not supported" in _bad(
-        capsys, [*_args(), *out, "--data_parallel", "--device_map", "auto"])
+        capsys, [*_args(), *out, "--data_parallel", "--device_map", "auto"]
+    )
     assert "--device with --tp" in _bad(capsys, [*_args(), *out, "--tp", "--device", "cpu"])
     assert "--offload_folder is only used with --device_map" in _bad(capsys, [*_args(), *out, "--offload_folder", "x"])
     missing = tmp_path / "map.json"
-    assert f"--device_map {missing}: not one of auto, balanced" in _bad(capsys, [*_args(), *out, "--device_map",
-                                                                               str(missing)])
+    assert f"--device_map {missing}: not one of auto, balanced" in _bad(
+        capsys, [*_args(), *out, "--device_map", str(missing)]
+    )
     missing.write_text('["model.layers.0"]')
-    assert f"--device_map {missing}: expected a JSON object" in _bad(capsys, [*_args(), *out, "--device_map",
-                                                                             str(missing)])
+    assert f"--device_map {missing}: expected a JSON object" in _bad(
+        capsys, [*_args(), *out, "--device_map", str(missing)]
+    )
     missing.write_text('{"model.embed_tokens": "cpu", "model.layers": "gpu7"}')
     assert f"--device_map {missing}: 'model.layers' -> 'gpu7' is not a device of this machine" in _bad(
-        capsys, [*_args(), *out, "--device_map", str(missing)])
+        capsys, [*_args(), *out, "--device_map", str(missing)]
+    )
     assert "--tp shards the model over the processes torchrun starts" in _bad(capsys, [*_args(), *out, "--tp"])
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment, without --tp or --data_parallel
     assert "torchrun started 2 processes: pass --tp" in _bad(capsys, [*_args(), *out])
@@ -248,16 +296,31 @@ def test_bad_combinations_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
 
 # --- device map ------------------------------------------------------------------------------------------------
 
+
 def test_device_map_with_disk_offload_gives_the_plain_answers(tmp_path, single_process_rows, capsys):
     """Layer 1 offloaded to disk: accelerate's hooks load them per forward pass and move the engine's
     inputs (4D branch mask, positions) to each layer's execution device. On this CPU every device is the CPU,
     so this checks the hooked path, not a transfer between GPUs."""
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
-                  **{f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(4)}}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+        **{f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(4)},
+    }
     map_file = tmp_path / "device_map.json"
     map_file.write_text(json.dumps(device_map))
-    argv = [*_args(max_samples=1), "--modes", "parallel", "--output_dir", str(tmp_path), "--device_map",
-            str(map_file), "--offload_folder", str(tmp_path / "offload")]
+    argv = [
+        *_args(max_samples=1),
+        "--modes",
+        "parallel",
+        "--output_dir",
+        str(tmp_path),
+        "--device_map",
+        str(map_file),
+        "--offload_folder",
+        str(tmp_path / "offload"),
+    ]
     assert generate.main(argv) == 0
     assert "spread by --device_map over cpu, disk" in capsys.readouterr().err
     (row,) = _read(tmp_path / MODEL.name / "retrieval_4.jsonl")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_decoder
+from reference import decode_branches_reference
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from conftest import tiny_decoder
 from parallel_decoding import branch_mask, decode_branches, normal_decode, parallel_decode
 from parallel_decoding.engine.decode import chat_prompt_ids, marker_vocab, stop_token_ids
-from reference import decode_branches_reference
 
 TITLES = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24, 25, 26, 27, 28]]  # 5 ragged titles
 
@@ -78,16 +78,22 @@ def test_branch_mask_tree_layout():
     key_branch = torch.tensor([-1, -1, 0, 0, 1], dtype=torch.int32)
     query_branch = torch.tensor([0, 0, 1], dtype=torch.int32)
     visible = branch_mask(key_branch, query_branch, torch.float32)[0, 0] == 0
-    expected = torch.tensor([
-        [1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 0],
-        [1, 1, 0, 0, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(visible, expected)
     # a decode step: one token per branch appended after the tree
     key_branch = torch.tensor([-1, -1, 0, 0, 1, 0, 1], dtype=torch.int32)
     visible = branch_mask(key_branch, torch.tensor([0, 1], dtype=torch.int32), torch.float32)[0, 0] == 0
-    assert visible.tolist() == [[True, True, True, True, False, True, False], [True, True, False, False, True, False, True]]
+    assert visible.tolist() == [
+        [True, True, True, True, False, True, False],
+        [True, True, False, False, True, False, True],
+    ]
 
 
 class ScriptedAnswer(LogitsProcessor):
@@ -124,7 +130,9 @@ def _encode(tokenizer, text):
 
 def _scripted(tokenizer, prompt, *texts):
     prompt_len = len(chat_prompt_ids(tokenizer, prompt))
-    return LogitsProcessorList([ScriptedAnswer(prompt_len, [_encode(tokenizer, t) for t in texts], _encode(tokenizer, "####%%%%"))])
+    return LogitsProcessorList(
+        [ScriptedAnswer(prompt_len, [_encode(tokenizer, t) for t in texts], _encode(tokenizer, "####%%%%"))]
+    )
 
 
 def _branch_reference(model, tokenizer, prefix_ids, titles, cap):
@@ -139,7 +147,11 @@ def test_parallel_decode_runs_three_stages(qwen_model):
     prompt = "Check every option."
     skeleton = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%"
     out = parallel_decode(
-        model, tokenizer, prompt, max_new_tokens=40, max_branch_tokens=4,
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=40,
+        max_branch_tokens=4,
         logits_processor=_scripted(tokenizer, prompt, skeleton),
     )
     assert out["fallback"] is None
@@ -153,7 +165,10 @@ def test_parallel_decode_runs_three_stages(qwen_model):
     assert [b["text"] for b in out["branches"]] == [tokenizer.decode(a, skip_special_tokens=True) for a in alone]
     assert [b["tokens"] for b in out["branches"]] == [len(a) for a in alone] == [4, 4, 4]
     assert [b["stop"] for b in out["branches"]] == ["cap"] * 3
-    merged = "Let me check each one.\n" + "".join(f"####{t}:{tokenizer.decode(a, skip_special_tokens=True)}" for t, a in zip(["Alpha", "Beta two", "Gamma"], alone))
+    merged = "Let me check each one.\n" + "".join(
+        f"####{t}:{tokenizer.decode(a, skip_special_tokens=True)}"
+        for t, a in zip(["Alpha", "Beta two", "Gamma"], alone)
+    )
     assert out["response"].startswith(merged + "####%%%%")
     assert len(out["response"]) > len(merged + "####%%%%")  # stage 3 went on after the merge
     assert out["length"] == 40  # the whole answer, stage 3 included, within max_new_tokens
@@ -185,7 +200,9 @@ def test_max_new_tokens_bounds_the_whole_parallel_answer(qwen_model):
     prompt = "Check every option."
     skeleton = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%"
     titles = ["Alpha", "Beta two", "Gamma"]
-    out = parallel_decode(model, tokenizer, prompt, max_new_tokens=40, logits_processor=_scripted(tokenizer, prompt, skeleton))
+    out = parallel_decode(
+        model, tokenizer, prompt, max_new_tokens=40, logits_processor=_scripted(tokenizer, prompt, skeleton)
+    )
     intro = _encode(tokenizer, "Let me check each one.\n")
     prefixes = [_encode(tokenizer, f"####{t}:") for t in titles]
     room = 40 - len(intro) - sum(len(p) for p in prefixes) - len(_encode(tokenizer, "####%%%%"))
@@ -196,12 +213,16 @@ def test_max_new_tokens_bounds_the_whole_parallel_answer(qwen_model):
     assert sum(len(k) for k in kept) <= room < sum(len(k) for k in kept) + len(titles)
     assert [b["stop"] for b in out["branches"]] == ["budget"] * 3
     # the answer ends after the merged block, within the budget, and says it was capped
-    merged = "Let me check each one.\n" + "".join(f"####{t}:{tokenizer.decode(k, skip_special_tokens=True)}" for t, k in zip(titles, kept))
+    merged = "Let me check each one.\n" + "".join(
+        f"####{t}:{tokenizer.decode(k, skip_special_tokens=True)}" for t, k in zip(titles, kept)
+    )
     assert out["response"] == merged + "####%%%%"
     assert out["length"] <= 40
     assert any("the branch stage stopped" in c for c in out["caps"])
     # the same answer normally decoded is capped too, at exactly the budget
-    assert normal_decode(model, tokenizer, prompt, max_new_tokens=40)["caps"] == ["the answer reached max_new_tokens (40)"]
+    assert normal_decode(model, tokenizer, prompt, max_new_tokens=40)["caps"] == [
+        "the answer reached max_new_tokens (40)"
+    ]
 
 
 def test_two_blocks_both_run_in_parallel(qwen_model):
@@ -210,7 +231,11 @@ def test_two_blocks_both_run_in_parallel(qwen_model):
     first = "First part.\n####A:......\n####B:......\n####%%%%"
     second = " Second part.\n####C:......\n####D:......\n####E:......\n####%%%%"
     out = parallel_decode(
-        model, tokenizer, prompt, max_new_tokens=80, max_branch_tokens=6,
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=80,
+        max_branch_tokens=6,
         logits_processor=_scripted(tokenizer, prompt, first, second),
     )
     assert out["fallback"] is None
@@ -224,7 +249,12 @@ def test_branch_cap_keeps_the_first_and_says_so(qwen_model):
     prompt = "Many."
     skeleton = "Go.\n####A:......\n####B:......\n####C:......\n####%%%%"
     out = parallel_decode(
-        model, tokenizer, prompt, max_new_tokens=30, max_branches=2, logits_processor=_scripted(tokenizer, prompt, skeleton)
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=30,
+        max_branches=2,
+        logits_processor=_scripted(tokenizer, prompt, skeleton),
     )
     assert [b["title"] for b in out["branches"]] == ["A", "B"]
     assert any("kept the first 2" in c for c in out["caps"])
@@ -247,7 +277,9 @@ def test_unclosed_block_falls_back_to_sequential_decoding(qwen_model):
     opener = "Start.\n####Only:"  # the model never writes ####%%%% after this title
     processor = _scripted(tokenizer, prompt, opener)
     normal = normal_decode(model, tokenizer, prompt, max_new_tokens=24, logits_processor=processor)
-    parallel = parallel_decode(model, tokenizer, prompt, max_new_tokens=24, logits_processor=_scripted(tokenizer, prompt, opener))
+    parallel = parallel_decode(
+        model, tokenizer, prompt, max_new_tokens=24, logits_processor=_scripted(tokenizer, prompt, opener)
+    )
     assert "did not close" in parallel["fallback"]
     assert parallel["response"] == normal["response"]
     assert "......" not in parallel["response"]
@@ -259,10 +291,24 @@ def test_sampling_settings_apply_and_are_validated(qwen_model):
     skeleton = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%"
 
     def run(decode, seed=None, **sampling):
-        gen = {"do_sample": True, "generator": torch.Generator().manual_seed(seed), **sampling} if seed is not None else {}
-        return decode(model, tokenizer, prompt, max_new_tokens=30, max_branch_tokens=5,
-                      logits_processor=_scripted(tokenizer, prompt, skeleton), **gen) if decode is parallel_decode else \
-            decode(model, tokenizer, prompt, max_new_tokens=12, **gen)
+        gen = (
+            {"do_sample": True, "generator": torch.Generator().manual_seed(seed), **sampling}
+            if seed is not None
+            else {}
+        )
+        return (
+            decode(
+                model,
+                tokenizer,
+                prompt,
+                max_new_tokens=30,
+                max_branch_tokens=5,
+                logits_processor=_scripted(tokenizer, prompt, skeleton),
+                **gen,
+            )
+            if decode is parallel_decode
+            else decode(model, tokenizer, prompt, max_new_tokens=12, **gen)
+        )
 
     for decode in (normal_decode, parallel_decode):
         greedy = run(decode)
@@ -323,8 +369,14 @@ def test_token_ids_become_text_only_after_the_timer_stops(qwen_model, monkeypatc
     wrapped = RecordingTokenizer()
     markers = engine.marker_vocab(tokenizer)  # built once per tokenizer, before any timing
     monkeypatch.setattr(engine, "marker_vocab", lambda _: markers)
-    out = parallel_decode(model, wrapped, prompt, max_new_tokens=24, max_branch_tokens=3,
-                          logits_processor=_scripted(tokenizer, prompt, skeleton))
+    out = parallel_decode(
+        model,
+        wrapped,
+        prompt,
+        max_new_tokens=24,
+        max_branch_tokens=3,
+        logits_processor=_scripted(tokenizer, prompt, skeleton),
+    )
     assert out["num_branches"] == 2 and events.count("lap") >= 3
     assert "decode" not in events[: len(events) - events[::-1].index("lap")]  # no decode before the last lap
     events.clear()

@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_decoder
+from test_engine import _encode, _scripted
 from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 import parallel_decoding.engine.decode as engine
-from conftest import tiny_decoder
 from parallel_decoding import MarkerVocab, SkeletonLogitsProcessor, normal_decode, parallel_decode
 from parallel_decoding.engine.decode import chat_prompt_ids, stop_token_ids
 from parallel_decoding.engine.sequential import Sequence
 from parallel_decoding.engine.skeleton import FORCE, NO_HASH, NO_MARKER
-from test_engine import _encode, _scripted
 
 SKELETON = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####Gamma:......\n####%%%%"
-ANSWER_KEYS = ("response", "length", "num_branches", "num_blocks", "stage1_response", "branches", "fallback", "caps",
-               "steps")
+ANSWER_KEYS = (
+    "response",
+    "length",
+    "num_branches",
+    "num_blocks",
+    "stage1_response",
+    "branches",
+    "fallback",
+    "caps",
+    "steps",
+)
 
 
 def _same_answer(a: dict, b: dict) -> None:
@@ -33,6 +42,7 @@ class Unchanged(LogitsProcessor):
 
 
 # --- the skeleton processor's host-side query ------------------------------------------------------------------------
+
 
 def test_leaves_scores_unchanged_is_true_exactly_when_call_returns_the_scores(qwen_tokenizer):
     markers = MarkerVocab.from_tokenizer(qwen_tokenizer)
@@ -57,6 +67,7 @@ def test_leaves_scores_unchanged_is_true_exactly_when_call_returns_the_scores(qw
 
 
 # --- which passes ask for logits --------------------------------------------------------------------------------------
+
 
 class ForwardSpy:
     """The answer's decoder, recording per pass whether it was sequential or a branch pass and asked for the
@@ -83,8 +94,8 @@ def spies(monkeypatch):
     made, skeleton_calls = [], []
     decoder_for = engine.decoder_for
 
-    def spying_decoder_for(model, compile=False):
-        made.append(ForwardSpy(decoder_for(model, compile)))
+    def spying_decoder_for(model, compile=False, decoder=None):
+        made.append(ForwardSpy(decoder_for(model, compile, decoder)))
         return made[-1]
 
     original_call = SkeletonLogitsProcessor.__call__
@@ -137,8 +148,9 @@ def test_skeleton_steps_take_the_in_step_argmax_on_a_random_model(qwen_tokenizer
     assert out["num_branches"] == 3 and out["fallback"] is None and out["stage1_response"] == SKELETON
     _check_logits_only_at_constrained_steps(made[-1], skeleton_calls)
     # The same run asking for logits at every step, as before: the same answer in the same passes.
-    with_logits = parallel_decode(model, tokenizer, prompt, max_new_tokens=48, max_branch_tokens=6,
-                                  logits_processor=[Unchanged()])
+    with_logits = parallel_decode(
+        model, tokenizer, prompt, max_new_tokens=48, max_branch_tokens=6, logits_processor=[Unchanged()]
+    )
     _same_answer(out, with_logits)
     assert made[-1].count("sequential", True) == 0
     # Normal decoding with no processor asks for no logits at all.
@@ -149,16 +161,18 @@ def test_skeleton_steps_take_the_in_step_argmax_on_a_random_model(qwen_tokenizer
 @pytest.fixture(scope="module")
 def embedded_with_format():
     """The embedded model with its own format prompt (what generate.py sends it), one row of each retrieval file."""
+    from test_tiny_model import MODEL_DIR
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from parallel_decoding.tasks import build_prompt, load_dataset, read_format_prompt
-    from test_tiny_model import MODEL_DIR
 
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     own_format = read_format_prompt(str(MODEL_DIR / "format_prompt.txt"))
-    prompts = [build_prompt("retrieval", load_dataset("retrieval", str(MODEL_DIR.parents[1] / path))[1], own_format)
-               for path in ("data/retrieval_4.jsonl", "data/retrieval_10.jsonl")]
+    prompts = [
+        build_prompt("retrieval", load_dataset("retrieval", str(MODEL_DIR.parents[1] / path))[1], own_format)
+        for path in ("data/retrieval_4.jsonl", "data/retrieval_10.jsonl")
+    ]
     return model, tokenizer, prompts
 
 
@@ -177,6 +191,7 @@ def test_skeleton_steps_take_the_in_step_argmax_on_the_embedded_model(embedded_w
 
 # --- user processors get the ids on the scores' device ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def penalty_model(qwen_tokenizer):
     return tiny_decoder("qwen2", vocab_size=len(qwen_tokenizer), attn_implementation="sdpa", seed=2), qwen_tokenizer
@@ -185,14 +200,23 @@ def penalty_model(qwen_tokenizer):
 def test_repetition_penalty_gives_the_tokens_of_model_generate(penalty_model):
     model, tokenizer = penalty_model
     prompt, max_new_tokens = "Say something.", 24
-    ours = normal_decode(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                         logits_processor=[RepetitionPenaltyLogitsProcessor(1.3)])
+    ours = normal_decode(
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        logits_processor=[RepetitionPenaltyLogitsProcessor(1.3)],
+    )
     prompt_ids = chat_prompt_ids(tokenizer, prompt)
     stops = sorted(stop_token_ids(model, tokenizer))
     with torch.no_grad():
         generated = model.generate(
-            torch.tensor([prompt_ids]), do_sample=False, repetition_penalty=1.3, max_new_tokens=max_new_tokens,
-            eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+            torch.tensor([prompt_ids]),
+            do_sample=False,
+            repetition_penalty=1.3,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
         )  # (1, P + N)
     tokens = generated[0, len(prompt_ids) :].tolist()
     if tokens and tokens[-1] in stops:  # generate keeps the EOS it stopped at; the engine does not
@@ -201,8 +225,13 @@ def test_repetition_penalty_gives_the_tokens_of_model_generate(penalty_model):
     assert ours["response"] == tokenizer.decode(tokens, skip_special_tokens=True)
     assert ours["response"] != normal_decode(model, tokenizer, prompt, max_new_tokens=max_new_tokens)["response"]
     # no block: parallel decoding falls back to the same sequential answer, the penalty applied alike
-    parallel = parallel_decode(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                               logits_processor=[RepetitionPenaltyLogitsProcessor(1.3)])
+    parallel = parallel_decode(
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        logits_processor=[RepetitionPenaltyLogitsProcessor(1.3)],
+    )
     assert parallel["response"] == ours["response"] and parallel["fallback"] is not None
 
 
@@ -245,12 +274,18 @@ def test_user_processors_see_the_sequence_so_far_on_the_scores_device(penalty_mo
     assert checked_mirror == [len(prompt_ids) + k for k in range(10)]
 
 
-@pytest.mark.parametrize("scripts, settings", [
-    ([SKELETON], dict(max_new_tokens=40, max_branch_tokens=4)),  # forced tokens, a merge, stage 3
-    (["First part.\n####A:......\n####B:......\n####%%%%", " Second.\n####C:......\n####D:......\n####%%%%"],
-     dict(max_new_tokens=70, max_branch_tokens=5)),  # two merges
-    (["Start.\n####Only:"], dict(max_new_tokens=24)),  # never closed: the answer is cut back and decoded again
-], ids=["one-block", "two-blocks", "unclosed"])
+@pytest.mark.parametrize(
+    "scripts, settings",
+    [
+        ([SKELETON], dict(max_new_tokens=40, max_branch_tokens=4)),  # forced tokens, a merge, stage 3
+        (
+            ["First part.\n####A:......\n####B:......\n####%%%%", " Second.\n####C:......\n####D:......\n####%%%%"],
+            dict(max_new_tokens=70, max_branch_tokens=5),
+        ),  # two merges
+        (["Start.\n####Only:"], dict(max_new_tokens=24)),  # never closed: the answer is cut back and decoded again
+    ],
+    ids=["one-block", "two-blocks", "unclosed"],
+)
 def test_the_device_ids_follow_merges_and_rewinds(penalty_model, checked_mirror, scripts, settings):
     model, tokenizer = penalty_model
     prompt = "Check every option."

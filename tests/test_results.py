@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 
 from parallel_decoding.runs.results import (
-    ResultsError, ResultsFile, ResultsLocked, SettingsMismatch, atomic_file, match_existing, read_numbered_rows,
-    read_rows, settings_difference, write_rows_atomic, write_text_atomic,
+    ResultsError,
+    ResultsFile,
+    ResultsLocked,
+    SettingsMismatch,
+    atomic_file,
+    match_existing,
+    read_numbered_rows,
+    read_rows,
+    settings_difference,
+    write_rows_atomic,
+    write_text_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +34,7 @@ def _umask() -> int:
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
+
 
 def test_read_rows_drops_a_torn_last_line_only(tmp_path):
     path = tmp_path / "r.jsonl"
@@ -55,8 +65,16 @@ def test_non_utf8_file_is_one_line_error(tmp_path):
 
 def test_rows_match_by_their_dataset_columns_also_after_eval_scored_them():
     dataset = [{"_id": 1, "prompt": "a"}, {"_id": 2, "prompt": "b"}, {"_id": 3, "prompt": "c"}]
-    scored = {"_id": 2, "prompt": "b", "full_prompt": "B", "normal_response": "x", "error": None,
-              "settings": {"seed": None}, "normal_score": 4, "normal_rationale": "ok"}
+    scored = {
+        "_id": 2,
+        "prompt": "b",
+        "full_prompt": "B",
+        "normal_response": "x",
+        "error": None,
+        "settings": {"seed": None},
+        "normal_score": 4,
+        "normal_rationale": "ok",
+    }
     stray = {"_id": 9, "prompt": "z", "full_prompt": "Z", "error": None}
     results, unmatched = match_existing(dataset, [stray, scored], RESULT_COLUMNS)
     assert results == [None, scored, None]
@@ -64,6 +82,7 @@ def test_rows_match_by_their_dataset_columns_also_after_eval_scored_them():
 
 
 # --- writing ----------------------------------------------------------------------------------------------------
+
 
 def test_atomic_writes_get_the_umask_mode_and_keep_an_existing_mode(tmp_path):
     rows_path, text_path, binary_path = tmp_path / "new" / "r.jsonl", tmp_path / "s.md", tmp_path / "p.png"
@@ -92,16 +111,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 # --- settings ---------------------------------------------------------------------------------------------------
 
+
 def test_settings_difference_names_old_and_new_values():
     old = {"model": "/m/a", "do_sample": False, "seed": None, "modes": ["normal", "parallel"]}
     new = {"model": "/m/a", "do_sample": True, "seed": 0, "modes": ["parallel"]}
     assert settings_difference(old, new) == [
-        "do_sample: false -> true", 'modes: ["normal", "parallel"] -> ["parallel"]', "seed: null -> 0"]
+        "do_sample: false -> true",
+        'modes: ["normal", "parallel"] -> ["parallel"]',
+        "seed: null -> 0",
+    ]
     assert settings_difference(old, dict(old)) == []
     # a setting recorded only by a newer version counts as the value it had before (implied), else null
     assert settings_difference(old, {**old, "compile": False}, implied={"compile": False}) == []
-    assert settings_difference(old, {**old, "compile": True}, implied={"compile": False}) == [
-        "compile: false -> true"]
+    assert settings_difference(old, {**old, "compile": True}, implied={"compile": False}) == ["compile: false -> true"]
 
 
 def test_check_settings(tmp_path):
@@ -114,11 +136,13 @@ def test_check_settings(tmp_path):
     with pytest.raises(SettingsMismatch) as info:
         results.check_settings([same, other], settings)
     assert str(info.value) == (
-        f"{tmp_path / 'r.jsonl'} holds rows made with other settings (dtype: \"bfloat16\" -> \"float32\"; "
-        "max_new_tokens: 64 -> 16); pass --overwrite to replace them, or another --output_dir to keep both")
+        f'{tmp_path / "r.jsonl"} holds rows made with other settings (dtype: "bfloat16" -> "float32"; '
+        "max_new_tokens: 64 -> 16); pass --overwrite to replace them, or another --output_dir to keep both"
+    )
 
 
 # --- the lock ---------------------------------------------------------------------------------------------------
+
 
 def test_one_writer_per_file(tmp_path):
     results = ResultsFile(tmp_path / "out" / "r.jsonl")
@@ -127,8 +151,9 @@ def test_one_writer_per_file(tmp_path):
         with pytest.raises(ResultsLocked) as info:  # flock locks per open file: a second open conflicts too
             with ResultsFile(tmp_path / "out" / "r.jsonl").locked(hint="or use another --output_dir"):
                 pass
-        assert str(info.value) == (f"{results.path} is being written by another run (pid {os.getpid()}); "
-                                   "or use another --output_dir")
+        assert str(info.value) == (
+            f"{results.path} is being written by another run (pid {os.getpid()}); or use another --output_dir"
+        )
         with ResultsFile(tmp_path / "out" / "other.jsonl").locked():  # another file: its own lock
             pass
     assert not results.lock_path.exists()  # removed on release
@@ -147,8 +172,7 @@ with ResultsFile(sys.argv[1]).locked():
 
 def test_a_killed_holder_never_blocks_the_next_run(tmp_path):
     path = tmp_path / "r.jsonl"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(ResultsLocked, match=rf"\(pid {holder.pid}\)"):
@@ -174,6 +198,7 @@ def test_taking_the_lock_removes_what_a_killed_writer_left(tmp_path):
 
 
 # --- data-parallel shards ---------------------------------------------------------------------------------------
+
 
 def test_shards_merge_at_their_dataset_index_and_are_removed(tmp_path):
     results_file = ResultsFile(tmp_path / "r.jsonl", RESULT_COLUMNS, required_column="full_prompt")

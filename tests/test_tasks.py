@@ -4,21 +4,33 @@ import json
 
 import pytest
 
+from parallel_decoding.tasks import (
+    DATA_DIR,
+    FORMAT_INSTRUCTION_EN,
+    FORMAT_INSTRUCTION_ZH,
+    MULTI_DOC_QA_INSTRUCTION,
+    PLANNING_INSTRUCTION_ZH,
+    RETRIEVAL_INSTRUCTION,
+    DatasetError,
+    FormatPromptError,
+    build_prompt,
+    default_data_path,
+    format_prompt_digest,
+    load_dataset,
+    read_format_prompt,
+    task_text,
+)
 from parallel_decoding.tasks.multi_doc_qa import make_multi_doc_qa_rows
 from parallel_decoding.tasks.planning import main as planning_main
 from parallel_decoding.tasks.planning import make_planning_rows
 from parallel_decoding.tasks.retrieval import main as retrieval_main
 from parallel_decoding.tasks.retrieval import make_retrieval_rows, student_line, write_jsonl
-from parallel_decoding.tasks import (
-    DATA_DIR, FORMAT_INSTRUCTION_EN, FORMAT_INSTRUCTION_ZH, MULTI_DOC_QA_INSTRUCTION, PLANNING_INSTRUCTION_ZH,
-    RETRIEVAL_INSTRUCTION, DatasetError, FormatPromptError, build_prompt, default_data_path, format_prompt_digest,
-    load_dataset, read_format_prompt, task_text,
-)
 
 LONGBENCH_KEYS = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}
 
 
 # --- generators: determinism and the committed files ----------------------------------------------------------
+
 
 def _bytes(rows, path):
     write_jsonl(rows, path)
@@ -43,12 +55,15 @@ def test_multi_doc_qa_same_seed_same_bytes(tmp_path):
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("name, make", [
-    ("retrieval_4.jsonl", lambda: make_retrieval_rows(4, 50, seed=1234)),
-    ("retrieval_10.jsonl", lambda: make_retrieval_rows(10, 50, seed=1234)),
-    ("multi_document_qa.jsonl", lambda: make_multi_doc_qa_rows(30, seed=1234)),
-    ("planning.jsonl", make_planning_rows),
-])
+@pytest.mark.parametrize(
+    "name, make",
+    [
+        ("retrieval_4.jsonl", lambda: make_retrieval_rows(4, 50, seed=1234)),
+        ("retrieval_10.jsonl", lambda: make_retrieval_rows(10, 50, seed=1234)),
+        ("multi_document_qa.jsonl", lambda: make_multi_doc_qa_rows(30, seed=1234)),
+        ("planning.jsonl", make_planning_rows),
+    ],
+)
 def test_committed_data_is_what_the_generator_writes(tmp_path, name, make):
     assert _bytes(make(), tmp_path / name) == (DATA_DIR / name).read_bytes()
 
@@ -66,6 +81,7 @@ def test_generator_clis_write_files(tmp_path, capsys):
 
 # --- generated content is right ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("num_students", [4, 10, 100])
 def test_retrieval_row_has_exactly_one_student_in_range(num_students):
     for row in make_retrieval_rows(num_students, 20, seed=5):
@@ -75,8 +91,9 @@ def test_retrieval_row_has_exactly_one_student_in_range(num_students):
         assert [s["name"] for s in inside] == [row["gold_keys"]]
         assert row["gold_values"] == f"{inside[0]['gpa']:.2f}"
         assert len({s["name"] for s in row["students"]}) == num_students
-        lines = [line for line in row["prompt"].splitlines() if line.split(":")[0] in
-                 {s["name"] for s in row["students"]}]
+        lines = [
+            line for line in row["prompt"].splitlines() if line.split(":")[0] in {s["name"] for s in row["students"]}
+        ]
         assert lines == [student_line(s) for s in row["students"]]  # in the prompt, in the students' order
         assert f"between {lo:.2f} and {hi:.2f}" in row["prompt"]
 
@@ -122,6 +139,7 @@ def test_planning_tasks_count_languages_and_answers():
 
 # --- prompts -------------------------------------------------------------------------------------------------------
 
+
 def test_build_prompt_appends_task_then_format_instruction():
     row = make_retrieval_rows(4, 1, seed=1)[0]
     assert build_prompt("retrieval", row) == f"{row['prompt']}\n\n{RETRIEVAL_INSTRUCTION}\n{FORMAT_INSTRUCTION_EN}"
@@ -149,8 +167,9 @@ def test_default_prompt_renders_with_the_qwen2_vocabulary(qwen_tokenizer, langua
     row = {"task": "Plan a trip." if language == "en" else "规划一次旅行。", "language": language}
     prompt = build_prompt("planning", row)
     assert prompt.endswith(DEFAULT_INSTRUCTIONS[language])
-    rendered = qwen_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
+    rendered = qwen_tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt in rendered
     ids = qwen_tokenizer.encode(rendered, add_special_tokens=False)
     assert qwen_tokenizer.decode(ids) == rendered
@@ -164,7 +183,7 @@ def test_worked_example_markers_tokenize_as_the_skeleton_processor_expects(qwen_
     from parallel_decoding import MarkerVocab, parse_skeleton
 
     instruction = DEFAULT_INSTRUCTIONS[language]
-    example = instruction[instruction.index(EXAMPLE_LEADS[language]) + len(EXAMPLE_LEADS[language]):]
+    example = instruction[instruction.index(EXAMPLE_LEADS[language]) + len(EXAMPLE_LEADS[language]) :]
     lead_in, _, block = example.partition("\n")
     assert [line.startswith("####") for line in block.splitlines()] == [True] * 4 + [False]
     assert block.splitlines()[3] == "####%%%%"
@@ -221,15 +240,23 @@ def test_unknown_task_is_rejected():
 
 # --- reference formats load --------------------------------------------------------------------------------------
 
+
 def _write(path, lines):
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
 
 
 def test_longbench_2wikimqa_row_loads_unchanged(tmp_path):
-    row = {"input": "Who was born first, Ann Lee or Bo Chen?", "context": "Passage 1:\nAnn Lee\nAnn Lee (born 1901).\n"
-           "Passage 2:\nBo Chen\nBo Chen (born 1899).", "answers": ["Bo Chen"], "length": 12, "dataset": "2wikimqa",
-           "language": "en", "all_classes": None, "_id": "0f" * 24}
+    row = {
+        "input": "Who was born first, Ann Lee or Bo Chen?",
+        "context": "Passage 1:\nAnn Lee\nAnn Lee (born 1901).\nPassage 2:\nBo Chen\nBo Chen (born 1899).",
+        "answers": ["Bo Chen"],
+        "length": 12,
+        "dataset": "2wikimqa",
+        "language": "en",
+        "all_classes": None,
+        "_id": "0f" * 24,
+    }
     rows = load_dataset("multi-document-qa", _write(tmp_path / "2wikimqa.jsonl", [json.dumps(row)]))
     assert rows == [row]
     prompt = build_prompt("multi-document-qa", row)

@@ -113,8 +113,8 @@ def test_reads_the_prompt_on_a_held_out_row(model, tokenizer):
     """Stage 1 titles the steps with the students' names in prompt order, and every branch states that student's
     GPA, copied from the prompt (the row's seed was never trained on)."""
     from parallel_decoding import parallel_decode
-    from parallel_decoding.tasks.retrieval import format_gpa
     from parallel_decoding.tasks import build_prompt, load_dataset
+    from parallel_decoding.tasks.retrieval import format_gpa
 
     row = load_dataset("retrieval", REPO / "data" / "retrieval_4.jsonl")[0]
     prompt = build_prompt("retrieval", row, _model_format_prompt())
@@ -201,11 +201,24 @@ def _row_with_gpas(gpas: list, gpa_range: list) -> dict:
     """A retrieval row whose students have exactly these GPAs (names from the generator's lists)."""
     from parallel_decoding.tasks.retrieval import FIRST_NAMES, LAST_NAMES, question_text
 
-    students = [{"name": f"{FIRST_NAMES[i]} {LAST_NAMES[i]}", "age": 20 + i, "university": "MIT", "gpa": g,
-                 "interests": ["chess", "jazz"], "intro": "I enjoy solving puzzles."} for i, g in enumerate(gpas)]
-    return {"prompt": question_text(students, gpa_range), "students": students, "gpa_range": gpa_range,
-            "gold_keys": ", ".join(s["name"] for s in students if gpa_range[0] <= s["gpa"] <= gpa_range[1]),
-            "num_students": len(students)}
+    students = [
+        {
+            "name": f"{FIRST_NAMES[i]} {LAST_NAMES[i]}",
+            "age": 20 + i,
+            "university": "MIT",
+            "gpa": g,
+            "interests": ["chess", "jazz"],
+            "intro": "I enjoy solving puzzles.",
+        }
+        for i, g in enumerate(gpas)
+    ]
+    return {
+        "prompt": question_text(students, gpa_range),
+        "students": students,
+        "gpa_range": gpa_range,
+        "gold_keys": ", ".join(s["name"] for s in students if gpa_range[0] <= s["gpa"] <= gpa_range[1]),
+        "num_students": len(students),
+    }
 
 
 def test_range_check_is_exact_at_the_ends_before_any_training(script, tokenizer):
@@ -267,8 +280,9 @@ def test_tree_loss_equals_each_segment_decoded_alone(script, tokenizer):
         losses = []
         for ex in examples:
             prefix = [i for i, s in enumerate(ex.segment) if s == 0]
-            groups = [prefix] + [prefix + [i for i, s in enumerate(ex.segment) if s == k]
-                                 for k in range(1, max(ex.segment) + 1)]
+            groups = [prefix] + [
+                prefix + [i for i, s in enumerate(ex.segment) if s == k] for k in range(1, max(ex.segment) + 1)
+            ]
             for g, index in enumerate(groups):
                 logits = model(input_ids=torch.tensor([[ex.input_ids[i] for i in index]])).logits[0]
                 for j, i in enumerate(index):
@@ -298,8 +312,8 @@ def _copy_accuracy(model, vocab_size: int, length: int = 60) -> float:
     first = torch.randint(10, vocab_size, (8, length), generator=gen)  # (B, L)
     ids = torch.cat([torch.zeros(8, 1, dtype=torch.long), first, first], dim=1)  # (B, 1 + 2L)
     with torch.no_grad():
-        predicted = model(ids).logits[:, length + 1: -1].argmax(-1)  # (B, L - 1): predictions inside the copy
-    return (predicted == ids[:, length + 2:]).float().mean().item()
+        predicted = model(ids).logits[:, length + 1 : -1].argmax(-1)  # (B, L - 1): predictions inside the copy
+    return (predicted == ids[:, length + 2 :]).float().mean().item()
 
 
 def test_structured_init_copies_repeated_sequences(script, tokenizer):
@@ -331,19 +345,32 @@ def test_structured_init_heads_on_a_prompt(script, tokenizer):
 
 
 def test_structured_init_refuses_an_unsupported_shape(script, tokenizer):
-    size = script.ModelSize(hidden_size=100, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2)
+    size = script.ModelSize(
+        hidden_size=100, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
     with pytest.raises(ValueError, match="hidden_size divisible by 6"):
         script.make_model(tokenizer, size)
-    size = script.ModelSize(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                            num_key_value_heads=2)
+    size = script.ModelSize(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+    )
     with pytest.raises(ValueError, match="at least 2 layers"):
         script.make_model(tokenizer, size)
 
 
 def _smoke_run(out: Path) -> dict:
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--steps", "3", "--batch_size", "2", "--log_every", "1",
-           "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--tiny",
+        "--steps",
+        "3",
+        "--batch_size",
+        "2",
+        "--log_every",
+        "1",
+        "--output_dir",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     return json.loads((out / "train_log.json").read_text())
 

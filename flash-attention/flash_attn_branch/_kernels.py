@@ -32,10 +32,28 @@ _INT32_MIN = tl.constexpr(-2147483648)
 
 @triton.jit
 def _attend_key_block(
-    acc, m_i, l_i, q, q_idx, q_branch, k_base, v_base, k_branch, cols, col_valid, load_valid,
-    offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
-    CAUSAL: tl.constexpr, HAS_BRANCH: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_idx,
+    q_branch,
+    k_base,
+    v_base,
+    k_branch,
+    cols,
+    col_valid,
+    load_valid,
+    offs_d,
+    d_valid,
+    stride_kt,
+    stride_vt,
+    qk_scale,
+    diag,
+    CAUSAL: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
     """One step of the online softmax over the key block `cols`; returns the updated (acc, m_i, l_i).
 
@@ -72,10 +90,33 @@ def _attend_key_block(
 
 @triton.jit
 def _key_block_step(
-    acc, m_i, l_i, start_n, hi, q, q_idx, q_branch, q_branch_min, q_branch_max, KBranch, k_start,
-    k_base, v_base, offs_n, offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BRANCH: tl.constexpr, SKIP_BRANCH_BLOCKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    start_n,
+    hi,
+    q,
+    q_idx,
+    q_branch,
+    q_branch_min,
+    q_branch_max,
+    KBranch,
+    k_start,
+    k_base,
+    v_base,
+    offs_n,
+    offs_d,
+    d_valid,
+    stride_kt,
+    stride_vt,
+    qk_scale,
+    diag,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
+    SKIP_BRANCH_BLOCKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
     """Key block [start_n, start_n + BLOCK_N) of the loop.
 
@@ -99,22 +140,71 @@ def _key_block_step(
             overlaps = (k_branch_min <= q_branch_max) & (k_branch_max >= q_branch_min)
             block_visible = col_valid & (has_shared | overlaps)
     return _attend_key_block(
-        acc, m_i, l_i, q, q_idx, q_branch, k_base, v_base, k_branch, cols, col_valid, block_visible,
-        offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
-        CAUSAL, HAS_BRANCH, DOT_PRECISION, DOT_IN_FP32)
+        acc,
+        m_i,
+        l_i,
+        q,
+        q_idx,
+        q_branch,
+        k_base,
+        v_base,
+        k_branch,
+        cols,
+        col_valid,
+        block_visible,
+        offs_d,
+        d_valid,
+        stride_kt,
+        stride_vt,
+        qk_scale,
+        diag,
+        CAUSAL,
+        HAS_BRANCH,
+        DOT_PRECISION,
+        DOT_IN_FP32,
+    )
 
 
 @triton.jit
 def _branch_attn_fwd_kernel(
-    Q, K, V, Out, OutPartial, LsePartial,
-    CuSeqlensQ, CuSeqlensK, QBranch, KBranch,
-    qk_scale, num_kv_heads, blocks_per_split,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BRANCH: tl.constexpr, SKIP_BRANCH_BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, INTERPRETER_LOOP: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    OutPartial,
+    LsePartial,
+    CuSeqlensQ,
+    CuSeqlensK,
+    QBranch,
+    KBranch,
+    qk_scale,
+    num_kv_heads,
+    blocks_per_split,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_ps,
+    stride_pt,
+    stride_ph,
+    stride_ls,
+    stride_lt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
+    SKIP_BRANCH_BLOCKS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    INTERPRETER_LOOP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seq = tl.program_id(1) // num_kv_heads
@@ -171,23 +261,79 @@ def _branch_attn_fwd_kernel(
         start_n = lo
         while start_n < hi:
             acc, m_i, l_i = _key_block_step(
-                acc, m_i, l_i, start_n, hi, q, q_idx, q_branch, q_branch_min, q_branch_max, KBranch, k_start,
-                k_base, v_base, offs_n, offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
-                BLOCK_N, CAUSAL, HAS_BRANCH, SKIP_BRANCH_BLOCKS, DOT_PRECISION, DOT_IN_FP32)
+                acc,
+                m_i,
+                l_i,
+                start_n,
+                hi,
+                q,
+                q_idx,
+                q_branch,
+                q_branch_min,
+                q_branch_max,
+                KBranch,
+                k_start,
+                k_base,
+                v_base,
+                offs_n,
+                offs_d,
+                d_valid,
+                stride_kt,
+                stride_vt,
+                qk_scale,
+                diag,
+                BLOCK_N,
+                CAUSAL,
+                HAS_BRANCH,
+                SKIP_BRANCH_BLOCKS,
+                DOT_PRECISION,
+                DOT_IN_FP32,
+            )
             start_n += BLOCK_N
     else:
         for start_n in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _key_block_step(
-                acc, m_i, l_i, start_n, hi, q, q_idx, q_branch, q_branch_min, q_branch_max, KBranch, k_start,
-                k_base, v_base, offs_n, offs_d, d_valid, stride_kt, stride_vt, qk_scale, diag,
-                BLOCK_N, CAUSAL, HAS_BRANCH, SKIP_BRANCH_BLOCKS, DOT_PRECISION, DOT_IN_FP32)
+                acc,
+                m_i,
+                l_i,
+                start_n,
+                hi,
+                q,
+                q_idx,
+                q_branch,
+                q_branch_min,
+                q_branch_max,
+                KBranch,
+                k_start,
+                k_base,
+                v_base,
+                offs_n,
+                offs_d,
+                d_valid,
+                stride_kt,
+                stride_vt,
+                qk_scale,
+                diag,
+                BLOCK_N,
+                CAUSAL,
+                HAS_BRANCH,
+                SKIP_BRANCH_BLOCKS,
+                DOT_PRECISION,
+                DOT_IN_FP32,
+            )
 
     # Rows that saw no visible key (only possible with Lk < Lq or unusual branch ids) output 0, as FlashAttention-2.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     out_mask = row_valid[:, None] & d_valid[None, :]
     if SPLIT:
-        p_ptrs = OutPartial + pid_split * stride_ps + q_tok[:, None] * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
+        p_ptrs = (
+            OutPartial
+            + pid_split * stride_ps
+            + q_tok[:, None] * stride_pt
+            + head[:, None] * stride_ph
+            + offs_d[None, :]
+        )
         tl.store(p_ptrs, out, mask=out_mask)
         lse = m_i + tl.log2(l_safe)  # -inf for rows without a visible key in this split
         tl.store(LsePartial + pid_split * stride_ls + q_tok * stride_lt + head, lse, mask=row_valid)
@@ -198,9 +344,20 @@ def _branch_attn_fwd_kernel(
 
 @triton.jit
 def _combine_splits_kernel(
-    Out, OutPartial, LsePartial, num_splits,
-    stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    Out,
+    OutPartial,
+    LsePartial,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    stride_ps,
+    stride_pt,
+    stride_ph,
+    stride_ls,
+    stride_lt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """out[t, h] = sum_s w_s * partial_s[t, h] / sum_s w_s with w_s = 2^(lse_s - max_s lse_s)."""
     tok = tl.program_id(0).to(tl.int64)

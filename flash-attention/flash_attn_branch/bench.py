@@ -107,11 +107,24 @@ def bench_shape(shape: Shape, args, device, time_fn) -> dict:
     sdpa_err = (sdpa_mask()[0].transpose(0, 1).double() - exact).abs().max().item()
     tolerance = TOLERANCE_FACTOR * sdpa_err + ULP[dtype] * max(1.0, exact.abs().max().item())
     del exact
-    config = pick_launch_config(1, args.num_kv_heads, group, args.head_dim, shape.q_len, shape.k_len,
-                                gpu_info(device) if device.type == "cuda" else None)
+    config = pick_launch_config(
+        1,
+        args.num_kv_heads,
+        group,
+        args.head_dim,
+        shape.q_len,
+        shape.k_len,
+        gpu_info(device) if device.type == "cuda" else None,
+    )
     row = {
-        "shape": shape.name, "q": shape.q_len, "k": shape.k_len, "branches": shape.num_branches,
-        "splits": config.num_splits, "kernel_err": kernel_err, "sdpa_err": sdpa_err, "ok": kernel_err <= tolerance,
+        "shape": shape.name,
+        "q": shape.q_len,
+        "k": shape.k_len,
+        "branches": shape.num_branches,
+        "splits": config.num_splits,
+        "kernel_err": kernel_err,
+        "sdpa_err": sdpa_err,
+        "ok": kernel_err <= tolerance,
         "kernel_ms": time_fn(kernel),
         "kernel_no_skip_ms": time_fn(kernel_no_skip) if shape.num_branches else float("nan"),
         "sdpa_mask_ms": time_fn(sdpa_mask),
@@ -123,12 +136,19 @@ def bench_shape(shape: Shape, args, device, time_fn) -> dict:
 
 
 COLUMNS = [
-    ("shape", "shape", "{}"), ("q", "q", "{}"), ("k", "k", "{}"), ("splits", "splits", "{}"),
-    ("kernel_ms", "kernel ms", "{:.4f}"), ("kernel_no_skip_ms", "kernel, no block skip ms", "{:.4f}"),
+    ("shape", "shape", "{}"),
+    ("q", "q", "{}"),
+    ("k", "k", "{}"),
+    ("splits", "splits", "{}"),
+    ("kernel_ms", "kernel ms", "{:.4f}"),
+    ("kernel_no_skip_ms", "kernel, no block skip ms", "{:.4f}"),
     ("sdpa_mask_ms", "SDPA+mask ms (repeat_kv)", "{:.4f}"),
     ("sdpa_mask_prerepeated_ms", "SDPA+mask ms (K/V pre-repeated)", "{:.4f}"),
-    ("sdpa_causal_ms", "SDPA is_causal ms", "{:.4f}"), ("speedup", "speedup vs SDPA+mask", "{:.2f}x"),
-    ("kernel_err", "max err kernel", "{:.2e}"), ("sdpa_err", "max err SDPA", "{:.2e}"), ("ok", "check", "{}"),
+    ("sdpa_causal_ms", "SDPA is_causal ms", "{:.4f}"),
+    ("speedup", "speedup vs SDPA+mask", "{:.2f}x"),
+    ("kernel_err", "max err kernel", "{:.2e}"),
+    ("sdpa_err", "max err SDPA", "{:.2e}"),
+    ("ok", "check", "{}"),
 ]
 
 
@@ -141,8 +161,12 @@ def format_table(rows: list[dict], header: str) -> str:
             return "-"
         return fmt.format(value)
 
-    lines = [header, "", "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines = [
+        header,
+        "",
+        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
     lines += ["| " + " | ".join(cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -154,8 +178,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-heads", type=int, default=28)
     parser.add_argument("--num-kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--branch-tokens", type=int, default=64,
-                        help="tokens per branch (title included) before the timed decode step")
+    parser.add_argument(
+        "--branch-tokens", type=int, default=64, help="tokens per branch (title included) before the timed decode step"
+    )
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
     return parser.parse_args(argv)
@@ -164,8 +189,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("flash_attn_branch.bench: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured",
-              file=sys.stderr)
+        print(
+            "flash_attn_branch.bench: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured",
+            file=sys.stderr,
+        )
         return 2
     from ._mode import interpreter_enabled
 
@@ -183,11 +210,16 @@ def main(argv=None) -> int:
     for shape in default_shapes(args.branch_tokens):
         row = bench_shape(shape, args, device, time_fn)
         rows.append(row)
-        print(f"{row['shape']}: kernel {row['kernel_ms']:.4f} ms, SDPA+mask {row['sdpa_mask_ms']:.4f} ms, "
-              f"check {'pass' if row['ok'] else 'FAIL'}", flush=True)
-    header = (f"{torch.cuda.get_device_name(device)}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
-              f"triton {triton.__version__}, {args.dtype}, Hq={args.num_heads} Hkv={args.num_kv_heads} "
-              f"D={args.head_dim}, {args.branch_tokens} tokens per branch, median of triton.testing.do_bench")
+        print(
+            f"{row['shape']}: kernel {row['kernel_ms']:.4f} ms, SDPA+mask {row['sdpa_mask_ms']:.4f} ms, "
+            f"check {'pass' if row['ok'] else 'FAIL'}",
+            flush=True,
+        )
+    header = (
+        f"{torch.cuda.get_device_name(device)}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}, {args.dtype}, Hq={args.num_heads} Hkv={args.num_kv_heads} "
+        f"D={args.head_dim}, {args.branch_tokens} tokens per branch, median of triton.testing.do_bench"
+    )
     table = format_table(rows, header)
     print(table)
     if args.out:

@@ -22,9 +22,29 @@ from .interface import MAX_SPLITS, GpuInfo, pick_launch_config
 
 # Arguments the JIT marks 16-divisible for aligned tensors and strides that are multiples of 16 (the usual case).
 _ALIGNED_ARGS = (
-    "Q", "K", "V", "Out", "OutPartial", "LsePartial", "CuSeqlensQ", "CuSeqlensK", "QBranch", "KBranch",
-    "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh",
-    "stride_ps", "stride_pt", "stride_ph", "stride_ls", "stride_lt",
+    "Q",
+    "K",
+    "V",
+    "Out",
+    "OutPartial",
+    "LsePartial",
+    "CuSeqlensQ",
+    "CuSeqlensK",
+    "QBranch",
+    "KBranch",
+    "stride_qt",
+    "stride_qh",
+    "stride_kt",
+    "stride_kh",
+    "stride_vt",
+    "stride_vh",
+    "stride_ot",
+    "stride_oh",
+    "stride_ps",
+    "stride_pt",
+    "stride_ph",
+    "stride_ls",
+    "stride_lt",
 )
 _TRITON_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
@@ -65,11 +85,23 @@ def default_variants() -> list[Variant]:
         for label, num_heads, num_kv_heads, head_dim, q_len, k_len, has_branch in SHAPES:
             group = num_heads // num_kv_heads
             config = pick_launch_config(1, num_kv_heads, group, head_dim, q_len, k_len, gpu)
-            variants.append(Variant(
-                f"{gpu_name} {label} ({config.block_m}x{config.block_n}, {config.num_warps} warps, "
-                f"{config.num_stages} stages, {config.num_splits} splits)", "bf16", head_dim, group, config.block_m,
-                config.block_n, True, has_branch, config.num_splits > 1, config.num_warps, config.num_stages,
-                capability=gpu.capability))
+            variants.append(
+                Variant(
+                    f"{gpu_name} {label} ({config.block_m}x{config.block_n}, {config.num_warps} warps, "
+                    f"{config.num_stages} stages, {config.num_splits} splits)",
+                    "bf16",
+                    head_dim,
+                    group,
+                    config.block_m,
+                    config.block_n,
+                    True,
+                    has_branch,
+                    config.num_splits > 1,
+                    config.num_warps,
+                    config.num_stages,
+                    capability=gpu.capability,
+                )
+            )
     return variants
 
 
@@ -85,10 +117,18 @@ def compile_forward(variant: Variant):
     fn = _kernels._branch_attn_fwd_kernel
     pointer = "*" + _TRITON_DTYPES[variant.dtype]
     constexprs = dict(
-        HEAD_DIM=variant.head_dim, BLOCK_D=max(16, 1 << (variant.head_dim - 1).bit_length()), GROUP=variant.group,
-        BLOCK_M=variant.block_m, BLOCK_N=variant.block_n, CAUSAL=variant.causal, HAS_BRANCH=variant.has_branch,
-        SKIP_BRANCH_BLOCKS=variant.skip_branch_blocks, SPLIT=variant.split,
-        DOT_PRECISION="ieee" if variant.dtype == "fp32" else "tf32", DOT_IN_FP32=False, INTERPRETER_LOOP=False,
+        HEAD_DIM=variant.head_dim,
+        BLOCK_D=max(16, 1 << (variant.head_dim - 1).bit_length()),
+        GROUP=variant.group,
+        BLOCK_M=variant.block_m,
+        BLOCK_N=variant.block_n,
+        CAUSAL=variant.causal,
+        HAS_BRANCH=variant.has_branch,
+        SKIP_BRANCH_BLOCKS=variant.skip_branch_blocks,
+        SPLIT=variant.split,
+        DOT_PRECISION="ieee" if variant.dtype == "fp32" else "tf32",
+        DOT_IN_FP32=False,
+        INTERPRETER_LOOP=False,
     )
     signature = {}
     for name in fn.arg_names:
@@ -107,8 +147,9 @@ def compile_forward(variant: Variant):
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in _ALIGNED_ARGS}
     source = ASTSource(fn, signature, constexprs, attrs)
     target = GPUTarget("cuda", variant.capability, 32)
-    return triton.compile(source, target=target,
-                          options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    return triton.compile(
+        source, target=target, options={"num_warps": variant.num_warps, "num_stages": variant.num_stages}
+    )
 
 
 def compile_combine(head_dim: int, num_splits: int, capability: int = 90):
@@ -119,12 +160,24 @@ def compile_combine(head_dim: int, num_splits: int, capability: int = 90):
     from . import _kernels
 
     fn = _kernels._combine_splits_kernel
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
-                      BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()))
-    signature = {name: "constexpr" if name in constexprs else "*bf16" if name == "Out" else
-                 "*fp32" if name in ("OutPartial", "LsePartial") else "i32" for name in fn.arg_names}
-    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": 4})
+    constexprs = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
+        BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
+    )
+    signature = {
+        name: "constexpr"
+        if name in constexprs
+        else "*bf16"
+        if name == "Out"
+        else "*fp32"
+        if name in ("OutPartial", "LsePartial")
+        else "i32"
+        for name in fn.arg_names
+    }
+    return triton.compile(
+        ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", capability, 32), options={"num_warps": 4}
+    )
 
 
 def _ptxas() -> str:
@@ -144,8 +197,12 @@ def resource_report(kernel) -> dict:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
             f.write(ptx)
-        result = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [_ptxas(), "-v", f"--gpu-name={arch}", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     info = result.stderr
     registers = int(re.search(r"Used (\d+) registers", info).group(1))
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
@@ -176,13 +233,19 @@ def main(argv=None) -> int:
             continue
         report = resource_report(compile_forward(variant))
         problems += report["spill_bytes"] > 0 or report["async_copies"] == 0
-        print(f"| {variant.label} | {report['arch']} | {report['registers']} | {report['spill_bytes']} | "
-              f"{report['shared_bytes']} | {report['async_copies']} |", flush=True)
+        print(
+            f"| {variant.label} | {report['arch']} | {report['registers']} | {report['spill_bytes']} | "
+            f"{report['shared_bytes']} | {report['async_copies']} |",
+            flush=True,
+        )
     if not args.only:
         report = resource_report(compile_combine(128, MAX_SPLITS))
         problems += report["spill_bytes"] > 0
-        print(f"| combine splits ({MAX_SPLITS}, D=128) | {report['arch']} | {report['registers']} | "
-              f"{report['spill_bytes']} | {report['shared_bytes']} | - |", flush=True)
+        print(
+            f"| combine splits ({MAX_SPLITS}, D=128) | {report['arch']} | {report['registers']} | "
+            f"{report['spill_bytes']} | {report['shared_bytes']} | - |",
+            flush=True,
+        )
     return 1 if problems else 0
 
 

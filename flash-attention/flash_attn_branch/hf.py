@@ -33,8 +33,10 @@ def _branch_ids(name: str, ids, length: int, device: torch.device) -> torch.Tens
         raise TypeError(f"branch attention: {name} must be a torch.Tensor, got {type(ids).__name__}")
     ids = ids.reshape(-1)
     if ids.numel() != length:
-        raise ValueError(f"branch attention: {name} has {ids.numel()} ids but this layer sees {length} "
-                         f"{'queries' if name == 'q_branch' else 'keys (cache included)'}")
+        raise ValueError(
+            f"branch attention: {name} has {ids.numel()} ids but this layer sees {length} "
+            f"{'queries' if name == 'q_branch' else 'keys (cache included)'}"
+        )
     return ids.to(device=device, dtype=torch.int32)
 
 
@@ -60,8 +62,10 @@ def branch_attention_forward(
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("branch attention: logit softcapping is not supported")
     if attention_mask is not None:
-        raise ValueError("branch attention: got a materialized attention mask; pass branch ids as q_branch/"
-                         "k_branch instead of a 4D mask (this backend's mask function never builds one)")
+        raise ValueError(
+            "branch attention: got a materialized attention mask; pass branch ids as q_branch/"
+            "k_branch instead of a 4D mask (this backend's mask function never builds one)"
+        )
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     q_branch, k_branch = kwargs.get("q_branch"), kwargs.get("k_branch")
@@ -80,15 +84,30 @@ def branch_attention_forward(
     if causal is None:
         causal = getattr(module, "is_causal", True)
     out = flash_attn_varlen_func(
-        q, k, v, _cu_seqlens(batch, q_len, query.device), _cu_seqlens(batch, k_len, query.device), q_len, k_len,
-        softmax_scale=scaling, causal=bool(causal), q_branch=q_branch, k_branch=k_branch,
+        q,
+        k,
+        v,
+        _cu_seqlens(batch, q_len, query.device),
+        _cu_seqlens(batch, k_len, query.device),
+        q_len,
+        k_len,
+        softmax_scale=scaling,
+        causal=bool(causal),
+        q_branch=q_branch,
+        k_branch=k_branch,
     )
     return out.view(batch, q_len, num_heads, head_dim), None  # (B, Tq, Hq, D)
 
 
 def branch_attention_mask(
-    batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
-    attention_mask: torch.Tensor | None = None, **kwargs,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
 ) -> None:
     """AttentionMaskInterface function: the kernel masks by itself, so no mask is built.
 
@@ -102,8 +121,10 @@ def branch_attention_mask(
 def register(name: str = DEFAULT_NAME) -> str:
     """Register the attention and mask functions under `name` with transformers; returns `name`."""
     if "flash" in name:
-        raise ValueError(f"register: name {name!r} contains 'flash', which transformers reserves for FlashAttention "
-                         "and hub kernels (it would try to import it); pick another name")
+        raise ValueError(
+            f"register: name {name!r} contains 'flash', which transformers reserves for FlashAttention "
+            "and hub kernels (it would try to import it); pick another name"
+        )
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -62,7 +62,12 @@ def gpu_info(device: torch.device) -> GpuInfo:
 
 
 def pick_launch_config(
-    batch: int, num_kv_heads: int, group: int, head_dim: int, max_seqlen_q: int, max_seqlen_k: int,
+    batch: int,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     gpu: GpuInfo | None,
 ) -> LaunchConfig:
     """Tile sizes, split count, warps and pipeline stages for one call (`gpu=None`: the CPU interpreter).
@@ -111,8 +116,9 @@ def _check_tensor(name: str, t, ndim: int) -> None:
         raise ValueError(f"flash_attn_varlen_func: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_branch, k_branch,
-                      interpreted: bool) -> None:
+def check_varlen_args(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_branch, k_branch, interpreted: bool
+) -> None:
     """Raise a one-line error naming the argument for anything the kernel cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 3)
@@ -121,7 +127,9 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"flash_attn_varlen_func: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"flash_attn_varlen_func: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"flash_attn_varlen_func: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     head_dim = q.shape[2]
     if k.shape[2] != head_dim:
         raise ValueError(f"flash_attn_varlen_func: head dims differ: q has {head_dim}, k/v have {k.shape[2]}")
@@ -134,8 +142,10 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
-            raise ValueError(f"flash_attn_varlen_func: {name} must be contiguous in its last (head_dim) dimension, "
-                             f"got strides {tuple(t.stride())}")
+            raise ValueError(
+                f"flash_attn_varlen_func: {name} must be contiguous in its last (head_dim) dimension, "
+                f"got strides {tuple(t.stride())}"
+            )
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_tensor(name, t, 1)
         if t.dtype != torch.int32:
@@ -143,8 +153,10 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         if t.numel() < 2:
             raise ValueError(f"flash_attn_varlen_func: {name} needs batch + 1 >= 2 entries, got {t.numel()}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"flash_attn_varlen_func: cu_seqlens_q and cu_seqlens_k describe different batch sizes "
-                         f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})")
+        raise ValueError(
+            f"flash_attn_varlen_func: cu_seqlens_q and cu_seqlens_k describe different batch sizes "
+            f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})"
+        )
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"flash_attn_varlen_func: {name} must be a non-negative int, got {value!r}")
@@ -156,7 +168,9 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             if t.dtype != torch.int32:
                 raise TypeError(f"flash_attn_varlen_func: {name} must be int32, got {t.dtype}")
             if t.numel() != total:
-                raise ValueError(f"flash_attn_varlen_func: {name} must have one id per token ({total}), got {t.numel()}")
+                raise ValueError(
+                    f"flash_attn_varlen_func: {name} must have one id per token ({total}), got {t.numel()}"
+                )
             if t.stride(0) != 1:
                 raise ValueError(f"flash_attn_varlen_func: {name} must be contiguous")
     tensors = {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
@@ -164,8 +178,10 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         tensors.update(q_branch=q_branch, k_branch=k_branch)
     check_one_device(tensors)
     if cu_seqlens_q.device.type == "cpu":  # content checks need the values on the host; free only on the CPU
-        for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                         ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        for name, cu, total, max_len in (
+            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+        ):
             check_cu_seqlens(name, cu, total, max_len)
     if not interpreted and q.device.type != "cuda":
         raise ValueError(
@@ -197,11 +213,13 @@ def check_cu_seqlens(name: str, cu_seqlens: torch.Tensor, total: int, max_len: i
     """Offsets start at 0, never decrease, end at the packed length, and no sequence exceeds max_len."""
     lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((lengths < 0).any()):
-        raise ValueError(f"flash_attn_varlen_func: {name} must rise from 0 to the packed length {total}, "
-                         f"got {cu_seqlens.tolist()}")
+        raise ValueError(
+            f"flash_attn_varlen_func: {name} must rise from 0 to the packed length {total}, got {cu_seqlens.tolist()}"
+        )
     if int(lengths.max()) > max_len:
-        raise ValueError(f"flash_attn_varlen_func: a sequence has {int(lengths.max())} tokens but max_seqlen_"
-                         f"{name[-1]} is {max_len}")
+        raise ValueError(
+            f"flash_attn_varlen_func: a sequence has {int(lengths.max())} tokens but max_seqlen_{name[-1]} is {max_len}"
+        )
 
 
 def flash_attn_varlen_func(
@@ -230,8 +248,20 @@ def flash_attn_varlen_func(
 
 
 def _flash_attn_varlen_forward(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True,
-    q_branch=None, k_branch=None, *, config: LaunchConfig | None = None, skip_branch_blocks: bool = True,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale=None,
+    causal=True,
+    q_branch=None,
+    k_branch=None,
+    *,
+    config: LaunchConfig | None = None,
+    skip_branch_blocks: bool = True,
 ) -> torch.Tensor:
     """`flash_attn_varlen_func` with the launch configuration exposed (tests force splits and tile sizes)."""
     interpreted = interpreter_enabled()
@@ -250,8 +280,15 @@ def _flash_attn_varlen_forward(
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if config is None:
-        config = pick_launch_config(batch, num_kv_heads, group, head_dim, max_seqlen_q, max_seqlen_k,
-                                    None if interpreted else gpu_info(q.device))
+        config = pick_launch_config(
+            batch,
+            num_kv_heads,
+            group,
+            head_dim,
+            max_seqlen_q,
+            max_seqlen_k,
+            None if interpreted else gpu_info(q.device),
+        )
     kernels = _kernels()
     block_d = max(16, _next_power_of_2(head_dim))
     num_m_tiles = triton_cdiv(max_seqlen_q * group, config.block_m)
@@ -269,26 +306,63 @@ def _flash_attn_varlen_forward(
     grid = (num_m_tiles, batch * num_kv_heads, num_splits)
     with launch_device(q.device):  # Triton launches on the current device; make it the inputs' one
         kernels._branch_attn_fwd_kernel[grid](
-            q, k, v, out, out_partial, lse_partial,
-            cu_seqlens_q, cu_seqlens_k,
-            q_branch if has_branch else cu_seqlens_q, k_branch if has_branch else cu_seqlens_k,
-            softmax_scale * math.log2(math.e), num_kv_heads, blocks_per_split,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            out_partial.stride(0) if split else 0, out_partial.stride(1) if split else 0,
-            out_partial.stride(2) if split else 0, lse_partial.stride(0) if split else 0,
+            q,
+            k,
+            v,
+            out,
+            out_partial,
+            lse_partial,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            q_branch if has_branch else cu_seqlens_q,
+            k_branch if has_branch else cu_seqlens_k,
+            softmax_scale * math.log2(math.e),
+            num_kv_heads,
+            blocks_per_split,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            out.stride(0),
+            out.stride(1),
+            out_partial.stride(0) if split else 0,
+            out_partial.stride(1) if split else 0,
+            out_partial.stride(2) if split else 0,
+            lse_partial.stride(0) if split else 0,
             lse_partial.stride(1) if split else 0,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            CAUSAL=bool(causal), HAS_BRANCH=has_branch, SKIP_BRANCH_BLOCKS=bool(skip_branch_blocks), SPLIT=split,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            GROUP=group,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            CAUSAL=bool(causal),
+            HAS_BRANCH=has_branch,
+            SKIP_BRANCH_BLOCKS=bool(skip_branch_blocks),
+            SPLIT=split,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            DOT_IN_FP32=interpreted and q.dtype == torch.bfloat16, INTERPRETER_LOOP=interpreted,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            DOT_IN_FP32=interpreted and q.dtype == torch.bfloat16,
+            INTERPRETER_LOOP=interpreted,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
         if split:
             kernels._combine_splits_kernel[(total_q, num_heads)](
-                out, out_partial, lse_partial, num_splits,
-                out.stride(0), out.stride(1), out_partial.stride(0), out_partial.stride(1), out_partial.stride(2),
-                lse_partial.stride(0), lse_partial.stride(1),
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, _next_power_of_2(num_splits)),
+                out,
+                out_partial,
+                lse_partial,
+                num_splits,
+                out.stride(0),
+                out.stride(1),
+                out_partial.stride(0),
+                out_partial.stride(1),
+                out_partial.stride(2),
+                lse_partial.stride(0),
+                lse_partial.stride(1),
+                HEAD_DIM=head_dim,
+                BLOCK_D=block_d,
+                BLOCK_S=max(2, _next_power_of_2(num_splits)),
                 num_warps=4,
             )
     return out

@@ -19,15 +19,19 @@ def branch_ids_from_reference_layout(
     if num_para < 1:
         raise ValueError(f"branch_ids_from_reference_layout: num_para must be >= 1, got {num_para}")
     if not 0 <= para_begin_position <= total_len:
-        raise ValueError(f"branch_ids_from_reference_layout: para_begin_position must be in [0, {total_len}], "
-                         f"got {para_begin_position}")
+        raise ValueError(
+            f"branch_ids_from_reference_layout: para_begin_position must be in [0, {total_len}], "
+            f"got {para_begin_position}"
+        )
     positions = torch.arange(total_len, dtype=torch.int32, device=device)
     branch = (positions - para_begin_position) % num_para
     return torch.where(positions < para_begin_position, torch.full_like(positions, -1), branch)
 
 
 def branch_ids_for_engine_layout(
-    prefix_len: int, title_lengths: Sequence[int], active_branches_per_step: Sequence[Sequence[int]] = (),
+    prefix_len: int,
+    title_lengths: Sequence[int],
+    active_branches_per_step: Sequence[Sequence[int]] = (),
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The engine's layout: shared prefix (-1), then the tree-prefill block (branch 0's title tokens, branch 1's,
@@ -45,7 +49,9 @@ def branch_ids_for_engine_layout(
         ids += [branch] * length
     for step, active in enumerate(active_branches_per_step):
         if list(active) != sorted(set(active)) or any(not 0 <= b < num_branches for b in active):
-            raise ValueError(f"branch_ids_for_engine_layout: step {step} must list distinct branch ids in increasing "
-                             f"order within [0, {num_branches}), got {list(active)}")
+            raise ValueError(
+                f"branch_ids_for_engine_layout: step {step} must list distinct branch ids in increasing "
+                f"order within [0, {num_branches}), got {list(active)}"
+            )
         ids += list(active)
     return torch.tensor(ids, dtype=torch.int32, device=device)

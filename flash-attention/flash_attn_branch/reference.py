@@ -4,32 +4,51 @@ import math
 
 import torch
 
+from .visibility import SHARED, sees
+
 
 def branch_visibility_mask(
-    q_len: int, k_len: int, causal: bool = True, q_branch: torch.Tensor | None = None,
-    k_branch: torch.Tensor | None = None, device: torch.device | str | None = None,
+    q_len: int,
+    k_len: int,
+    causal: bool = True,
+    q_branch: torch.Tensor | None = None,
+    k_branch: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """(q_len, k_len) bool mask of one sequence, True where query i may see key j.
+    """(q_len, k_len) bool mask of one sequence, True where query i may see key j (:func:`.visibility.sees`).
 
-    Causal is bottom-right aligned (query i sits at key index k_len - q_len + i); with branch ids, key j is visible
-    only if k_branch[j] == -1 (shared) or k_branch[j] == q_branch[i].
+    Causal is bottom-right aligned (query i sits at key index k_len - q_len + i); without ``causal`` every query sits
+    after the last key. Without branch ids every key is shared.
     """
     if device is None:
         device = q_branch.device if q_branch is not None else "cpu"
-    visible = torch.ones((q_len, k_len), dtype=torch.bool, device=device)
+    key_position = torch.arange(k_len, device=device)
+    query_position = key_position.new_full((q_len,), k_len - 1)
     if causal:
-        q_pos = torch.arange(q_len, device=device) + (k_len - q_len)
-        visible &= torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
-    if q_branch is not None:
-        k_branch = k_branch.to(device)
-        q_branch = q_branch.to(device)
-        visible &= (k_branch[None, :] == -1) | (k_branch[None, :] == q_branch[:, None])
-    return visible
+        query_position = torch.arange(q_len, device=device) + (k_len - q_len)
+    if q_branch is None or k_branch is None:
+        q_branch = torch.zeros(q_len, dtype=torch.int32, device=device)
+        k_branch = torch.full((k_len,), SHARED, dtype=torch.int32, device=device)
+    return sees(
+        query_position[:, None], q_branch.to(device)[:, None], key_position[None, :], k_branch.to(device)[None, :]
+    )
 
 
 def flash_attn_varlen_reference(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True,
-    q_branch=None, k_branch=None, *, compute_dtype: torch.dtype = torch.float64, out_dtype: torch.dtype | None = None,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale=None,
+    causal=True,
+    q_branch=None,
+    k_branch=None,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Plain softmax(QK^T * scale + mask) V per sequence, in `compute_dtype`; rows with no visible key are 0.
 
@@ -51,8 +70,11 @@ def flash_attn_varlen_reference(
         ks = k[k0:k1].to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, Lk, D)
         vs = v[k0:k1].to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, Lk, D)
         visible = branch_visibility_mask(
-            q1 - q0, k1 - k0, causal,
-            None if q_branch is None else q_branch[q0:q1], None if k_branch is None else k_branch[k0:k1],
+            q1 - q0,
+            k1 - k0,
+            causal,
+            None if q_branch is None else q_branch[q0:q1],
+            None if k_branch is None else k_branch[k0:k1],
             device=q.device,
         )
         scores = (qs @ ks.transpose(1, 2)) * scale  # (Hq, Lq, Lk)

@@ -26,13 +26,21 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..engine.batch import Engine, request_outcome
 from ..engine.decode import chat_prompt_ids
 from ..engine.timing import synchronize
 from ..tasks import DatasetError, build_prompt, load_dataset, resolve_format_prompt
 from .branch_stage import (
-    DTYPES, BenchError, bench_device, checkpoint_model, device_name, exit_status, random_model, random_tokens,
+    DTYPES,
+    BenchError,
+    bench_device,
+    checkpoint_model,
+    device_name,
+    exit_status,
+    random_model,
+    random_tokens,
 )
 from .configs import MODEL_CONFIGS
 from .synthetic import SyntheticAnswer, SyntheticShape
@@ -51,12 +59,13 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- workloads -----------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class TaskWorkload:
     """A task's rows as chat prompts, decoded with ``Engine.generate``."""
 
-    model: object
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     prompts: list[str]
     max_new_tokens: int
 
@@ -78,7 +87,7 @@ class TaskWorkload:
 class SyntheticWorkload:
     """Synthetic requests (``bench.synthetic``) of random prompts, submitted to the engine's scheduler."""
 
-    model: object
+    model: PreTrainedModel
     prompts: list[list[int]]
     titles: list[list[int]]
     shape: SyntheticShape
@@ -89,16 +98,20 @@ class SyntheticWorkload:
 
     def describe(self) -> str:
         s = self.shape
-        return (f"{self.count} synthetic requests of {len(self.prompts[0])} prompt tokens; parallel: {s.skeleton_tokens} "
-                f"skeleton tokens, {s.branches} branches x (1 + {s.branch_tokens}) tokens, {s.conclusion_tokens} "
-                f"conclusion tokens; normal: the same {s.answer_tokens} answer tokens in sequence")
+        return (
+            f"{self.count} synthetic requests of {len(self.prompts[0])} prompt tokens; parallel: {s.skeleton_tokens} "
+            f"skeleton tokens, {s.branches} branches x (1 + {s.branch_tokens}) tokens, {s.conclusion_tokens} "
+            f"conclusion tokens; normal: the same {s.answer_tokens} answer tokens in sequence"
+        )
 
     def slots_per_request(self) -> int:
         return SyntheticAnswer(self.prompts[0], True, self.shape, self.titles[0]).slots_needed
 
     def answers(self, engine: Engine, parallel: bool, count: int | None = None) -> list[dict]:
-        requests = [engine.scheduler.submit(SyntheticAnswer(prompt, parallel, self.shape, titles))
-                    for prompt, titles in list(zip(self.prompts, self.titles))[:count]]
+        requests = [
+            engine.scheduler.submit(SyntheticAnswer(prompt, parallel, self.shape, titles))
+            for prompt, titles in list(zip(self.prompts, self.titles))[:count]
+        ]
         while not engine.idle:
             engine.step()
         return [request_outcome(request) for request in requests]
@@ -114,8 +127,9 @@ def task_workload(args) -> TaskWorkload:
     model = checkpoint_model(args.model_path, bench_device(args.device), DTYPES[args.dtype], "sdpa")
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     format_prompt = resolve_format_prompt(None, args.model_path)  # the model's own instruction, as generate.py
-    return TaskWorkload(model, tokenizer, [build_prompt(args.task, row, format_prompt.text) for row in rows],
-                        args.max_new_tokens)
+    return TaskWorkload(
+        model, tokenizer, [build_prompt(args.task, row, format_prompt.text) for row in rows], args.max_new_tokens
+    )
 
 
 def synthetic_workload(args) -> SyntheticWorkload:
@@ -135,6 +149,7 @@ def synthetic_workload(args) -> SyntheticWorkload:
 
 # --- measuring -----------------------------------------------------------------------------------------------------
 
+
 def measure(engine: Engine, workload, parallel: bool) -> dict:
     """One pass over every request on ``engine``; tokens/s over the wall time, latencies per request."""
     engine.scheduler.passes = 0
@@ -148,9 +163,15 @@ def measure(engine: Engine, workload, parallel: bool) -> dict:
         raise BenchError(f"{len(failed)} requests failed, first: {failed[0]}")
     latencies = [r["time"] for r in results]
     tokens = sum(r["length"] for r in results)
-    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "p50_s": percentile(latencies, 50),
-            "p99_s": percentile(latencies, 99), "passes": engine.scheduler.passes,
-            "responses": [r["response"] for r in results]}
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "passes": engine.scheduler.passes,
+        "responses": [r["response"] for r in results],
+    }
 
 
 def settings_order(batch_sizes: list[int], repeat: int) -> list[tuple[int, str]]:
@@ -173,8 +194,14 @@ def run(args) -> dict:
     workload = synthetic_workload(args) if args.config else task_workload(args)
     largest = max(args.batch_sizes)
     capacity = args.kv_capacity or largest * workload.slots_per_request()
-    engine = Engine(workload.model, getattr(workload, "tokenizer", None), max_batch_size=largest,
-                    kv_capacity=capacity, compile=args.compile, buckets=tuple(args.buckets) if args.buckets else None)
+    engine = Engine(
+        workload.model,
+        getattr(workload, "tokenizer", None),
+        max_batch_size=largest,
+        kv_capacity=capacity,
+        compile=args.compile,
+        buckets=tuple(args.buckets) if args.buckets else None,
+    )
     for mode in MODES:  # untimed: one full batch of each mode (allocator, caches)
         workload.answers(engine, mode == "parallel", largest)
     samples: dict[tuple[int, str], list[dict]] = {}
@@ -183,35 +210,57 @@ def run(args) -> dict:
             engine.max_batch_size = size
             sample = measure(engine, workload, mode == "parallel")
             samples.setdefault((size, mode), []).append(sample)
-            print(f"repeat {repeat + 1}, batch {size}, {mode}: {sample['tokens_per_s']:.1f} tokens/s, p50 "
-                  f"{sample['p50_s']:.3f} s, p99 {sample['p99_s']:.3f} s", file=sys.stderr, flush=True)  # a run cut short keeps these
+            print(
+                f"repeat {repeat + 1}, batch {size}, {mode}: {sample['tokens_per_s']:.1f} tokens/s, p50 "
+                f"{sample['p50_s']:.3f} s, p99 {sample['p99_s']:.3f} s",
+                file=sys.stderr,
+                flush=True,
+            )  # a run cut short keeps these
     first = {mode: samples[args.batch_sizes[0], mode][0]["responses"] for mode in MODES}
     settings = []
-    for (size, mode), runs in sorted(samples.items(), key=lambda item: (args.batch_sizes.index(item[0][0]), item[0][1])):
+    for (size, mode), runs in sorted(
+        samples.items(), key=lambda item: (args.batch_sizes.index(item[0][0]), item[0][1])
+    ):
         setting = {"batch_size": size, "mode": mode, "capacity": capacity, **median_sample(runs)}
         setting.pop("responses")
         setting["same_answers_as_first"] = sum(
-            all(run["responses"][i] == first[mode][i] for run in runs) for i in range(workload.count))
+            all(run["responses"][i] == first[mode][i] for run in runs) for i in range(workload.count)
+        )
         settings.append(setting)
     by_size = {(s["batch_size"], s["mode"]): s for s in settings}
     for s in settings:
         s["speedup_vs_first"] = s["tokens_per_s"] / by_size[args.batch_sizes[0], s["mode"]]["tokens_per_s"]
-    return {"workload": workload.describe(), "requests": workload.count, "device": device_name(engine.model.device),
-            "model": args.config or args.model_path, "dtype": args.dtype, "compile": args.compile,
-            "repeats": args.repeats, "settings": settings,
-            "parallel_over_normal": {size: by_size[size, "parallel"]["tokens_per_s"] / by_size[size, "normal"]["tokens_per_s"]
-                                     for size in args.batch_sizes}}
+    return {
+        "workload": workload.describe(),
+        "requests": workload.count,
+        "device": device_name(engine.model.device),
+        "model": args.config or args.model_path,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "repeats": args.repeats,
+        "settings": settings,
+        "parallel_over_normal": {
+            size: by_size[size, "parallel"]["tokens_per_s"] / by_size[size, "normal"]["tokens_per_s"]
+            for size in args.batch_sizes
+        },
+    }
 
 
 def report(result: dict) -> str:
-    lines = [f"{result['model']} ({result['dtype']}, compile {result['compile']}) on {result['device']}: "
-             f"{result['workload']}; median of {result['repeats']} interleaved repeats",
-             "batch  mode       tokens/s  vs first  p50 s   p99 s   passes  same answers"]
+    lines = [
+        f"{result['model']} ({result['dtype']}, compile {result['compile']}) on {result['device']}: "
+        f"{result['workload']}; median of {result['repeats']} interleaved repeats",
+        "batch  mode       tokens/s  vs first  p50 s   p99 s   passes  same answers",
+    ]
     for s in result["settings"]:
-        lines.append(f"{s['batch_size']:5}  {s['mode']:9} {s['tokens_per_s']:9.1f} {s['speedup_vs_first']:8.2f}x "
-                     f"{s['p50_s']:6.3f} {s['p99_s']:7.3f} {s['passes']:8}  {s['same_answers_as_first']}/{result['requests']}")
-    lines.append("parallel/normal tokens/s: " + ", ".join(
-        f"batch {size}: {ratio:.2f}x" for size, ratio in result["parallel_over_normal"].items()))
+        lines.append(
+            f"{s['batch_size']:5}  {s['mode']:9} {s['tokens_per_s']:9.1f} {s['speedup_vs_first']:8.2f}x "
+            f"{s['p50_s']:6.3f} {s['p99_s']:7.3f} {s['passes']:8}  {s['same_answers_as_first']}/{result['requests']}"
+        )
+    lines.append(
+        "parallel/normal tokens/s: "
+        + ", ".join(f"batch {size}: {ratio:.2f}x" for size, ratio in result["parallel_over_normal"].items())
+    )
     return "\n".join(lines)
 
 
@@ -222,8 +271,12 @@ def parse_args(argv=None):
     p.add_argument("--data_path", default="data/retrieval_10.jsonl")
     p.add_argument("--max_samples", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--config", choices=sorted(MODEL_CONFIGS), default=None,
-                   help="random weights of this shape and synthetic requests instead of --model_path and a task")
+    p.add_argument(
+        "--config",
+        choices=sorted(MODEL_CONFIGS),
+        default=None,
+        help="random weights of this shape and synthetic requests instead of --model_path and a task",
+    )
     p.add_argument("--requests", type=int, default=32, help="synthetic requests (with --config)")
     p.add_argument("--prompt_len", type=int, default=512, help="tokens of each synthetic prompt")
     p.add_argument("--skeleton_tokens", type=int, default=SyntheticShape.skeleton_tokens)

@@ -54,6 +54,7 @@ class BenchError(Exception):
 
 # --- model --------------------------------------------------------------------------------------------------------
 
+
 def transformers_attention(name: str, device: torch.device) -> str:
     """The transformers attention name for a ``--attn_implementation`` choice.
 
@@ -68,8 +69,10 @@ def transformers_attention(name: str, device: torch.device) -> str:
         raise BenchError(str(e)) from None
     if device.type != "cuda":
         if not kernel_interpreter_enabled():
-            raise BenchError("--attn_implementation flash_attention_2 runs a Triton kernel: it needs --device cuda "
-                             "(or TRITON_INTERPRET=1 on CPU, for correctness only)")
+            raise BenchError(
+                "--attn_implementation flash_attention_2 runs a Triton kernel: it needs --device cuda "
+                "(or TRITON_INTERPRET=1 on CPU, for correctness only)"
+            )
     return registered
 
 
@@ -146,6 +149,7 @@ def weight_bytes(model) -> int:
 
 # --- the two ways of decoding N branches ----------------------------------------------------------------------------
 
+
 def decode_branches_one_after_another(decoder, prefix_len: int, branch_prefixes: list[list[int]], max_new_tokens: int):
     """What normal decoding does: each branch after the cached prefix, its title prefilled, then the engine's own
     sequential loop, one pass per token, greedy and without stop tokens."""
@@ -172,6 +176,7 @@ MODES = {"sequential": decode_branches_one_after_another, "parallel": decode_bra
 
 
 # --- measurement ----------------------------------------------------------------------------------------------------
+
 
 def random_tokens(vocab_size: int, count: int, generator: torch.Generator) -> list[int]:
     return torch.randint(0, vocab_size, (count,), generator=generator).tolist()
@@ -201,7 +206,13 @@ def time_once(fn, device: torch.device) -> tuple[float, list[list[int]]]:
 
 @torch.inference_mode()
 def measure(
-    model, prefix_ids: list[int], titles: list[list[int]], branch_len: int, repeats: int, warmup: int, compile: bool = False
+    model,
+    prefix_ids: list[int],
+    titles: list[list[int]],
+    branch_len: int,
+    repeats: int,
+    warmup: int,
+    compile: bool = False,
 ) -> dict:
     """Median wall time of each mode over ``repeats`` runs, after ``warmup`` untimed runs of each.
 
@@ -337,30 +348,50 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> None:
 
 # --- command line ---------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m parallel_decoding.bench", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", choices=sorted(MODEL_CONFIGS), default="qwen2.5-0.5b",
-                     help="random-weight model of this shape (default qwen2.5-0.5b)")
+    src.add_argument(
+        "--config",
+        choices=sorted(MODEL_CONFIGS),
+        default="qwen2.5-0.5b",
+        help="random-weight model of this shape (default qwen2.5-0.5b)",
+    )
     src.add_argument("--model_path", help="load this checkpoint directory instead of random weights")
     p.add_argument("--prefix_len", type=int, default=256, help="shared prefix length P")
     p.add_argument("--num_branches", type=int, default=8, help="branches N")
     p.add_argument("--branch_len", type=int, default=16, help="tokens generated per branch L")
     p.add_argument("--title_len", type=int, default=4, help="forced tokens (the title) before each branch")
-    p.add_argument("--attn_implementation", nargs="+", choices=ATTN_CHOICES, default=["sdpa"],
-                   help="one or more; flash_attention_2 = the project's Triton kernel (CUDA)")
+    p.add_argument(
+        "--attn_implementation",
+        nargs="+",
+        choices=ATTN_CHOICES,
+        default=["sdpa"],
+        help="one or more; flash_attention_2 = the project's Triton kernel (CUDA)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="default bfloat16, the released checkpoints' dtype (on a CPU without AVX512-BF16/AMX "
-                        "float32 is faster)")
-    p.add_argument("--num_threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice); on a busy machine 1 can beat 2")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bfloat16",
+        help="default bfloat16, the released checkpoints' dtype (on a CPU without AVX512-BF16/AMX float32 is faster)",
+    )
+    p.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice); on a busy machine 1 can beat 2",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
     p.add_argument("--sweep", action="store_true", help=f"N in {SWEEP_BRANCHES}: CSV + PNG of speedup vs N")
     p.add_argument("--out_dir", default="results/bench", help="where --sweep writes (default results/bench/)")
-    p.add_argument("--compile", action="store_true",
-                   help="both modes on the fast decoder: static KV arena + compiled step (CUDA graphs on GPU)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="both modes on the fast decoder: static KV arena + compiled step (CUDA graphs on GPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.num_threads is not None and args.num_threads < 1:
@@ -415,8 +446,10 @@ def run(args: argparse.Namespace) -> dict:
     config = model.config.get_text_config()
     needed = args.prefix_len + args.title_len + args.branch_len
     if needed > config.max_position_embeddings:
-        raise BenchError(f"--prefix_len + --title_len + --branch_len = {needed} exceeds the model's context "
-                         f"({config.max_position_embeddings})")
+        raise BenchError(
+            f"--prefix_len + --title_len + --branch_len = {needed} exceeds the model's context "
+            f"({config.max_position_embeddings})"
+        )
 
     generator = torch.Generator().manual_seed(args.seed)
     branch_counts = SWEEP_BRANCHES if args.sweep else (args.num_branches,)
@@ -442,7 +475,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.sweep:
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"sweep_{Path(str(settings['model'])).name}_{settings['dtype']}_{device.type}_P{args.prefix_len}_L{args.branch_len}"
+        model_name = Path(str(settings["model"])).name
+        stem = f"sweep_{model_name}_{settings['dtype']}_{device.type}_P{args.prefix_len}_L{args.branch_len}"
         csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
 
     rows = []
@@ -460,16 +494,22 @@ def run(args: argparse.Namespace) -> dict:
     summary = {**{k: v for k, v in headline.items() if not k.endswith("_times_s")}, **settings, "results": rows}
     if args.sweep:
         summary["csv"], summary["png"] = str(csv_path), str(png_path)
-        plot_speedup(rows, png_path, f"{settings['model']} {settings['dtype']} on {settings['device_name']}, "
-                     f"P={args.prefix_len}, L={args.branch_len}")
+        plot_speedup(
+            rows,
+            png_path,
+            f"{settings['model']} {settings['dtype']} on {settings['device_name']}, "
+            f"P={args.prefix_len}, L={args.branch_len}",
+        )
     return {"rows": rows, "summary": summary}
 
 
 def print_report(out: dict, sweep: bool) -> None:
     s = out["summary"]
-    print(f"{s['model']} ({s['dtype']}, {s['device_name']}), P={s['prefix_len']}, L={s['branch_len']}, "
-          f"title {s['title_len']} tokens, median of {s['repeats']}; "
-          f"{s['weight_bytes_per_pass'] / 1e9:.3f} GB weights read per pass")
+    print(
+        f"{s['model']} ({s['dtype']}, {s['device_name']}), P={s['prefix_len']}, L={s['branch_len']}, "
+        f"title {s['title_len']} tokens, median of {s['repeats']}; "
+        f"{s['weight_bytes_per_pass'] / 1e9:.3f} GB weights read per pass"
+    )
     print(format_table(out["rows"]))
     if sweep:
         print(f"wrote {s['csv']} and {s['png']}")

@@ -1,7 +1,8 @@
 """One GPU check of the fast path: step times against the bandwidth floor, flex vs dense vs the Triton kernel, CUDA
 graphs, and fast-vs-eager token agreement.
 
-    python -m parallel_decoding.bench.gpu_check --config qwen2.5-7b --device cuda --dtype bfloat16 --out results/gpu_check.md
+    python -m parallel_decoding.bench.gpu_check --config qwen2.5-7b --device cuda --dtype bfloat16 \
+        --out results/gpu_check.md
     python -m parallel_decoding.bench.gpu_check --config tiny --device cpu --dtype float32 --compile off \
         --capacity 128 --text_lens 16 40   # the CPU test
 
@@ -52,12 +53,25 @@ from ..engine.timing import synchronize
 from .branch_stage import DTYPES, BenchError, device_name, exit_status, random_model, random_tokens, weight_bytes
 from .configs import MODEL_CONFIGS
 from .step import (
-    StepCheck, StepCheckFailed, attention_bytes, kv_bytes, kv_heads_read, kv_slots_read, written_lengths,
+    StepCheck,
+    StepCheckFailed,
+    attention_bytes,
+    kv_bytes,
+    kv_heads_read,
+    kv_slots_read,
+    written_lengths,
 )
 
 # Peak memory bandwidth (GB/s) of the devices this check is meant for; the floor is bytes / peak.
-PEAK_GB_PER_S = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
-                 "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+PEAK_GB_PER_S = {
+    "H200": 4800.0,
+    "H100 SXM": 3350.0,
+    "H100 80GB HBM3": 3350.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100": 1555.0,
+}
 
 
 def peak_bandwidth(name: str) -> float | None:
@@ -65,6 +79,7 @@ def peak_bandwidth(name: str) -> float | None:
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
+
 
 class Report:
     """The markdown report, rewritten to ``path`` after every measurement."""
@@ -90,16 +105,31 @@ class Report:
 
     def render(self) -> str:
         lines = ["# GPU check of the fast path", ""] + [f"- {k}: {v}" for k, v in self.settings.items()]
-        lines += ["", "| measurement | value | MB read per step | achieved GB/s | x bandwidth floor |",
-                  "|---|---|---|---|---|", *self.steps]
+        lines += [
+            "",
+            "| measurement | value | MB read per step | achieved GB/s | x bandwidth floor |",
+            "|---|---|---|---|---|",
+            *self.steps,
+        ]
         if self.compare:
-            lines += ["", "## Flex vs dense step, by length of text in the arena", "",
-                      "| text tokens | attention | ms/step | MB read per step | achieved GB/s | x bandwidth floor |",
-                      "|---|---|---|---|---|---|", *self.compare]
+            lines += [
+                "",
+                "## Flex vs dense step, by length of text in the arena",
+                "",
+                "| text tokens | attention | ms/step | MB read per step | achieved GB/s | x bandwidth floor |",
+                "|---|---|---|---|---|---|",
+                *self.compare,
+            ]
         if self.alone:
-            lines += ["", "## One step's attention alone, every layer (flex, dense mask, the Triton kernel)", "",
-                      "| text tokens | attention | ms (all layers) | K/V MB read | achieved GB/s | x bandwidth floor "
-                      "| max abs diff vs dense |", "|---|---|---|---|---|---|---|", *self.alone]
+            lines += [
+                "",
+                "## One step's attention alone, every layer (flex, dense mask, the Triton kernel)",
+                "",
+                "| text tokens | attention | ms (all layers) | K/V MB read | achieved GB/s | x bandwidth floor "
+                "| max abs diff vs dense |",
+                "|---|---|---|---|---|---|---|",
+                *self.alone,
+            ]
         if self.graphs:
             lines += ["", "## CUDA graphs and recompiles of the timed steps", "", *(f"- {g}" for g in self.graphs)]
             lines.append(f"- result: {'FAILED: ' + self.failures[0] if self.failures else 'passed'}")
@@ -127,6 +157,7 @@ def checked(report: Report, what: str, graphs: bool, steps: int, measure):
 
 
 # --- timed decoding -----------------------------------------------------------------------------------------------
+
 
 def greedy_tokens(decoder, prompt: list[int], count: int) -> list[int]:
     """``count`` greedy tokens after ``prompt``, one pass each, reading each token back as the engine does."""
@@ -215,6 +246,7 @@ def flex_attention_fn(compiled: bool):
 
 # --- attention alone ----------------------------------------------------------------------------------------------
 
+
 def branch_kernel(device: torch.device):
     """(the project's ``flash_attn_varlen_func``, None), or (None, why it cannot run here)."""
     try:
@@ -245,19 +277,30 @@ def attention_callables(arena: KVArena, model, text_len: int, compiled: bool) ->
     group = query_heads // kv_heads
 
     def repeat_kv(x):  # (1, H_kv, S, D) -> (1, H_q, S, D), as transformers does before sdpa with a mask
-        return x[:, :, None].expand(1, kv_heads, group, x.shape[2], head_dim).reshape(1, query_heads, x.shape[2], head_dim)
+        return (
+            x[:, :, None].expand(1, kv_heads, group, x.shape[2], head_dim).reshape(1, query_heads, x.shape[2], head_dim)
+        )
 
     def dense():
-        outs = [F.scaled_dot_product_attention(q, repeat_kv(layer.keys), repeat_kv(layer.values), attn_mask=mask, scale=scale)
-                for layer in arena.layers]  # each (1, H_q, 1, D)
+        outs = [
+            F.scaled_dot_product_attention(
+                q, repeat_kv(layer.keys), repeat_kv(layer.values), attn_mask=mask, scale=scale
+            )
+            for layer in arena.layers
+        ]  # each (1, H_q, 1, D)
         return outs[0]
 
     def flex_step():
-        outs = [flex_attention(q, layer.keys, layer.values, block_mask=block_mask, scale=scale, enable_gqa=True)
-                for layer in arena.layers]  # each (1, H_q, 1, D)
+        outs = [
+            flex_attention(q, layer.keys, layer.values, block_mask=block_mask, scale=scale, enable_gqa=True)
+            for layer in arena.layers
+        ]  # each (1, H_q, 1, D)
         return outs[0]
 
-    fns = {"dense": dense, "flex": flex_step if block_mask is not None else "this torch's FlexAttention cannot build the block mask"}
+    fns = {
+        "dense": dense,
+        "flex": flex_step if block_mask is not None else "this torch's FlexAttention cannot build the block mask",
+    }
     kernel, why = branch_kernel(device)
     if kernel is None:
         return {**fns, "kernel": why}
@@ -266,9 +309,20 @@ def attention_callables(arena: KVArena, model, text_len: int, compiled: bool) ->
     cu_k = torch.tensor([0, text_len], dtype=torch.int32, device=device)  # (2,)
 
     def kernel_step():
-        outs = [kernel(q_packed, layer.keys[0, :, :text_len].transpose(0, 1), layer.values[0, :, :text_len].transpose(0, 1),
-                       cu_q, cu_k, 1, text_len, softmax_scale=scale, causal=True)
-                for layer in arena.layers]  # each (1, H_q, D); keys (T, H_kv, D) views of the arena
+        outs = [
+            kernel(
+                q_packed,
+                layer.keys[0, :, :text_len].transpose(0, 1),
+                layer.values[0, :, :text_len].transpose(0, 1),
+                cu_q,
+                cu_k,
+                1,
+                text_len,
+                softmax_scale=scale,
+                causal=True,
+            )
+            for layer in arena.layers
+        ]  # each (1, H_q, D); keys (T, H_kv, D) views of the arena
         return outs[0].transpose(0, 1)[None]  # (1, H_q, 1, D)
 
     return {**fns, "kernel": kernel_step}
@@ -304,11 +358,14 @@ def attention_alone(report: Report, arena: KVArena, model, text_len: int, compil
         reference = out if reference is None else reference
         nbytes = kv_bytes(model, kv_slots_read(kind, text_len, arena.capacity), kv_heads_read(model, kind))
         diff = (out - reference).abs().max().item()
-        report.alone.append(f"| {text_len} | {kind} | {1e3 * seconds:.3f} | {report.rate(nbytes, seconds)} | {diff:.2e} |")
+        report.alone.append(
+            f"| {text_len} | {kind} | {1e3 * seconds:.3f} | {report.rate(nbytes, seconds)} | {diff:.2e} |"
+        )
         report.write()
 
 
 # --- the sections -------------------------------------------------------------------------------------------------
+
 
 def fast_normal_section(report: Report, model, prompt: list[int], args) -> tuple[FastDecoder, float | None]:
     """The fast decoder on an arena of ``--capacity`` slots (only its one-row bucket compiled so far), and its
@@ -321,30 +378,39 @@ def fast_normal_section(report: Report, model, prompt: list[int], args) -> tuple
         raise BenchError(f"--attention {args.attention}: {e}") from None
     fast.warm_up(buckets=(1,))  # the other buckets before the parallel steps: flex vs dense comes first
     steps = args.steps
-    seconds = checked(report, "fast normal step", fast.use_cuda_graphs, steps, lambda: normal_steps(fast, prompt, steps))
+    seconds = checked(
+        report, "fast normal step", fast.use_cuda_graphs, steps, lambda: normal_steps(fast, prompt, steps)
+    )
     if seconds is not None:
         kv = fast_kv_bytes(model, fast, compiled, written_lengths(len(prompt), 1, steps))
         report.step("fast normal step (ms/token)", f"{1e3 * seconds:.2f}", weight_bytes(model) + kv, seconds)
     return fast, seconds
 
 
-def parallel_section(report: Report, model, fast: FastDecoder, prompt: list[int], titles: list[list[int]], args,
-                     normal: float | None) -> None:
+def parallel_section(
+    report: Report, model, fast: FastDecoder, prompt: list[int], titles: list[list[int]], args, normal: float | None
+) -> None:
     """ms per fast parallel step for each N of ``--branches``, after the remaining buckets are compiled."""
     rest = tuple(b for b in fast.buckets if b != 1)
     if rest:
         fast.warm_up(buckets=rest)
     P, steps = len(prompt), args.steps
     for n in args.branches:
-        seconds = checked(report, f"fast parallel step, N={n}", fast.use_cuda_graphs, steps,
-                          lambda: parallel_steps(fast, prompt, titles[:n], steps))
+        seconds = checked(
+            report,
+            f"fast parallel step, N={n}",
+            fast.use_cuda_graphs,
+            steps,
+            lambda n=n: parallel_steps(fast, prompt, titles[:n], steps),
+        )
         if seconds is None:
             continue
         written = [P + n * args.title_len + n * (i + 1) for i in range(steps)]
         kv = fast_kv_bytes(model, fast, args.compile == "on", written)
         versus = f" ({seconds / normal:.2f}x normal)" if normal else ""
-        report.step(f"fast parallel step, N={n} (ms/step)", f"{1e3 * seconds:.2f}{versus}", weight_bytes(model) + kv,
-                    seconds)
+        report.step(
+            f"fast parallel step, N={n} (ms/step)", f"{1e3 * seconds:.2f}{versus}", weight_bytes(model) + kv, seconds
+        )
 
 
 def compare_section(report: Report, model, fast: FastDecoder, args) -> None:
@@ -370,12 +436,19 @@ def compare_section(report: Report, model, fast: FastDecoder, args) -> None:
             if decoder is None:
                 continue
             what = f"{attention} step, {text_len} tokens of text"
-            seconds = checked(report, what, decoder.use_cuda_graphs, args.steps,
-                              lambda: normal_steps(decoder, text, args.steps))
+            seconds = checked(
+                report,
+                what,
+                decoder.use_cuda_graphs,
+                args.steps,
+                lambda decoder=decoder, text=text: normal_steps(decoder, text, args.steps),
+            )
             if seconds is not None:
                 kv = fast_kv_bytes(model, decoder, args.compile == "on", written_lengths(text_len, 1, args.steps))
                 label = attention if args.compile == "on" else f"{attention} (uncompiled: exact-size passes)"
-                report.compare.append(f"| {text_len} | {label} | {1e3 * seconds:.2f} | {report.rate(weights + kv, seconds)} |")
+                report.compare.append(
+                    f"| {text_len} | {label} | {1e3 * seconds:.2f} | {report.rate(weights + kv, seconds)} |"
+                )
                 report.write()
         with torch.inference_mode():
             attention_alone(report, arena, model, text_len, args.compile == "on")
@@ -398,8 +471,8 @@ def run(args) -> Report:
         "prompt": f"{args.prompt_len} random tokens; {args.steps} timed steps, median of 3 runs",
         "fast path": f"KV arena of {args.capacity} slots, attention {args.attention}, compile {args.compile}",
         "bytes read per step": "the weights once + the K/V attention touches: flex, the written 128-slot blocks once "
-                               "per KV head; dense, the whole arena (capacity + 1) once per query head (repeat_kv); "
-                               "the Triton kernel and the eager step (sdpa's GQA path), the written slots once per KV head",
+        "per KV head; dense, the whole arena (capacity + 1) once per query head (repeat_kv); "
+        "the Triton kernel and the eager step (sdpa's GQA path), the written slots once per KV head",
         "torch": torch.__version__,
     }
     out = Path(args.out)
@@ -422,7 +495,9 @@ def run(args) -> Report:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m parallel_decoding.bench.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m parallel_decoding.bench.gpu_check", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--config", choices=sorted(MODEL_CONFIGS), default="qwen2.5-7b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
@@ -446,8 +521,11 @@ def parse_args(argv=None):
         p.error(f"--branches must be between 1 and {max(BUCKETS)}, got {args.branches}")
     if args.capacity is None:
         args.capacity = MODEL_CONFIGS[args.config]["max_position_embeddings"]
-    needed = max(args.prompt_len + max(args.steps, args.match_tokens) + 1,
-                 args.prompt_len + max(args.branches) * (args.title_len + args.steps), max(args.text_lens) + args.steps + 1)
+    needed = max(
+        args.prompt_len + max(args.steps, args.match_tokens) + 1,
+        args.prompt_len + max(args.branches) * (args.title_len + args.steps),
+        max(args.text_lens) + args.steps + 1,
+    )
     if min(args.text_lens) < 1 or args.capacity < needed:
         p.error(f"--capacity {args.capacity} must hold the longest measurement ({needed} tokens), --text_lens >= 1")
     return args

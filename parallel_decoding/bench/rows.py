@@ -1,6 +1,6 @@
 """End-to-end speed of both modes with the compiled fast path on and off, over a task's rows, in one process.
 
-    python -m parallel_decoding.bench_rows --data_path data/retrieval_10.jsonl
+    python -m parallel_decoding.bench.rows --data_path data/retrieval_10.jsonl
 
 Every row is decoded four times, normal and parallel, each with ``compile`` off (the eager reference) and on, in
 that order row after row, so load from other processes falls on all four alike; the fast path is compiled for every
@@ -19,9 +19,9 @@ import sys
 import torch
 
 from ..decoding.arena import prepare_fast_decoder
-from .branch_stage import cpu_model
 from ..engine.decode import chat_prompt_ids, normal_decode, parallel_decode
 from ..tasks import build_prompt, load_dataset, resolve_format_prompt
+from .branch_stage import cpu_model
 
 SETTINGS = [("normal", False), ("normal", True), ("parallel", False), ("parallel", True)]
 
@@ -31,17 +31,20 @@ def run(args) -> dict:
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_path, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     rows = load_dataset(args.task, args.data_path)[: args.max_samples]
     # The model's own format instruction where it has one, as generate.py uses: the toy never saw the default's.
     format_prompt = resolve_format_prompt(None, args.model_path)
     prompts = [build_prompt(args.task, row, format_prompt.text) for row in rows]
     capacity = max(len(chat_prompt_ids(tokenizer, p)) for p in prompts) + args.max_new_tokens
-    prepare_fast_decoder(model, capacity, warm_up=True)
+    fast = prepare_fast_decoder(model, capacity, warm_up=True)  # the compiled answers all run on it
     decode = {"normal": normal_decode, "parallel": parallel_decode}
     for mode, compile in SETTINGS:  # one untimed answer each: allocator, caches
-        decode[mode](model, tokenizer, prompts[0], max_new_tokens=args.max_new_tokens, compile=compile)
+        decoder = fast if compile else None
+        decode[mode](model, tokenizer, prompts[0], max_new_tokens=args.max_new_tokens, compile=compile, decoder=decoder)
 
     speeds = {s: [] for s in SETTINGS}
     steps = {s: [] for s in SETTINGS}
@@ -50,7 +53,10 @@ def run(args) -> dict:
     for prompt in prompts:
         answers = {}
         for mode, compile in SETTINGS:
-            out = decode[mode](model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, compile=compile)
+            decoder = fast if compile else None
+            out = decode[mode](
+                model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, compile=compile, decoder=decoder
+            )
             speeds[mode, compile].append(out["length"] / out["time"])
             steps[mode, compile].append(out["steps"])
             lengths[mode, compile].append(out["length"])
@@ -60,7 +66,7 @@ def run(args) -> dict:
 
     mean = statistics.mean
     result = {"rows": len(prompts), "capacity": capacity, "threads": torch.get_num_threads(), "cpu": cpu_model()}
-    for (mode, compile) in SETTINGS:
+    for mode, compile in SETTINGS:
         key = f"{mode}_{'on' if compile else 'off'}"
         result[f"{key}_tokens_per_s"] = mean(speeds[mode, compile])
         result[f"{key}_steps"] = mean(steps[mode, compile])
@@ -78,7 +84,7 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m parallel_decoding.bench_rows", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m parallel_decoding.bench.rows", description=__doc__.split("\n\n")[0])
     p.add_argument("--model_path", default="models/tiny-qwen2-retrieval")
     p.add_argument("--task", default="retrieval")
     p.add_argument("--data_path", default="data/retrieval_10.jsonl")
@@ -95,14 +101,22 @@ def main(argv=None) -> int:
     for mode in ("normal", "parallel"):
         for key in ("off", "on"):
             k = f"{mode}_{key}"
-            print(f"{mode:8} compile {key:3} {result[k + '_tokens_per_s']:9.1f} {result[k + '_steps']:15.1f} "
-                  f"{result[k + '_tokens_per_step']:12.3f}")
-    print(f"compile on/off, normal tokens/s: {result['normal_compile_speedup']:.2f}x; "
-          f"parallel: {result['parallel_compile_speedup']:.2f}x")
-    print(f"parallel/normal tokens/s: {result['parallel_over_normal_compile_on']:.2f}x compile on, "
-          f"{result['parallel_over_normal_compile_off']:.2f}x off; step ratio {result['step_ratio']:.2f}x")
-    print(f"same answers compile on vs off: normal {result['same_answers_normal']}/{result['rows']}, "
-          f"parallel {result['same_answers_parallel']}/{result['rows']}")
+            print(
+                f"{mode:8} compile {key:3} {result[k + '_tokens_per_s']:9.1f} {result[k + '_steps']:15.1f} "
+                f"{result[k + '_tokens_per_step']:12.3f}"
+            )
+    print(
+        f"compile on/off, normal tokens/s: {result['normal_compile_speedup']:.2f}x; "
+        f"parallel: {result['parallel_compile_speedup']:.2f}x"
+    )
+    print(
+        f"parallel/normal tokens/s: {result['parallel_over_normal_compile_on']:.2f}x compile on, "
+        f"{result['parallel_over_normal_compile_off']:.2f}x off; step ratio {result['step_ratio']:.2f}x"
+    )
+    print(
+        f"same answers compile on vs off: normal {result['same_answers_normal']}/{result['rows']}, "
+        f"parallel {result['same_answers_parallel']}/{result['rows']}"
+    )
     print(json.dumps(result))
     return 0
 

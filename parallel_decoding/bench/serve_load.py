@@ -30,7 +30,9 @@ EMBEDDED = REPO / "models" / "tiny-qwen2-retrieval"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m parallel_decoding.bench.serve_load", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m parallel_decoding.bench.serve_load", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--base_url", default=None, help="a running server's /v1 URL (default: start one on 127.0.0.1)")
     p.add_argument("--api_key", default="unused")
     p.add_argument("--model_path", default=str(EMBEDDED), help="the model to serve (and whose format prompt to send)")
@@ -39,8 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--modes", default="normal,parallel")
     p.add_argument("--max_tokens", type=int, default=160)
-    p.add_argument("--server_flags", default="--compile off --max_batch_size 16",
-                   help="flags of the server it starts (beside --model_path and --port 0)")
+    p.add_argument(
+        "--server_flags",
+        default="--compile off --max_batch_size 16",
+        help="flags of the server it starts (beside --model_path and --port 0)",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -84,10 +89,15 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_level(client, model: str, texts: list[str], parallel: bool, concurrency: int, max_tokens: int) -> dict:
     """Every prompt once, ``concurrency`` requests at a time; wall time, latencies, answers."""
+
     def one(text):
         start = time.perf_counter()
-        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                             max_tokens=max_tokens, extra_body={"parallel": parallel})
+        out = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": text}],
+            max_tokens=max_tokens,
+            extra_body={"parallel": parallel},
+        )
         return time.perf_counter() - start, out.choices[0].message.content, out.usage.completion_tokens
 
     start = time.perf_counter()
@@ -96,9 +106,14 @@ def run_level(client, model: str, texts: list[str], parallel: bool, concurrency:
     wall = time.perf_counter() - start
     latencies = [d[0] for d in done]
     return {
-        "mode": "parallel" if parallel else "normal", "concurrency": concurrency, "requests": len(texts),
-        "wall_s": wall, "requests_per_s": len(texts) / wall, "p50_s": percentile(latencies, 50),
-        "p99_s": percentile(latencies, 99), "tokens_per_s": sum(d[2] for d in done) / wall,
+        "mode": "parallel" if parallel else "normal",
+        "concurrency": concurrency,
+        "requests": len(texts),
+        "wall_s": wall,
+        "requests_per_s": len(texts) / wall,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "tokens_per_s": sum(d[2] for d in done) / wall,
         "answers": [d[1] for d in done],
     }
 
@@ -106,8 +121,10 @@ def run_level(client, model: str, texts: list[str], parallel: bool, concurrency:
 def table(levels: list[dict]) -> str:
     lines = [f"{'mode':<9} {'conc':>4} {'req/s':>8} {'p50 s':>8} {'p99 s':>8} {'tok/s':>9} {'wall s':>8}"]
     for r in levels:
-        lines.append(f"{r['mode']:<9} {r['concurrency']:>4} {r['requests_per_s']:>8.2f} {r['p50_s']:>8.3f} "
-                     f"{r['p99_s']:>8.3f} {r['tokens_per_s']:>9.1f} {r['wall_s']:>8.2f}")
+        lines.append(
+            f"{r['mode']:<9} {r['concurrency']:>4} {r['requests_per_s']:>8.2f} {r['p50_s']:>8.3f} "
+            f"{r['p99_s']:>8.3f} {r['tokens_per_s']:>9.1f} {r['wall_s']:>8.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -118,8 +135,11 @@ def ratios(levels: list[dict]) -> dict:
         runs = {r["concurrency"]: r for r in levels if r["mode"] == mode}
         if 1 in runs and max(runs) > 1:
             top = runs[max(runs)]
-            out[mode] = {"concurrency": top["concurrency"], "ratio": top["wall_s"] / runs[1]["wall_s"],
-                         "answers_identical": top["answers"] == runs[1]["answers"]}
+            out[mode] = {
+                "concurrency": top["concurrency"],
+                "ratio": top["wall_s"] / runs[1]["wall_s"],
+                "answers_identical": top["answers"] == runs[1]["answers"],
+            }
     return out
 
 
@@ -143,11 +163,17 @@ def main(argv=None) -> int:
     print(table(levels))
     summary = ratios(levels)
     for mode, r in sorted(summary.items()):
-        print(f"{mode}: {r['concurrency']} concurrent / sequential wall time = {r['ratio']:.2f}x, "
-              f"answers identical: {r['answers_identical']}")
-    record = {"model": model, "max_tokens": args.max_tokens, "server_exit": code,
-              "levels": [{k: v for k, v in r.items() if k != "answers"} for r in levels],
-              **{f"ratio_vs_sequential_{mode}": r for mode, r in summary.items()}}
+        print(
+            f"{mode}: {r['concurrency']} concurrent / sequential wall time = {r['ratio']:.2f}x, "
+            f"answers identical: {r['answers_identical']}"
+        )
+    record = {
+        "model": model,
+        "max_tokens": args.max_tokens,
+        "server_exit": code,
+        "levels": [{k: v for k, v in r.items() if k != "answers"} for r in levels],
+        **{f"ratio_vs_sequential_{mode}": r for mode, r in summary.items()},
+    }
     print(json.dumps(record))
     return 0
 

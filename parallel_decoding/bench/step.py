@@ -42,8 +42,16 @@ from ..decoding.arena import FastDecoder
 from ..decoding.flex import BLOCK as FLEX_BLOCK
 from ..engine.timing import synchronize
 from .branch_stage import (
-    DTYPES, BenchError, _no_init_context, bench_device, device_name, exit_status, fill_random_weights, random_model,
-    random_tokens, weight_bytes,
+    DTYPES,
+    BenchError,
+    _no_init_context,
+    bench_device,
+    device_name,
+    exit_status,
+    fill_random_weights,
+    random_model,
+    random_tokens,
+    weight_bytes,
 )
 from .configs import MODEL_CONFIGS
 
@@ -55,6 +63,7 @@ class StepCheckFailed(Exception):
 
 
 # --- model and decoders -----------------------------------------------------------------------------------------
+
 
 def build_model(config_name: str, layers: int | None, device: torch.device, dtype: torch.dtype, seed: int):
     """``random_model`` of the named shape, or with ``layers`` the same shape cut to its first ``layers`` layers
@@ -83,6 +92,7 @@ def fast_decoder(model, capacity: int, attention: str, buckets: tuple[int, ...])
 
 
 # --- bytes a step reads -------------------------------------------------------------------------------------------
+
 
 def kv_slots_read(attention: str, written: int, capacity: int) -> int:
     """Arena slots one layer's attention reads per head: the written blocks (flex), the written slots (the project's
@@ -123,6 +133,7 @@ def attention_bytes(model, attention: str, written: int, capacity: int) -> float
 
 # --- checks on the timed steps ------------------------------------------------------------------------------------
 
+
 def cudagraph_skips() -> int:
     """Inductor's count of compiled graphs it did not capture as CUDA graphs (torch/_inductor/cudagraph_utils.py)."""
     from torch._dynamo.utils import counters
@@ -148,7 +159,7 @@ class StepCheck:
         self._depth = 0
         self._saved: dict[str, object] = {}
 
-    def __enter__(self) -> "StepCheck":
+    def __enter__(self) -> StepCheck:
         self.skips_before = cudagraph_skips()
         if self.graphs:
             self._watch_trees()
@@ -198,10 +209,14 @@ class StepCheck:
             return None
         c = self.counts
         if self.skips_after:
-            return f"{self.what}: inductor skipped CUDA graphs for {self.skips_after} compiled graph(s) (cudagraph_skips)"
+            return (
+                f"{self.what}: inductor skipped CUDA graphs for {self.skips_after} compiled graph(s) (cudagraph_skips)"
+            )
         if self.counted and (c["calls"] < self.steps or c["replays"] != c["calls"]):
-            return (f"{self.what}: {c['calls']} compiled calls in {self.steps} timed steps, {c['replays']} graph replays, "
-                    f"{c['recordings']} recordings, {c['eager_runs']} eager runs: a timed step ran outside a recorded graph")
+            return (
+                f"{self.what}: {c['calls']} compiled calls in {self.steps} timed steps, {c['replays']} graph replays, "
+                f"{c['recordings']} recordings, {c['eager_runs']} eager runs: a timed step ran outside a recorded graph"
+            )
         return None
 
     def summary(self) -> dict:
@@ -212,18 +227,23 @@ class StepCheck:
 
     def describe(self) -> str:
         """One line for a report."""
-        line = (f"{self.what}: cudagraph_skips {self.skips_before} after warm-up, {self.skips_after} after the timed "
-                f"steps; no recompile")
+        line = (
+            f"{self.what}: cudagraph_skips {self.skips_before} after warm-up, {self.skips_after} after the timed "
+            f"steps; no recompile"
+        )
         if not self.graphs:
             return line + " (no CUDA graphs here)"
         c = self.counts
         if not self.counted:
             return line + "; graph replays not countable on this torch"
-        return line + (f"; {c['calls']} compiled calls, {c['replays']} graph replays, {c['recordings']} recordings, "
-                       f"{c['eager_runs']} eager runs")
+        return line + (
+            f"; {c['calls']} compiled calls, {c['replays']} graph replays, {c['recordings']} recordings, "
+            f"{c['eager_runs']} eager runs"
+        )
 
 
 # --- timing -------------------------------------------------------------------------------------------------------
+
 
 def sweep(decoder: FastDecoder, prefix_len: int, first_tokens: list[int], steps: int) -> float:
     """Seconds per step: crop to the prefix, one untimed pass of ``first_tokens`` (R rows, one branch each if R > 1),
@@ -235,7 +255,9 @@ def sweep(decoder: FastDecoder, prefix_len: int, first_tokens: list[int], steps:
     def step(tokens: list[int], position: int) -> list[int]:
         if branches is None:
             return decoder.forward(tokens, greedy=True).tolist()
-        return decoder.forward(tokens, positions=[position] * rows, branch_ids=branches, keep="all", greedy=True).tolist()
+        return decoder.forward(
+            tokens, positions=[position] * rows, branch_ids=branches, keep="all", greedy=True
+        ).tolist()
 
     tokens = step(first_tokens, prefix_len)
     synchronize(decoder.device)
@@ -278,14 +300,21 @@ def measure(model, args, device: torch.device, check: StepCheck) -> list[dict]:
         written = written_lengths(args.prefix_len, rows, args.steps)
         kv = statistics.mean(attention_bytes(model, attention, w, capacity) for w in written)
         median = statistics.median(seconds)
-        results.append({
-            "attention": attention, "capacity": capacity, "rows": rows, "mean_written": statistics.mean(written),
-            "kv_slots_read": statistics.mean(kv_slots_read(attention, w, capacity) for w in written),
-            "kv_heads_read": kv_heads_read(model, attention),
-            "ms_per_step": 1e3 * median,
-            "repeat_ms": [round(1e3 * s, 3) for s in seconds], "kv_bytes": int(kv), "bytes_per_step": int(weights + kv),
-            "gb_per_s": (weights + kv) / median / 1e9,
-        })
+        results.append(
+            {
+                "attention": attention,
+                "capacity": capacity,
+                "rows": rows,
+                "mean_written": statistics.mean(written),
+                "kv_slots_read": statistics.mean(kv_slots_read(attention, w, capacity) for w in written),
+                "kv_heads_read": kv_heads_read(model, attention),
+                "ms_per_step": 1e3 * median,
+                "repeat_ms": [round(1e3 * s, 3) for s in seconds],
+                "kv_bytes": int(kv),
+                "bytes_per_step": int(weights + kv),
+                "gb_per_s": (weights + kv) / median / 1e9,
+            }
+        )
     return results
 
 
@@ -296,19 +325,31 @@ def capacity_ratios(results: list[dict]) -> list[dict]:
         for rows in dict.fromkeys(r["rows"] for r in results):
             mine = [r for r in results if r["attention"] == attention and r["rows"] == rows]
             low, high = min(mine, key=lambda r: r["capacity"]), max(mine, key=lambda r: r["capacity"])
-            out.append({"attention": attention, "rows": rows, "capacity_min": low["capacity"],
-                        "capacity_max": high["capacity"], "ratio": high["ms_per_step"] / low["ms_per_step"]})
+            out.append(
+                {
+                    "attention": attention,
+                    "rows": rows,
+                    "capacity_min": low["capacity"],
+                    "capacity_max": high["capacity"],
+                    "ratio": high["ms_per_step"] / low["ms_per_step"],
+                }
+            )
     return out
 
 
 # --- report -------------------------------------------------------------------------------------------------------
 
+
 def format_table(results: list[dict]) -> str:
-    lines = ["| attention | capacity | rows | KV slots read | x heads | ms/step | MB read/step | GB/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| attention | capacity | rows | KV slots read | x heads | ms/step | MB read/step | GB/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['attention']} | {r['capacity']} | {r['rows']} | {r['kv_slots_read']:.0f} | {r['kv_heads_read']} | "
-                     f"{r['ms_per_step']:.3f} | {r['bytes_per_step'] / 1e6:.1f} | {r['gb_per_s']:.1f} |")
+        lines.append(
+            f"| {r['attention']} | {r['capacity']} | {r['rows']} | {r['kv_slots_read']:.0f} | {r['kv_heads_read']} | "
+            f"{r['ms_per_step']:.3f} | {r['bytes_per_step'] / 1e6:.1f} | {r['gb_per_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -317,28 +358,46 @@ def run(args) -> dict:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     model = build_model(args.config, args.layers, device, DTYPES[args.dtype], args.seed)
-    check = StepCheck("timed steps", device.type == "cuda", args.repeats * len(args.capacities) * len(args.attention)
-                      * len(args.rows) * args.steps)
+    check = StepCheck(
+        "timed steps",
+        device.type == "cuda",
+        args.repeats * len(args.capacities) * len(args.attention) * len(args.rows) * args.steps,
+    )
     results = measure(model, args, device, check)
     summary = {
-        "config": args.config, "layers": model.config.num_hidden_layers, "dtype": args.dtype, "device": str(device),
-        "device_name": device_name(device), "prefix_len": args.prefix_len, "steps": args.steps,
-        "repeats": args.repeats, "capacities": args.capacities, "attention": args.attention, "rows": args.rows,
-        "weight_bytes": weight_bytes(model), "results": results, "capacity_ratios": capacity_ratios(results),
-        "graphs": check.summary(), "torch": torch.__version__,
+        "config": args.config,
+        "layers": model.config.num_hidden_layers,
+        "dtype": args.dtype,
+        "device": str(device),
+        "device_name": device_name(device),
+        "prefix_len": args.prefix_len,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "capacities": args.capacities,
+        "attention": args.attention,
+        "rows": args.rows,
+        "weight_bytes": weight_bytes(model),
+        "results": results,
+        "capacity_ratios": capacity_ratios(results),
+        "graphs": check.summary(),
+        "torch": torch.__version__,
     }
     summary["failure"] = check.failure()
     return summary
 
 
 def print_report(s: dict) -> None:
-    print(f"{s['config']} ({s['layers']} layers, random weights, {s['dtype']}, {s['device_name']}), prefix "
-          f"{s['prefix_len']} tokens, {s['steps']} steps per sweep, median of {s['repeats']} sweeps; "
-          f"{s['weight_bytes'] / 1e9:.3f} GB weights read per step")
+    print(
+        f"{s['config']} ({s['layers']} layers, random weights, {s['dtype']}, {s['device_name']}), prefix "
+        f"{s['prefix_len']} tokens, {s['steps']} steps per sweep, median of {s['repeats']} sweeps; "
+        f"{s['weight_bytes'] / 1e9:.3f} GB weights read per step"
+    )
     print(format_table(s["results"]))
     for r in s["capacity_ratios"]:
-        print(f"{r['attention']}, {r['rows']} row(s): step at capacity {r['capacity_max']} / at {r['capacity_min']} "
-              f"= {r['ratio']:.3f}x")
+        print(
+            f"{r['attention']}, {r['rows']} row(s): step at capacity {r['capacity_max']} / at {r['capacity_min']} "
+            f"= {r['ratio']:.3f}x"
+        )
     print(json.dumps(s))
     if s["failure"]:  # after the report: what was measured stays on record
         raise StepCheckFailed(s["failure"])
@@ -358,7 +417,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix_len", type=int, default=600)
     p.add_argument("--steps", type=int, default=32, help="timed steps per sweep")
     p.add_argument("--repeats", type=int, default=3, help="sweeps per decoder; the median is reported")
-    p.add_argument("--rows", type=int, nargs="+", default=[1], help="query rows per step: 1 = a normal step, R > 1 = R branches")
+    p.add_argument(
+        "--rows", type=int, nargs="+", default=[1], help="query rows per step: 1 = a normal step, R > 1 = R branches"
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_threads", type=int, default=None)
@@ -374,7 +435,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--rows must be between 1 and {FLEX_BLOCK}, got {args.rows}")
     needed = args.prefix_len + max(args.rows) * (args.steps + 1)
     if min(args.capacities) < needed:
-        p.error(f"--capacities must hold --prefix_len + rows x (steps + 1) = {needed} tokens, got {min(args.capacities)}")
+        p.error(
+            f"--capacities must hold --prefix_len + rows x (steps + 1) = {needed} tokens, got {min(args.capacities)}"
+        )
     args.capacities = sorted(set(args.capacities))
     args.attention = list(dict.fromkeys(args.attention))
     args.rows = list(dict.fromkeys(args.rows))

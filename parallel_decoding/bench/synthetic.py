@@ -64,7 +64,8 @@ class SyntheticAnswer:
         if self.parallel:
             yield from _continue(slots, first, self.shape.skeleton_tokens - 1)  # the skeleton: the branches replace it
             results = yield from decode_branches_cached(
-                slots, len(self.prompt), [[title] for title in self.titles], self.shape.branch_tokens)
+                slots, len(self.prompt), [[title] for title in self.titles], self.shape.branch_tokens
+            )
             answer = [t for title, result in zip(self.titles, results) for t in (title, *result.tokens)]
             slots.crop(len(self.prompt))
             first = yield from _next_token(slots, answer)  # the merge: the branches in title order, prefilled

@@ -41,21 +41,24 @@ from __future__ import annotations
 
 import functools
 import inspect
-import statistics
-import time
-import weakref
+import sys
+from typing import Any, cast
 
 import torch
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import flex
-from .attention import FLEX_BASES, base_attention, flex_name, uses_branch_kernel
-from .flex import PADDING
+from .attention import FLEX_BASES, base_attention, flex_name, switch_attention, uses_branch_kernel
+from .backend import AttentionBackend, TreeRows
+from .backends import arena_choices, backend
+from .dense import PADDING, dense_mask
 from .hf import cache_argument, context_length, takes_cache_position
 from .interface import SHARED, logits_to_keep
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # query rows per compiled pass
-ATTENTION_CHOICES = ("auto", "flex", "dense")  # how a compiled pass attends; "auto": flex where torch has it
+# How a compiled pass attends: a backend of the arena (decoding.backends), or "auto": flex where torch has it.
+ATTENTION_CHOICES = ("auto", *arena_choices())
 
 
 class ArenaFullError(ValueError):
@@ -69,21 +72,25 @@ class ArenaLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, arena: "KVArena", keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, arena: KVArena, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
         self.arena = arena
         self.keys, self.values = keys, values
+        self.stored = (keys, values)  # the same tensors, typed as allocated (the mixin's may be None)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("KVArena layers are allocated by the arena, never lazily")
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.stored
         slots = self.arena.write_slots[: key_states.shape[-2]]  # (T,)
-        self.keys[:, :, slots] = key_states  # (1, H_kv, T, D) into (1, H_kv, C + 1, D)
-        self.values[:, :, slots] = value_states
+        keys[:, :, slots] = key_states  # (1, H_kv, T, D) into (1, H_kv, C + 1, D)
+        values[:, :, slots] = value_states
         visible = self.arena.visible_slots
-        return self.keys[:, :, :visible], self.values[:, :, :visible]  # (1, H_kv, S, D)
+        return keys[:, :, :visible], values[:, :, :visible]  # (1, H_kv, S, D)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.arena.visible_slots, 0
@@ -104,23 +111,27 @@ class ArenaLayer(CacheLayerMixin):
 class KVArena(Cache):
     """Keys and values of every layer for ``capacity`` tokens (plus one spare slot), allocated once."""
 
-    def __init__(self, model, capacity: int):
+    def __init__(self, model: PreTrainedModel, capacity: int):
         if capacity < 1:
             raise ValueError(f"the KV arena needs a capacity of at least 1 token, got {capacity}")
         text = model.config.get_text_config()
         layer_types = getattr(text, "layer_types", None) or ["full_attention"]
         if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"the KV arena serves full-attention decoders only; this model has layers {sorted(set(layer_types))}")
+            raise ValueError(
+                f"the KV arena serves full-attention decoders only; this model has layers {sorted(set(layer_types))}"
+            )
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         device, dtype = model.device, model.dtype
         slots = capacity + 1  # the last slot is where padding rows write
         shape = (1, heads, slots, head_dim)  # (B, H_kv, C + 1, D)
         layers = [
-            ArenaLayer(self, torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            ArenaLayer(
+                self, torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+            )
             for _ in range(text.num_hidden_layers)
         ]
-        super().__init__(layers=layers)
+        super().__init__(layers=cast("list[Any]", layers))  # ArenaLayer is a CacheLayerMixin
         self.capacity = capacity
         self.spare_slot = capacity
         self.length = 0
@@ -138,10 +149,17 @@ class KVArena(Cache):
         self.slot_index = torch.arange(slots, device=device)  # (C + 1,)
         # Slots a pass attends over, S: all of them in a compiled pass (one shape for every length), only those up
         # to the largest query slot in an uncompiled exact-size pass (a prefill or a merge need not scan the arena).
+        # Each pass states its own (begin_pass), as it states the slots it writes.
         self.visible_slots = slots
         static = [self.write_slots, self.key_branch, *self.tables.tensors()]
-        for tensor in [*static, *(t for layer in layers for t in (layer.keys, layer.values))]:
+        for tensor in [*static, *(t for layer in layers for t in layer.stored)]:
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs write into (and read) these in place
+
+    def begin_pass(self, write_slots: torch.Tensor, visible_slots: int) -> None:
+        """What the layers of the next pass read: the slots its rows write, (T,), and how many slots it attends
+        over (``visible_slots``: the whole arena, capacity + 1, or the slots up to its largest row slot)."""
+        self.write_slots[: write_slots.shape[0]] = write_slots
+        self.visible_slots = visible_slots
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -160,22 +178,16 @@ class KVArena(Cache):
         self.key_branch[slots] = branch
         return self.span_mask(slots, branch, first, dtype, 0, self.visible_slots)
 
-    def span_mask(self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype,
-                  start: int, end: int) -> torch.Tensor:
+    def span_mask(
+        self, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor, dtype: torch.dtype, start: int, end: int
+    ) -> torch.Tensor:
         """The additive mask of queries over the slots ``start .. end - 1``, (1, 1, T, end - start), from the recorded
-        branch ids (the queries' own included).
+        branch ids (the queries' own included): ``dense.dense_mask``, the dense backend's rule.
 
         slots, branch, first: (T,). A query sees the slots from its first visible slot up to its own that hold
         shared text or its own branch; a padding query sees padding slots only (the spare slot).
         """
-        keys = self.key_branch[None, start:end]  # (1, S)
-        index = self.slot_index[None, start:end]  # (1, S)
-        window = (index >= first[:, None]) & (index <= slots[:, None])  # (T, S)
-        own = keys == branch[:, None]  # (T, S)
-        shared = (keys == SHARED) & (branch[:, None] != PADDING)  # (T, S)
-        visible = window & (own | shared)
-        mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=slots.device)  # (T, S)
-        return mask.masked_fill(visible, 0.0)[None, None]  # (1, 1, T, S)
+        return dense_mask(self.key_branch[start:end], self.slot_index[start:end], slots, branch, first, dtype)
 
     @torch.inference_mode()  # the arena is made under inference mode
     def record_on_host(self, slots: list[int], branch_ids: list[int]) -> None:
@@ -208,9 +220,13 @@ class FastDecoder:
         self.device = model.device
         self.buckets = tuple(sorted(set(buckets)))
         self.attention = _attention_choice(attention, self.buckets)
+        self.backend = backend(self.attention)  # how its compiled passes attend
         self._cache_argument = cache_argument(model)  # looked up here: signature inspection does not trace
         self._cache_position = takes_cache_position(model)
-        self.base_attention = base_attention(model.config._attn_implementation)
+        base = base_attention(model.config._attn_implementation)
+        if base is None:
+            raise ValueError("the model states no attention implementation (config._attn_implementation)")
+        self.base_attention: str = base
         if (compile and self.attention == "flex") or (not compile and self.base_attention in FLEX_BASES):
             _own_attention(model, self.base_attention)  # a compiled flex pass, or exact passes request by request
         self.attn_implementation = model.config._attn_implementation
@@ -218,6 +234,7 @@ class FastDecoder:
             self.arena = KVArena(model, capacity)
         self.use_cuda_graphs = compile and self.device.type == "cuda"
         self._compiled = None  # compile=False: every pass at its exact size
+        self._limits: dict[str, int] = {}
         if compile:
             self._compiled = torch.compile(self._bucket_pass, dynamic=False, fullgraph=True, **self._compile_settings())
         self.steps = 0
@@ -237,16 +254,28 @@ class FastDecoder:
         of a new class built after warm-up recompiles every bucket once.
         """
         graphs = 2 * len(self.buckets)
-        options = {"triton.cudagraphs": True} if self.use_cuda_graphs else {}  # what mode="reduce-overhead" sets
+        options: dict[str, Any] = {"triton.cudagraphs": True} if self.use_cuda_graphs else {}  # reduce-overhead's
         # Inductor's Python checks of its extern kernels' output sizes and strides run at every call, for every
         # extern kernel of the pass; the tests hold the graphs to the eager path.
         options["size_asserts"] = False
         isolated = isolates_recompiles()
-        _reserve_compiled_graphs(graphs, per_function=not isolated)
+        self._limits = _graph_limits(isolated)
         if isolated:
             options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
             return {"options": options, "isolate_recompiles": True, "recompile_limit": graphs}
         return {"options": options}
+
+    def _call_compiled(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled pass of ``packed`` (5, W), under this decoder's graph limits (:func:`_graph_limits`)."""
+        if self._compiled is None:
+            raise RuntimeError("this decoder was made with compile=False: every pass runs at its exact size")
+        with torch._dynamo.config.patch(self._limits):
+            return self._compiled(packed)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the passes that fit a bucket run the compiled function (else every pass at its exact size)."""
+        return self._compiled is not None
 
     @property
     def capacity(self) -> int:
@@ -279,37 +308,59 @@ class FastDecoder:
         return next((b for b in self.buckets if b >= rows), None)
 
     def _pass(
-        self, packed: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, flex_mask: bool = False, spans=None
+        self,
+        packed: torch.Tensor,
+        logits_to_keep: int | torch.Tensor = 0,
+        attend: AttentionBackend | None = None,
+        spans: list[tuple[int, int, int, int, str]] | None = None,
+        visible_slots: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass; packed (5, W): token ids, positions, slots, branch ids, first visible slots.
+        """One forward pass; packed (5, W): token ids, positions, slots, branch ids, first visible slots; the pass
+        attends over the arena's first ``visible_slots`` slots (default all of them, the spare one included).
 
-        ``flex_mask``: attend through a ``BlockMask`` over the written blocks (the compiled flex pass), else through
-        a dense mask over the arena's visible slots. Returns the kept rows' float logits (W', V) and their argmax
-        (W',): a greedy step reads back the tokens alone, and on CUDA the argmax is part of the captured graph.
+        ``attend``: the attention backend of the pass (``decoding.backends``; default the dense mask over the visible
+        slots); ``spans``: an exact pass whose attention wrapper attends request by request instead. Returns the
+        kept rows' float logits (W', V) and their argmax (W',): a greedy step reads back the tokens alone, and on
+        CUDA the argmax is part of the captured graph.
         """
         token_ids, positions, slots, branch, first = packed  # each (W,)
-        self.arena.write_slots[: slots.shape[0]] = slots
-        kwargs = {self._cache_argument: self.arena}
-        if flex_mask:
-            self.arena.key_branch[slots] = branch
-            mask = flex.block_mask(self.arena.tables, slots, branch, first)  # BlockMask (1, 1, W, C + 1)
-        elif spans is not None:  # the attention wrapper attends request by request, each under its own layout
-            self.arena.key_branch[slots] = branch
+        visible = self.arena.capacity + 1 if visible_slots is None else visible_slots
+        self.arena.begin_pass(slots, visible)
+        self.arena.key_branch[slots] = branch  # the rows' branch ids, before any mask reads them
+        kwargs: dict[str, Any] = {self._cache_argument: self.arena}
+        if spans is not None:  # the attention wrapper attends request by request, each under its own layout
             kwargs[flex.REQUEST_SPANS] = [
-                flex.RequestSpan(rows_start, rows_end, start, end, layout, functools.partial(
-                    self.arena.span_mask, slots[rows_start:rows_end], branch[rows_start:rows_end],
-                    first[rows_start:rows_end], self.model.dtype, start, end))  # mask (1, 1, rows, end - start)
+                flex.RequestSpan(
+                    rows_start,
+                    rows_end,
+                    start,
+                    end,
+                    layout,
+                    functools.partial(
+                        self.arena.span_mask,
+                        slots[rows_start:rows_end],
+                        branch[rows_start:rows_end],
+                        first[rows_start:rows_end],
+                        self.model.dtype,
+                        start,
+                        end,
+                    ),
+                )  # mask (1, 1, rows, end - start)
                 for rows_start, rows_end, start, end, layout in spans
             ]
-            mask = torch.empty((1, 1, slots.shape[0], 0), dtype=self.model.dtype, device=slots.device)  # unused
+            kwargs["attention_mask"] = torch.empty(
+                (1, 1, slots.shape[0], 0), dtype=self.model.dtype, device=slots.device
+            )  # unused
         else:
-            mask = self.arena.tree_mask(slots, branch, first, self.model.dtype)  # (1, 1, W, S)
+            attend = attend or backend("dense")
+            tables = self.arena.tables if attend.decoder == "arena" else None
+            rows = TreeRows(slots, branch, first, self.arena.key_branch[:visible], self.model.dtype, tables)
+            kwargs.update(attend.arguments(rows))  # a BlockMask (1, 1, W, C + 1) or a dense mask (1, 1, W, S)
         if self._cache_position:  # never derived from the arena's length inside a graph
             kwargs["cache_position"] = slots
         out = self.model(
             input_ids=token_ids[None],  # (1, W)
             position_ids=positions[None],  # (1, W)
-            attention_mask=mask,
             use_cache=True,
             logits_to_keep=logits_to_keep,
             **kwargs,
@@ -319,7 +370,7 @@ class FastDecoder:
 
     def _bucket_pass(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled function: every row of a padded pass, (W, V) and (W,)."""
-        return self._pass(packed, 0, self.attention == "flex")
+        return self._pass(packed, 0, self.backend)
 
     def _check_attention(self) -> None:
         """The model must attend as when this decoder was made. A switch between a base implementation and its flex
@@ -333,18 +384,24 @@ class FastDecoder:
                 f"fast decoder was made; make a new one with prepare_fast_decoder(model)"
             )
         if self._compiled is not None:
-            self.model.set_attn_implementation(self.attn_implementation)
+            switch_attention(self.model, self.attn_implementation)
 
     @torch.inference_mode()
     def forward(
-        self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, keep=None,
+        self,
+        token_ids: list[int],
+        positions: list[int] | None = None,
+        branch_ids: list[int] | None = None,
+        keep=None,
         greedy: bool = False,
     ):
         """As ``EagerDecoder.forward``: the float logits of the ``keep`` rows (T', V), or with ``greedy`` their argmax
         (T',). One answer in the region that starts at slot 0, appended after ``length``."""
         start, count = self.arena.length, len(token_ids)
         if start + count > self.capacity:
-            raise ArenaFullError(f"the KV arena holds {self.capacity} tokens; appending {count} after {start} overflows it")
+            raise ArenaFullError(
+                f"the KV arena holds {self.capacity} tokens; appending {count} after {start} overflows it"
+            )
         if positions is None:
             positions = list(range(start, start + count))
         if branch_ids is None:
@@ -389,8 +446,10 @@ class FastDecoder:
     def _check_rows(self, token_ids, positions, slots, branch_ids, first_slots) -> None:
         count = len(token_ids)
         if not count or any(len(r) != count for r in (positions, slots, branch_ids, first_slots)):
-            raise ValueError("a pass needs one or more rows, each with a token, a position, a slot, a branch id and a "
-                             "first visible slot")
+            raise ValueError(
+                "a pass needs one or more rows, each with a token, a position, a slot, a branch id and a "
+                "first visible slot"
+            )
         if min(slots) < 0 or max(slots) >= self.capacity:
             raise ArenaFullError(f"slots {min(slots)}..{max(slots)} fall outside the KV arena of {self.capacity} slots")
         if len(set(slots)) != count:
@@ -408,15 +467,15 @@ class FastDecoder:
         packed = torch.tensor(rows, device=self.device)  # (5, T)
         if not isinstance(keep, int):
             keep = torch.tensor(keep, device=self.device)  # (T',)
-        self.arena.visible_slots = max(rows[2]) + 1
         by_request = self.model.config._attn_implementation == flex_name(self.base_attention)
         if by_request:
-            spans = [(a, b, first, end, self.arena.span_layout(rows[2][a:b], rows[3][a:b], first, end))
-                     for a, b, first, end in spans]
-        try:
-            logits, tokens = self._pass(packed, keep, spans=spans if by_request else None)  # (T', V), (T',)
-        finally:
-            self.arena.visible_slots = self.arena.capacity + 1
+            spans = [
+                (a, b, first, end, self.arena.span_layout(rows[2][a:b], rows[3][a:b], first, end))
+                for a, b, first, end in spans
+            ]
+        visible = max(rows[2]) + 1  # the slots up to the pass's largest row slot
+        spans_or_none = spans if by_request else None
+        logits, tokens = self._pass(packed, keep, spans=spans_or_none, visible_slots=visible)  # (T', V), (T',)
         return tokens if greedy else logits
 
     def _padded_pass(self, rows: list[list[int]], width: int, keep, greedy: bool) -> torch.Tensor:
@@ -427,7 +486,7 @@ class FastDecoder:
         packed = torch.tensor([r + p for r, p in zip(rows, padding)], device=self.device)  # (5, W)
         if self.use_cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        logits, tokens = self._compiled(packed)  # (W, V), (W,): every row, padding included
+        logits, tokens = self._call_compiled(packed)  # (W, V), (W,): every row, padding included
         out = tokens if greedy else logits
         if keep == 1:
             out = out[count - 1 : count]
@@ -454,7 +513,7 @@ class FastDecoder:
             for _ in range(self.warm_up_calls):
                 if self.use_cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                self._compiled(packed)
+                self._call_compiled(packed)
 
 
 def request_spans(slots: list[int], first_slots: list[int]) -> list[tuple[int, int, int, int]]:
@@ -475,22 +534,25 @@ def _attention_choice(attention: str, buckets: tuple[int, ...]) -> str:
     if attention == "auto":
         attention = "flex" if flex.supported() and max(buckets) <= flex.BLOCK else "dense"
     if attention == "flex" and not flex.supported():
-        raise ValueError(f"attention='flex' needs torch's FlexAttention with BlockMask.from_kv_blocks("
-                         f"seq_lengths=...); torch {torch.__version__} lacks it (use attention='dense')")
+        raise ValueError(
+            f"attention='flex' needs torch's FlexAttention with BlockMask.from_kv_blocks("
+            f"seq_lengths=...); torch {torch.__version__} lacks it (use attention='dense')"
+        )
     if attention == "flex" and max(buckets) > flex.BLOCK:
-        raise ValueError(f"the flex pass takes at most {flex.BLOCK} query rows (one query block); "
-                         f"got buckets {buckets}")
+        raise ValueError(
+            f"the flex pass takes at most {flex.BLOCK} query rows (one query block); got buckets {buckets}"
+        )
     return attention
 
 
 def _own_attention(model, base: str) -> None:
     """Switch ``model`` to the flex wrapper of its implementation ``base``, registered first."""
     if base not in FLEX_BASES:
-        raise ValueError(f"the compiled flex pass wraps {' or '.join(FLEX_BASES)} attention; this model runs {base!r} "
-                         f"(use attention='dense' or compile=False)")
-    name = flex.register(model, base)
-    if model.config._attn_implementation != name:
-        model.set_attn_implementation(name)
+        raise ValueError(
+            f"the compiled flex pass wraps {' or '.join(FLEX_BASES)} attention; this model runs {base!r} "
+            f"(use attention='dense' or compile=False)"
+        )
+    switch_attention(model, flex.register(model, base))
 
 
 def isolates_recompiles() -> bool:
@@ -498,126 +560,35 @@ def isolates_recompiles() -> bool:
     return "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
-_compiled_graphs = 0
+def _graph_limits(isolated: bool) -> dict[str, int]:
+    """The dynamo limits a decoder's compiled calls run under (``torch._dynamo.config.patch``, for those calls only).
 
-
-def _reserve_compiled_graphs(count: int, per_function: bool) -> None:
-    """Raise dynamo's limits so every graph of every fast decoder is kept: the process-wide count, and with
-    ``per_function`` (decoders sharing one cache for ``_pass``) the per-function one."""
-    global _compiled_graphs
-    _compiled_graphs += count
+    A decoder compiles at most two graphs per bucket (``FastDecoder._compile_settings``), and that is its cap: with
+    ``isolate_recompiles`` the ``recompile_limit`` of its own ``torch.compile``. Dynamo's process-wide safety cap,
+    ``accumulated_recompile_limit``, counts the graphs of every decoder ever made on the same code (a run makes one,
+    the tests many), so a decoder's calls lift it: no other decoder's graphs may refuse this one's. Older torch keeps
+    one cache for all decoders of ``_pass`` (the module guards tell them apart), so there the per-function limit is
+    lifted the same way, for these calls only."""
     config = torch._dynamo.config
-    if per_function:
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), _compiled_graphs))
+    names = [] if isolated else ["recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"]
     if hasattr(config, "accumulated_recompile_limit"):
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, _compiled_graphs)
-
-
-_fast_decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def fast_decoder(model) -> FastDecoder:
-    """The model's fast decoder: one arena per model, made on first use (at the model's context length) and kept,
-    so the compiled graphs are reused from one answer to the next. :func:`prepare_fast_decoder` sizes it."""
-    kept = _fast_decoders.get(model)
-    return kept if kept is not None else prepare_fast_decoder(model)
+        names.append("accumulated_recompile_limit")
+    return {name: sys.maxsize for name in names}
 
 
 def prepare_fast_decoder(
-    model, capacity: int | None = None, buckets: tuple[int, ...] = BUCKETS, warm_up: bool = False, compile: bool = True,
+    model,
+    capacity: int | None = None,
+    buckets: tuple[int, ...] = BUCKETS,
+    warm_up: bool = False,
+    compile: bool = True,
     attention: str = "auto",
 ) -> FastDecoder:
-    """Allocate the model's arena (``capacity`` tokens, default its context length), keep it as the model's fast
-    decoder, and with ``warm_up`` compile every bucket now (``attention``: see :class:`FastDecoder`)."""
+    """A fast decoder for ``model``: its arena (``capacity`` tokens, default the model's context length) and, with
+    ``warm_up``, every bucket compiled now (``attention``: see :class:`FastDecoder`). The caller holds it and passes
+    it on (``normal_decode(..., decoder=...)``, ``Engine(..., decoder=...)``): its graphs serve every answer it is
+    given, and nothing else decides which arena a call uses."""
     decoder = FastDecoder(model, capacity or context_length(model), buckets, compile, attention)
-    _fast_decoders[model] = decoder
     if warm_up:
         decoder.warm_up()
     return decoder
-
-
-# --- measuring the compiled step (for the benchmarks; numbers go to docs/bench.md) ------------------------------------
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_step(decoder, token: int) -> tuple[int, float]:
-    """One greedy one-row step after ``token``: the next token and the step's seconds (device-synchronized)."""
-    _synchronize(decoder.device)
-    start = time.perf_counter()
-    token = int(decoder.forward([token], greedy=True)[0])  # the read-back syncs a CUDA step too
-    return token, time.perf_counter() - start
-
-
-@torch.inference_mode()
-def step_times(decoder, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
-    """Prefill ``prompt`` (untimed) on a fresh answer, then ``steps`` greedy one-row steps: the tokens chosen and
-    the seconds of each step (device-synchronized). Works for any decoder (``EagerDecoder`` too)."""
-    decoder.reset()
-    tokens, seconds = [int(decoder.forward(prompt, greedy=True)[0])], []
-    for _ in range(steps):
-        token, elapsed = _timed_step(decoder, tokens[-1])
-        tokens.append(token)
-        seconds.append(elapsed)
-    return tokens, seconds
-
-
-@torch.inference_mode()
-def _interleaved_sweep(decoders: dict, prompt: list[int], steps: int) -> dict:
-    """Every decoder prefills ``prompt``, then they take their greedy steps in turns (step i of each, in an order
-    rotating with i), so a shared machine's load falls on all alike: per decoder, (tokens, seconds per step)."""
-    keys = list(decoders)
-    runs = {}
-    for key in keys:
-        decoders[key].reset()
-        runs[key] = ([int(decoders[key].forward(prompt, greedy=True)[0])], [])
-    for step in range(steps):
-        for key in keys[step % len(keys):] + keys[: step % len(keys)]:
-            token, elapsed = _timed_step(decoders[key], runs[key][0][-1])
-            runs[key][0].append(token)
-            runs[key][1].append(elapsed)
-    return runs
-
-
-def capacity_table(
-    model, capacities=(1024, 16384), attentions=("flex", "dense"), prefill: int = 600, steps: int = 60,
-    skip: int = 10, repeats: int = 3, seed: int = 0,
-) -> list[dict]:
-    """Median ms of the compiled one-row greedy step (bucket 1) per (capacity, attention), same text for all.
-
-    One ``FastDecoder(model, capacity, buckets=(1,), attention=...)`` each, warmed up; a random prompt of
-    ``prefill`` tokens, then ``steps`` greedy steps of which the first ``skip`` are dropped (the text is then
-    ``prefill + skip`` .. ``prefill + steps`` tokens long). The decoders take their steps in turns, ``repeats``
-    sweeps, under ``fail_on_recompile``. Rows: ``capacity``, ``attention``, ``median_ms`` (the median of the sweep
-    medians), ``sweep_medians_ms``, ``tokens_equal`` (every sweep's tokens equal the eager reference decoder's),
-    ``compile_s`` (warm-up). The model is left on the flex wrapper of its implementation when a flex decoder was
-    made (the same attention for every other caller).
-    """
-    from .eager import EagerDecoder
-
-    vocab = model.config.get_text_config().vocab_size
-    prompt = torch.randint(0, vocab, (prefill,), generator=torch.Generator().manual_seed(seed)).tolist()
-    reference, _ = step_times(EagerDecoder(model), prompt, steps)
-    decoders, compile_s = {}, {}
-    for capacity in capacities:
-        for attention in attentions:
-            decoders[capacity, attention] = FastDecoder(model, capacity, buckets=(1,), attention=attention)
-            start = time.perf_counter()
-            decoders[capacity, attention].warm_up()
-            compile_s[capacity, attention] = time.perf_counter() - start
-    medians = {key: [] for key in decoders}
-    equal = {key: True for key in decoders}
-    with torch.compiler.set_stance("fail_on_recompile"):
-        for _ in range(repeats):
-            for key, (tokens, seconds) in _interleaved_sweep(decoders, prompt, steps).items():
-                medians[key].append(1e3 * statistics.median(seconds[skip:]))
-                equal[key] &= tokens == reference
-    return [
-        {"capacity": capacity, "attention": attention, "median_ms": statistics.median(medians[capacity, attention]),
-         "sweep_medians_ms": medians[capacity, attention], "tokens_equal": equal[capacity, attention],
-         "compile_s": compile_s[capacity, attention]}
-        for capacity, attention in decoders
-    ]

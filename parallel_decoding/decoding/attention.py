@@ -11,11 +11,16 @@ its base, unchanged, so :func:`set_attention` treats a model on the wrapper of `
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .backend import TreeRows
+from .visibility import KERNEL_SOURCE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FLEX_BASES = ("sdpa", "eager")  # the implementations the arena's flex wrapper can stand in for
 BRANCH_KERNEL = "branch_attention"  # name flash_attn_branch.hf.register() uses (transformers reserves "flash")
-KERNEL_SOURCE = Path(__file__).resolve().parents[2] / "flash-attention"  # the working tree's copy of the package
 
 
 class KernelUnavailable(ValueError):
@@ -39,12 +44,28 @@ def register_branch_kernel() -> str:
         try:
             from flash_attn_branch.hf import register
         except ImportError as e:
-            raise KernelUnavailable(f"--attn_implementation flash_attention_2 needs the project's kernel package "
-                                    f"flash_attn_branch (pip install -e flash-attention): {e}") from None
+            raise KernelUnavailable(
+                f"--attn_implementation flash_attention_2 needs the project's kernel package "
+                f"flash_attn_branch (pip install -e flash-attention): {e}"
+            ) from None
     name = register()
     if name != BRANCH_KERNEL:
         raise KernelUnavailable(f"the kernel registers as {name!r} but the decoders look for {BRANCH_KERNEL!r}")
     return name
+
+
+class BranchKernel:
+    """The project's Triton kernel (``flash_attn_branch``): it reads the rows' and the keys' branch ids and applies
+    the rule itself, so a pass passes branch ids, not a mask. It runs in the reference decoder's passes."""
+
+    name = BRANCH_KERNEL
+    decoder: Literal["eager"] = "eager"
+
+    def implementation(self, base: str) -> str:
+        return BRANCH_KERNEL
+
+    def arguments(self, rows: TreeRows) -> dict[str, Any]:
+        return {"q_branch": rows.branch, "k_branch": rows.key_branch}
 
 
 def kernel_interpreter_enabled() -> bool:
@@ -68,8 +89,14 @@ def base_attention(name: str | None) -> str | None:
     return name
 
 
-def set_attention(model, attn_implementation: str) -> None:
+def switch_attention(model: PreTrainedModel, name: str) -> None:
+    """The one place the package switches a model's attention implementation (transformers' registry name)."""
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+
+
+def set_attention(model: PreTrainedModel, attn_implementation: str) -> None:
     """Switch the model to ``attn_implementation``; a no-op when it already runs it, or runs the fast decoder's flex
     wrapper of it (which is that implementation for every caller but the fast decoder)."""
     if base_attention(getattr(model.config, "_attn_implementation", None)) != attn_implementation:
-        model.set_attn_implementation(attn_implementation)
+        switch_attention(model, attn_implementation)

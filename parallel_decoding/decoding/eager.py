@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .attention import uses_branch_kernel
+from .backend import TreeRows
+from .backends import eager_backend
 from .hf import context_length, crop_cache, forward, new_cache
-from .interface import SHARED, branch_mask, logits_to_keep
+from .interface import SHARED, logits_to_keep
 
 
 class EagerDecoder:
@@ -24,8 +25,11 @@ class EagerDecoder:
     def __init__(self, model):
         self.model = model
         self.device = model.device
-        self.use_kernel = uses_branch_kernel(model)
-        self.key_branch = torch.full((context_length(model),), SHARED, dtype=torch.int32, device=self.device)
+        self.backend = eager_backend(model.config._attn_implementation)  # the tree mask, or the kernel's branch ids
+        context = context_length(model)
+        self.key_branch = torch.full((context,), SHARED, dtype=torch.int32, device=self.device)
+        self.key_slots = torch.arange(context, device=self.device)  # (C,): query rows are keys at these slots
+        self.first_slots = torch.zeros(context, dtype=torch.long, device=self.device)  # every row sees from slot 0
         self.reset()
 
     def reset(self) -> None:
@@ -36,15 +40,24 @@ class EagerDecoder:
     def length(self) -> int:
         return self.cache.get_seq_length()
 
+    def reserve(self, tokens: int, what: str) -> None:
+        """Raise before decoding when ``tokens`` slots (``what`` says whose) exceed the model's context."""
+        if tokens > self.key_branch.shape[0]:
+            raise ValueError(f"{what} needs {tokens} positions but the model's context is {self.key_branch.shape[0]}")
+
     def crop(self, length: int) -> None:
         crop_cache(self.cache, length)
 
     def forward(
-        self, token_ids: list[int], positions: list[int] | None = None, branch_ids: list[int] | None = None, keep=None,
+        self,
+        token_ids: list[int],
+        positions: list[int] | None = None,
+        branch_ids: list[int] | None = None,
+        keep=None,
         greedy: bool = False,
     ):
-        """Append ``token_ids`` after the cache; returns the float logits of the ``keep`` rows (see :func:`logits_to_keep`),
-        (T', V), or with ``greedy`` their argmax, (T',).
+        """Append ``token_ids`` after the cache; returns the float logits of the ``keep`` rows (see
+        :func:`logits_to_keep`), (T', V), or with ``greedy`` their argmax, (T',).
 
         ``positions`` default to the next slots (sequential text); ``branch_ids`` default to ``SHARED``, which
         leaves the model's own causal mask in charge.
@@ -59,10 +72,8 @@ class EagerDecoder:
             query_branch = torch.tensor(branch_ids, dtype=torch.int32, device=self.device)  # (T,)
             self.key_branch[start : start + count] = query_branch
             keys = self.key_branch[: start + count]  # (K,)
-            if self.use_kernel:
-                attention = {"q_branch": query_branch, "k_branch": keys}
-            else:
-                attention = {"attention_mask": branch_mask(keys, query_branch, self.model.dtype)}
+            slots, first = self.key_slots[start : start + count], self.first_slots[:count]  # (T,)
+            attention = self.backend.arguments(TreeRows(slots, query_branch, first, keys, self.model.dtype))
         keep = logits_to_keep(keep)
         if not isinstance(keep, int):
             keep = torch.tensor(keep, device=self.device)

@@ -7,9 +7,10 @@ blocks a pass visits comes from the largest real query slot, as a tensor, so one
 the cost follows the written text, not the arena's capacity. ``enable_gqa=True`` reads the arena's
 (1, H_kv, C + 1, D) keys as they are, without repeating them per query head.
 
-Mask rule: query ``q`` sees key slot ``k`` iff ``first[q] <= k <= slot[q]`` and (``branch[k] == SHARED`` or
-``branch[k] == branch[q]``) and ``branch[q] != PADDING``. A padding row sees nothing (flex returns zeros for a
-fully masked row), and no real row sees the spare slot, whose branch id is ``PADDING``.
+Mask rule: query ``q`` sees key slot ``k`` iff ``first[q] <= k`` (its request's region) and
+``visibility.sees(slot[q], branch[q], k, branch[k])`` (the one rule) and ``branch[q] != PADDING``. A padding row
+sees nothing (flex returns zeros for a fully masked row), and no real row sees the spare slot, whose branch id is
+``PADDING``.
 
 The model runs a wrapper of its own attention function, registered with transformers under
 ``arena_flex_<base>`` for ``base`` = ``sdpa`` or ``eager`` (no "flash" in the name: transformers would read that
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -33,24 +36,27 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import FLEX_BASES, flex_name
-from .interface import SHARED
+from .backend import KVBlocks, TreeRows
+from .dense import PADDING as PADDING  # the branch id of padding rows, re-exported
+from .visibility import sees
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    HAS_FLEX = True
 except ImportError:  # torch without FlexAttention (before 2.5): the fast decoder's dense mask only
-    BlockMask = flex_attention = None
+    HAS_FLEX = False
 
 BLOCK = 128  # flex's query and key block size, in slots
 # sdpa's enable_gqa (torch 2.5+): grouped-query heads read their KV head without repeat_kv (a causal prefill).
 _SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
 REQUEST_SPANS = "arena_request_spans"  # keyword of an exact pass over several requests (see _by_request)
-PADDING = -2  # branch id of padding rows (and of the arena's spare slot and the slots past it)
 
 
 def supported() -> bool:
     """Whether this torch can build the pass's ``BlockMask`` from block tables (``from_kv_blocks`` with
     ``seq_lengths`` and ``compute_q_blocks``)."""
-    if BlockMask is None:
+    if not HAS_FLEX:
         return False
     params = inspect.signature(BlockMask.from_kv_blocks).parameters
     return "seq_lengths" in params and "compute_q_blocks" in params
@@ -58,11 +64,13 @@ def supported() -> bool:
 
 # --- the attention function ----------------------------------------------------------------------------------------
 
-_EAGER_FUNCTIONS: dict[str, object] = {}  # modeling module name -> its own eager_attention_forward
-_WRAPPERS: dict[str, object] = {}  # base -> the one wrapper function registered for it (graphs guard on its identity)
+_EAGER_FUNCTIONS: dict[str, Callable[..., Any]] = {}  # modeling module name -> its own eager_attention_forward
+_WRAPPERS: dict[
+    str, Callable[..., Any]
+] = {}  # base -> the one wrapper function registered for it (graphs guard on its identity)
 
 
-def _base_function(base: str, module: torch.nn.Module):
+def _base_function(base: str, module: torch.nn.Module) -> Callable[..., Any]:
     if base == "eager":  # transformers has no global eager function: every modeling file defines its own
         return _EAGER_FUNCTIONS[type(module).__module__]
     return ALL_ATTENTION_FUNCTIONS[base]
@@ -94,8 +102,10 @@ class RequestSpan:
     first: int
     end: int
     layout: str
-    make_mask: object
-    _masks: dict = field(default_factory=dict)  # groups -> the mask, each row repeated per query head of a KV head
+    make_mask: Callable[[], torch.Tensor]
+    _masks: dict[int, torch.Tensor] = field(
+        default_factory=dict
+    )  # groups -> the mask, each row repeated per query head of a KV head
 
     def mask(self, groups: int = 1) -> torch.Tensor:
         """(1, 1, G * rows, S): row g * rows + t is row t (``_sdpa_grouped``); G = 1 is the mask itself."""
@@ -124,8 +134,10 @@ def _by_request(base: str, function, module, query, key, value, spans: list[Requ
         elif span.layout == "all":
             out = _sdpa_grouped(rows, keys, values, None, scaling)
         elif span.layout == "causal" and (groups == 1 or _SDPA_GQA):
+            gqa: dict[str, Any] = {"enable_gqa": True} if groups > 1 else {}
             out = torch.nn.functional.scaled_dot_product_attention(
-                rows, keys, values, is_causal=True, scale=scaling, **({"enable_gqa": True} if groups > 1 else {}))
+                rows, keys, values, is_causal=True, scale=scaling, **gqa
+            )
             out = out.transpose(1, 2).contiguous()  # (1, H_q, rows, D) -> (1, rows, H_q, D)
         else:
             out = _sdpa_grouped(rows, keys, values, span.mask(groups), scaling)
@@ -158,10 +170,10 @@ def _sdpa_grouped(query, key, value, grouped_mask: torch.Tensor | None, scaling)
     return out.reshape(1, heads, rows, dim).transpose(1, 2).contiguous()  # (1, H_kv, G * T, D) -> (1, T, H_q, D)
 
 
-def _make_wrapper(base: str):
+def _make_wrapper(base: str) -> Callable[..., Any]:
     def arena_flex_attention(module, query, key, value, attention_mask, *args, **kwargs):
         spans = kwargs.pop(REQUEST_SPANS, None)
-        if BlockMask is not None and isinstance(attention_mask, BlockMask):
+        if HAS_FLEX and isinstance(attention_mask, BlockMask):
             return _flex(module, query, key, value, attention_mask, kwargs)
         function = _base_function(base, module)
         if spans is not None:
@@ -184,7 +196,7 @@ def register(model, base: str) -> str:
     if base == "eager":
         for module in model.modules():
             owner = sys.modules.get(type(module).__module__)
-            if hasattr(owner, "eager_attention_forward"):
+            if owner is not None and hasattr(owner, "eager_attention_forward"):
                 _EAGER_FUNCTIONS.setdefault(owner.__name__, owner.eager_attention_forward)
     name = flex_name(base)
     if base not in _WRAPPERS:
@@ -196,6 +208,7 @@ def register(model, base: str) -> str:
 
 # --- the block mask ------------------------------------------------------------------------------------------------
 
+
 def tree_mask_mod(key_branch: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor):
     """The mask rule as a flex ``mask_mod``. key_branch: (n_blocks * BLOCK,); slots, branch, first: (W,).
 
@@ -206,13 +219,13 @@ def tree_mask_mod(key_branch: torch.Tensor, slots: torch.Tensor, branch: torch.T
     def mask_mod(b, h, q_idx, kv_idx):
         q = q_idx.clamp(max=last)
         query_branch, key = branch[q], key_branch[kv_idx]
-        window = (kv_idx >= first[q]) & (kv_idx <= slots[q])
-        return window & ((key == SHARED) | (key == query_branch)) & (query_branch != PADDING)
+        # Its own region (from its first visible slot on), then the one rule; a padding row sees nothing.
+        return (kv_idx >= first[q]) & sees(slots[q], query_branch, kv_idx, key) & (query_branch != PADDING)
 
     return mask_mod
 
 
-def block_mask(tables: "BlockTables", slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor) -> "BlockMask":
+def block_mask(tables: KVBlocks, slots: torch.Tensor, branch: torch.Tensor, first: torch.Tensor) -> BlockMask:
     """The pass's ``BlockMask``, (1, 1, W, C + 1), from device tensors only: call it inside the compiled pass.
 
     Visited KV blocks: the ones :meth:`BlockTables.visit` listed for this pass (those that hold the rows' text), read
@@ -230,6 +243,22 @@ def block_mask(tables: "BlockTables", slots: torch.Tensor, branch: torch.Tensor,
         seq_lengths=(slots.shape[0], tables.kv_length),
         compute_q_blocks=False,  # the query-major tables serve the backward pass only
     )
+
+
+class FlexMask:
+    """The arena's compiled pass with FlexAttention: a ``BlockMask`` over the blocks that hold the rows' text,
+    through the flex wrapper of the model's implementation (``arena_flex_sdpa`` or ``arena_flex_eager``)."""
+
+    name = "flex"
+    decoder: Literal["arena"] = "arena"
+
+    def implementation(self, base: str) -> str:
+        return flex_name(base)
+
+    def arguments(self, rows: TreeRows) -> dict[str, Any]:
+        if rows.tables is None:
+            raise ValueError("a FlexAttention pass needs the arena's block tables")
+        return {"attention_mask": block_mask(rows.tables, rows.slots, rows.branch, rows.first)}  # (1, 1, W, C + 1)
 
 
 class BlockTables:
@@ -256,7 +285,9 @@ class BlockTables:
         """List the blocks that hold slots of the ``live`` ranges ``(start, end)`` as the next pass's KV blocks, in
         place (the compiled pass, and on CUDA its graph, read these tensors). One copy to the device, and none
         when the list did not change."""
-        blocks = sorted({b for start, end in live if end > start for b in range(start // BLOCK, (end - 1) // BLOCK + 1)})
+        blocks = sorted(
+            {b for start, end in live if end > start for b in range(start // BLOCK, (end - 1) // BLOCK + 1)}
+        )
         if tuple(blocks) == self._visited:
             return
         self._visited = tuple(blocks)

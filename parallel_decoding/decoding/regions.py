@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .arena import ArenaFullError, FastDecoder
-from .interface import SHARED, logits_to_keep
+from .interface import SHARED, CacheRegion, Keep, PassRequest, logits_to_keep
+
+__all__ = ["PassRequest", "Region", "RegionDecoder", "SlotAllocator"]
 
 
 class SlotAllocator:
@@ -75,20 +77,10 @@ class Region:
         self.length = length
 
 
-@dataclass
-class PassRequest:
-    """One region's part of a packed pass: what ``decoder.forward`` takes, for that region."""
-
-    region: Region
-    token_ids: list[int]
-    positions: list[int] | None = None
-    branch_ids: list[int] | None = None
-    keep: object = None  # None (last row), "all", or row indices, as in decoder.forward
-    greedy: bool = False
-
-
 class RegionDecoder:
-    """Regions of one :class:`FastDecoder`'s arena, and the packed pass over them."""
+    """Regions of one :class:`FastDecoder`'s arena, and the packed pass over them (a ``Runner``)."""
+
+    max_batch_size: int | None = None  # as many answers as their regions allow
 
     def __init__(self, fast: FastDecoder):
         self.fast = fast
@@ -105,19 +97,26 @@ class RegionDecoder:
         start = self.allocator.allocate(size)
         return None if start is None else Region(start, size)
 
-    def release(self, region: Region) -> None:
-        self.allocator.free(region.start, region.size)
+    def release(self, region: CacheRegion) -> None:
+        own = _own_region(region)
+        self.allocator.free(own.start, own.size)
 
     @torch.inference_mode()
     def run(self, requests: list[PassRequest]) -> list[torch.Tensor]:
         """One pass over every request's new tokens; returns each request's result as ``decoder.forward`` would
         (the kept rows' float logits (T', V), or with ``greedy`` their argmax (T',))."""
-        token_ids, positions, slots, branch_ids, first_slots, kept = [], [], [], [], [], []
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        branch_ids: list[int] = []
+        first_slots: list[int] = []
+        kept: list[list[int]] = []
         for request in requests:
-            region, count = request.region, len(request.token_ids)
+            region, count = _own_region(request.region), len(request.token_ids)
             if region.length + count > region.size:
-                raise ArenaFullError(f"a region of {region.size} KV slots holds {region.length} tokens; appending "
-                                     f"{count} overflows it")
+                raise ArenaFullError(
+                    f"a region of {region.size} KV slots holds {region.length} tokens; appending {count} overflows it"
+                )
             offset = len(token_ids)
             token_ids += request.token_ids
             positions += request.positions or list(range(region.length, region.length + count))
@@ -137,15 +136,20 @@ class RegionDecoder:
             picked = out[offset : offset + len(request_rows)]
             results.append(picked.argmax(dim=-1) if request.greedy and not greedy else picked)
             offset += len(request_rows)
-            request.region.length += len(request.token_ids)
-            request.region.steps += 1
+            region = _own_region(request.region)
+            region.length += len(request.token_ids)
+            region.steps += 1
         return results
 
 
-def _kept_rows(keep, count: int) -> list[int]:
+def _own_region(region: CacheRegion) -> Region:
+    if not isinstance(region, Region):
+        raise TypeError(f"a RegionDecoder runs its own regions, not {type(region).__name__}")
+    return region
+
+
+def _kept_rows(keep: Keep, count: int) -> list[int]:
     kept = logits_to_keep(keep)
-    if kept == 1:
-        return [count - 1]
-    if kept == 0:
-        return list(range(count))
-    return list(kept)
+    if isinstance(kept, list):
+        return kept
+    return [count - 1] if kept == 1 else list(range(count))

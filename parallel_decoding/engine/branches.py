@@ -14,13 +14,16 @@ this module only knows about branches.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
+from ..decoding.interface import Decoder, Keep, PassRequest
 from ..decoding.select import decoder_for
 from .sampling import Sampler, greedy
-from .scheduler import drive, slots_of
+from .scheduler import Slots, drive, slots_of
 
 
 @dataclass
@@ -30,15 +33,15 @@ class BranchResult:
 
 
 def decode_branches_cached(
-    slots,
+    slots: Slots,
     prefix_len: int,
     branch_prefixes: list[list[int]],
     max_new_tokens: int,
-    stop_token_ids=(),
-    sampler: Sampler | None = None,
+    stop_token_ids: Iterable[int] = (),
+    sampler: Sampler | Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_total_tokens: int | None = None,
-    on_step=None,
-) -> list[BranchResult]:
+    on_step: Callable[[list[list[int]], list[bool]], None] | None = None,
+) -> Generator[PassRequest, torch.Tensor, list[BranchResult]]:
     """Decode all branches after the shared prefix that the first ``prefix_len`` slots of ``slots`` hold.
 
     A generator that yields its passes (see ``engine.scheduler``; :func:`decode_branches` runs it on a plain
@@ -95,12 +98,13 @@ def decode_branches_cached(
         active = still_active
         # One token per active branch, each at the position it would have alone: prefix + its own tokens so far.
         positions = [prefix_len + prefix_lens[b] + len(outputs[b]) - 1 for b in active]
-        tokens = yield from _next_tokens(slots, sampler, step_tokens, positions=positions, branch_ids=active,
-                                         keep="all")  # (A,)
+        tokens = yield from _next_tokens(
+            slots, sampler, step_tokens, positions=positions, branch_ids=active, keep="all"
+        )  # (A,)
     return [BranchResult(tokens=branch_tokens, stop=reason) for branch_tokens, reason in zip(outputs, stop_reasons)]
 
 
-def _check_branch_settings(branch_prefixes: list[list[int]], max_new_tokens: int, max_total_tokens: int | None):
+def _check_branch_settings(branch_prefixes: list[list[int]], max_new_tokens: int, max_total_tokens: int | None) -> None:
     if not branch_prefixes or any(len(prefix) == 0 for prefix in branch_prefixes):
         raise ValueError("every branch needs a non-empty forced start (its title tokens)")
     if max_new_tokens < 1 or (max_total_tokens is not None and max_total_tokens < len(branch_prefixes)):
@@ -110,19 +114,33 @@ def _check_branch_settings(branch_prefixes: list[list[int]], max_new_tokens: int
         )
 
 
-def _next_tokens(slots, sampler: Sampler, *args, **kwargs):
+def _next_tokens(
+    slots: Slots,
+    sampler: Sampler | Callable[[torch.Tensor], torch.Tensor],
+    token_ids: list[int],
+    positions: list[int],
+    branch_ids: list[int],
+    keep: Keep,
+) -> Generator[PassRequest, torch.Tensor, torch.Tensor]:
     """A branch pass that returns the next token of every kept row, (N,): greedy takes the decoder's argmax inside
     its step and hands back one token per row; sampling (or a plain callable sampler) draws from the logits."""
     if not getattr(sampler, "do_sample", True):  # a plain callable sampler gets the logits
-        return (yield from slots.forward(*args, greedy=True, **kwargs))
-    return sampler((yield from slots.forward(*args, **kwargs)))
+        return (yield from slots.forward(token_ids, positions, branch_ids, keep, greedy=True))
+    return sampler((yield from slots.forward(token_ids, positions, branch_ids, keep)))
 
 
-def _take_tokens(token_list, active, outputs, stop_reasons, stop_tokens, max_new_tokens: int):
+def _take_tokens(
+    token_list: list[int],
+    active: list[int],
+    outputs: list[list[int]],
+    stop_reasons: list[str],
+    stop_tokens: frozenset[int],
+    max_new_tokens: int,
+) -> tuple[int, list[int], list[int]]:
     """Append each active branch's token to its output; a stop token ends the branch instead (and is not kept), and
     a branch that reached ``max_new_tokens`` ends at its cap. Returns the number of tokens appended, the branches
     that go on and their tokens."""
-    written, still_active, step_tokens = 0, [], []
+    written, still_active, step_tokens = 0, list[int](), list[int]()
     for b, token in zip(active, token_list):
         if token in stop_tokens:
             stop_reasons[b] = "stop_token"
@@ -142,32 +160,35 @@ def _id_set(token_ids: int | list[int] | set[int] | None) -> set[int]:
 
 
 def decode_branches(
-    model,
+    model: PreTrainedModel,
     prefix_ids: torch.Tensor,
     branch_prefixes: list[list[int]],
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
-    stop_token_ids=(),
+    stop_token_ids: Iterable[int] = (),
     sampler: Sampler | None = None,
     compile: bool = False,
+    decoder: Decoder | None = None,
 ) -> list[list[int]]:
     """Greedy (or ``sampler``) decoding of several branches that share ``prefix_ids`` ((1, P) LongTensor).
 
     Returns, per branch, the tokens generated after its forced start ``branch_prefixes[b]``, stopping at
     ``eos_token_id`` / ``stop_token_ids`` (not included) or after ``max_new_tokens``. Takes about
-    ``max_new_tokens + 1`` forward passes whatever the number of branches. ``compile=True`` runs on the model's
-    fast decoder (KV arena, compiled step) instead of the eager reference.
+    ``max_new_tokens + 1`` forward passes whatever the number of branches. ``compile=True`` runs on a fast
+    decoder (KV arena, compiled step) instead of the eager reference: ``decoder`` when the caller holds one.
     """
-    decoder = _prefilled_decoder(model, prefix_ids, compile)
+    decoder = _prefilled_decoder(model, prefix_ids, compile, decoder)
     stop_tokens = _id_set(eos_token_id) | set(stop_token_ids)
     prefix_len = prefix_ids.shape[1]
     steps = decode_branches_cached(slots_of(decoder), prefix_len, branch_prefixes, max_new_tokens, stop_tokens, sampler)
     return [r.tokens for r in drive(steps, decoder)]
 
 
-def _prefilled_decoder(model, prefix_ids: torch.Tensor, compile: bool):
+def _prefilled_decoder(
+    model: PreTrainedModel, prefix_ids: torch.Tensor, compile: bool, decoder: Decoder | None
+) -> Decoder:
     if prefix_ids.dim() != 2 or prefix_ids.shape[0] != 1 or prefix_ids.shape[1] == 0:
         raise ValueError(f"prefix_ids must be a non-empty (1, P) tensor, got shape {tuple(prefix_ids.shape)}")
-    decoder = decoder_for(model, compile)
+    decoder = decoder_for(model, compile, decoder)
     decoder.forward(prefix_ids[0].tolist())
     return decoder

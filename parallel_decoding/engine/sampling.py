@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+def stream_seed(*parts: int | str) -> int:
+    """The seed of one random stream, named by ``parts`` (e.g. a run's seed and a request's index): the first 8
+    bytes (little-endian) of SHA-256 of the parts joined by ``:``, cut to 63 bits. Stable across processes,
+    machines and Python versions (unlike ``hash``), so a stream samples alike wherever it is decoded."""
+    digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class Sampler:
@@ -30,7 +46,7 @@ class Sampler:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.do_sample = do_sample
         self.generator = generator
-        warpers = []
+        warpers: list[LogitsProcessor] = []
         if temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
         if top_k > 0:
@@ -42,7 +58,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.do_sample:
             return logits.argmax(dim=-1)
-        scores = self.warpers(None, logits)
+        scores = self.warpers(None, logits)  # type: ignore[arg-type]  # the warpers read the scores alone
         probs = torch.softmax(scores, dim=-1)  # (N, V)
         return torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]  # (N,)
 

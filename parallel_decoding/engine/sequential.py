@@ -39,8 +39,12 @@ class Sequence:
         """Append ``token``; ``on_device`` (1,) is the same token where the step made it, for the mirror."""
         self._reserve(self.length + 1)
         self.buffer[0, self.length] = token
-        if self.mirror is not None and self.mirrored == self.length and on_device is not None \
-                and on_device.device == self.mirror.device:
+        if (
+            self.mirror is not None
+            and self.mirrored == self.length
+            and on_device is not None
+            and on_device.device == self.mirror.device
+        ):
             self.mirror[0, self.length : self.length + 1].copy_(on_device)
             self.mirrored += 1
         self.length += 1
@@ -131,14 +135,24 @@ def forward_next(slots, seq: Sequence, tokens: list[int], config, processor: Pro
 
 
 def decode_sequential(
-    slots, seq: Sequence, logits, budget: int, config, stop_ids, processor=None, block_end=None, skeleton=None,
-    next_token=None, on_step=None,
+    slots,
+    seq: Sequence,
+    logits,
+    budget: int,
+    config,
+    stop_ids,
+    processor=None,
+    block_end=None,
+    skeleton=None,
+    next_token=None,
+    on_step=None,
 ):
     """Decode one token at a time for at most ``budget`` tokens, from the pass that gave the next-token ``logits``
     (1, V) after the cache, or ``next_token`` (1,), its greedy argmax (``logits`` None), as :func:`forward_next`
     returns them.
 
-    A generator (see :func:`forward_next`). Returns why it stopped: ``"eos"``, ``"block_end"`` (``%%%%`` after ``####``, only with ``block_end`` given) or
+    A generator (see :func:`forward_next`). Returns why it stopped: ``"eos"``, ``"block_end"`` (``%%%%`` after
+    ``####``, only with ``block_end`` given) or
     ``"budget"``. The stopping token is appended to ``seq`` except for EOS; the cache holds every appended token but
     the last one, whose logits were never needed.
 

@@ -51,7 +51,8 @@ class MarkerVocab:
     ``branch_ids``: every token whose text contains ``####`` (``####``, `` ####``, ``####\\n``, longer runs).
     ``block_end_ids``: every token whose text contains ``%%%%``.
     ``hash_start_ids``: tokens starting with ``#``; forbidden right after a marker so ``####`` is never doubled.
-    ``colon_ids``: tokens that end a title: their text, right-stripped, ends with ``:`` or ``：`` (``:``, ``:\\n``, ``]:``).
+    ``colon_ids``: tokens that end a title: their text, right-stripped, ends with ``:`` or ``：``
+    (``:``, ``:\\n``, ``]:``).
     ``forced_after_colon``: the ellipsis, a newline and the next ``####``, as token ids.
     """
 
@@ -64,13 +65,17 @@ class MarkerVocab:
     vocab_size: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "MarkerVocab":
+    def from_tokenizer(cls, tokenizer) -> MarkerVocab:
         texts = _token_texts(tokenizer)
         branch = frozenset(i for i, t in enumerate(texts) if BRANCH_MARKER in t)
         block_end = frozenset(i for i, t in enumerate(texts) if BLOCK_END_MARKER in t)
         hash_start = frozenset(i for i, t in enumerate(texts) if t.lstrip(" ").startswith("#"))
         colon = frozenset(i for i, t in enumerate(texts) if t.rstrip().endswith(COLONS) and i not in branch)
-        forced = _encode_exact(tokenizer, ELLIPSIS) + _encode_exact(tokenizer, "\n") + _encode_exact(tokenizer, BRANCH_MARKER)
+        forced = (
+            _encode_exact(tokenizer, ELLIPSIS)
+            + _encode_exact(tokenizer, "\n")
+            + _encode_exact(tokenizer, BRANCH_MARKER)
+        )
         if not branch or not block_end:
             raise ValueError("the tokenizer has no token containing '####' or '%%%%'")
         return cls(
@@ -185,7 +190,7 @@ class SkeletonLogitsProcessor(LogitsProcessor):
         self._hash_index = torch.tensor(sorted(markers.hash_start_ids), dtype=torch.long)  # (H,) ids starting '#'
         self._on_device: dict = {}  # (index, device, vocab size) -> the index on that device, within the vocab
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         """The scores (1, V) of the next token after ``input_ids`` (1, L), masked by the rule that applies there."""
         rule = self._rule(input_ids)
         if rule == FORCE:
@@ -268,6 +273,14 @@ def parse_skeleton(tokens: list[int], markers: MarkerVocab, tokenizer=None) -> S
                 i = colon + 1
                 continue
         i += 1
+    return None
+
+
+def first_branch_marker(tokens: list[int], start: int, markers: MarkerVocab) -> int | None:
+    """The index of the first ``####`` in ``tokens`` at or after ``start`` (where an unclosed block opened), or None."""
+    for i in range(start, len(tokens)):
+        if markers.is_branch(tokens[i]):
+            return i
     return None
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .sequential import Sequence
+
 
 class AnswerStream:
     """Settled answer tokens, handed to ``on_tokens(new_token_ids)`` once each, in the final answer's order."""
@@ -24,16 +26,16 @@ class AnswerStream:
         self._scanned = 0  # answer tokens looked at for a block marker
         self._hold: int | None = None  # answer index of a '####' that may open a block: nothing from it is settled
 
-    def settle(self, seq, settled: int, tail: list[int] = ()) -> None:
+    def settle(self, seq: Sequence, settled: int, tail: list[int] | None = None) -> None:
         """The answer's first ``settled`` tokens (in ``seq``) and then ``tail`` are final; send what is new."""
         start = seq.prompt_len
         new = seq.buffer[0, start + self.sent : start + settled].tolist() if self.sent < settled else []
-        new += list(tail)[max(0, self.sent - settled) :]
+        new += (tail or [])[max(0, self.sent - settled) :]
         if new:
             self.sent += len(new)
             self.on_tokens(new)
 
-    def sequential(self, seq, search_from: int | None, is_branch) -> None:
+    def sequential(self, seq: Sequence, search_from: int | None, is_branch: Callable[[int], bool]) -> None:
         """After a sequential step: settle up to the first branch marker at or after answer index ``search_from``
         (None: no block can open, everything is settled)."""
         written = seq.length - seq.prompt_len
@@ -50,8 +52,9 @@ class AnswerStream:
         self._scanned = written
         self.settle(seq, written if self._hold is None else self._hold)
 
-    def branches(self, seq, block_start: int, prefixes: list[list[int]], outputs: list[list[int]],
-                 finished: list[bool]) -> None:
+    def branches(
+        self, seq: Sequence, block_start: int, prefixes: list[list[int]], outputs: list[list[int]], finished: list[bool]
+    ) -> None:
         """After a branch step: the text before the block, then the branches in title order, each once every
         branch before it has finished."""
         tail: list[int] = []
@@ -66,5 +69,5 @@ class AnswerStream:
         self._hold = None
         self._scanned = block_search_from
 
-    def finish(self, seq) -> None:
+    def finish(self, seq: Sequence) -> None:
         self.settle(seq, seq.length - seq.prompt_len)

@@ -60,7 +60,7 @@ class StageTimer:
         self._last = time.perf_counter()
 
     @classmethod
-    def for_model(cls, model) -> "StageTimer":
+    def for_model(cls, model) -> StageTimer:
         return cls(timing_sync(model))
 
     def lap(self, stage: str) -> None:

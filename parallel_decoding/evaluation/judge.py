@@ -101,7 +101,9 @@ _LABELLED_SCORE_RE = re.compile(
 _BRACKET_SCORE_RE = re.compile(r"\[\[\s*" + _NUMBER + r"\s*\]\]")  # "[[4]]"
 _OUT_OF_FIVE_RE = re.compile(_NUMBER + r"\s*(?:/|out of)\s*5\b", re.IGNORECASE)  # "4/5", "4 out of 5"
 _RATIONALE_RE = re.compile(r"(?:rationale|reason|理由)\s*[*_]*\s*[:：]\s*[*_]*\s*(.*)", re.IGNORECASE | re.DOTALL)
-_SCORE_LINE_RE = re.compile(r"^.*(?:score|rating|grade|评分|分数|得分)\s*[*_]*\s*[:：=].*$", re.IGNORECASE | re.MULTILINE)
+_SCORE_LINE_RE = re.compile(
+    r"^.*(?:score|rating|grade|评分|分数|得分)\s*[*_]*\s*[:：=].*$", re.IGNORECASE | re.MULTILINE
+)
 _JSON_OBJECT_RE = re.compile(r"\{.*?\}", re.DOTALL)
 
 
@@ -188,8 +190,20 @@ def _retry_after_seconds(error):
 class Judge:
     """Grades answers with one chat-completions request each; safe to call from several threads."""
 
-    def __init__(self, model_name, api_key, base_url=None, *, timeout=120.0, max_retries=5, backoff_base=1.0,
-                 backoff_max=60.0, parse_retries=1, max_tokens=512, temperature=0.0):
+    def __init__(
+        self,
+        model_name,
+        api_key,
+        base_url=None,
+        *,
+        timeout=120.0,
+        max_retries=5,
+        backoff_base=1.0,
+        backoff_max=60.0,
+        parse_retries=1,
+        max_tokens=512,
+        temperature=0.0,
+    ):
         if not api_key:
             raise ValueError("the judge needs an API key (--api_key or OPENAI_API_KEY)")
         if max_retries < 0 or parse_retries < 0 or backoff_base < 0 or backoff_max < 0 or timeout <= 0:
@@ -213,7 +227,7 @@ class Judge:
     def backoff_delay(self, attempt, error=None):
         """Seconds to wait before retry number ``attempt`` (0-based): exponential, jittered up by at most 25 %,
         never below the server's Retry-After, capped at ``backoff_max``."""
-        delay = self.backoff_base * (2 ** attempt) * (1.0 + 0.25 * random.random())
+        delay = self.backoff_base * (2**attempt) * (1.0 + 0.25 * random.random())
         retry_after = _retry_after_seconds(error) if error is not None else None
         if retry_after is not None:
             delay = max(delay, retry_after)
@@ -229,7 +243,9 @@ class Judge:
                 raise JudgeCancelled("judge request cancelled")
             try:
                 completion = self.client.chat.completions.create(
-                    model=self.model_name, messages=messages, temperature=self.temperature,
+                    model=self.model_name,
+                    messages=messages,
+                    temperature=self.temperature,
                     max_tokens=self.max_tokens,
                 )
             except openai.OpenAIError as error:

@@ -73,8 +73,9 @@ def judge_rows(rows, evaluated, task, judge, path, concurrency, save_every, prog
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
     try:
         futures = {
-            pool.submit(_grade_unless_stopped, stop, judge, *judge_inputs(rows[i], task),
-                        rows[i][f"{mode}_response"]): (i, mode)
+            pool.submit(
+                _grade_unless_stopped, stop, judge, *judge_inputs(rows[i], task), rows[i][f"{mode}_response"]
+            ): (i, mode)
             for i, mode in pending
         }
         for future in concurrent.futures.as_completed(futures):
@@ -125,8 +126,10 @@ def judge_and_store(rows, evaluated, task, judge, path, *, concurrency, save_eve
     if rejudge:
         forget_scores(evaluated)
     todo = len(pending_judgements(evaluated))
-    log(f"judging {todo} answers with {judge.model_name} ({len(evaluated) * len(MODES) - todo} already "
-        f"judged or not gradable), {concurrency} at a time")
+    log(
+        f"judging {todo} answers with {judge.model_name} ({len(evaluated) * len(MODES) - todo} already "
+        f"judged or not gradable), {concurrency} at a time"
+    )
     progress = progress_bar(todo)
     try:
         return judge_rows(rows, evaluated, task, judge, path, concurrency, save_every, progress)

@@ -57,7 +57,7 @@ def extract_final_answer(response):
         return ""
     matches = list(_FINAL_ANSWER_RE.finditer(response))
     if matches:
-        rest = response[matches[-1].end():]
+        rest = response[matches[-1].end() :]
         for line in rest.splitlines():
             line = _strip_decoration(line)
             if line:
@@ -240,10 +240,7 @@ def speed_summary(rows):
     modes = [m for m in MODES if any(not is_blank(r.get(f"{m}_time")) for r in rows)]
     error_rows = [r for r in rows if not is_blank(r.get("error"))]
     fallback_rows = [r for r in rows if not is_blank(r.get("fallback"))]
-    usable = [
-        r for r in rows
-        if is_blank(r.get("error")) and modes and all(row_speed(r, m) is not None for m in modes)
-    ]
+    usable = [r for r in rows if is_blank(r.get("error")) and modes and all(row_speed(r, m) is not None for m in modes)]
     summary = {
         "rows": len(rows),
         "speed_rows": len(usable),
@@ -301,8 +298,11 @@ def throughput_summary(rows):
     if all(rate is None for rate in rates.values()):
         return {}
     batches = set().union(*(batch_passes(rows, mode) for mode in MODES))
-    sizes = {r["settings"].get("batch_size") for r in rows
-             if r.get("batch") in batches and isinstance(r.get("settings"), dict)}
+    sizes = {
+        r["settings"].get("batch_size")
+        for r in rows
+        if r.get("batch") in batches and isinstance(r.get("settings"), dict)
+    }
     return {
         "batch_size": sizes.pop() if len(sizes) == 1 else None,
         "batches": len(batches),
@@ -410,7 +410,6 @@ def score_summary(rows):
         out[f"{mode}_score"] = _mean(present)
         out[f"{mode}_scored"] = len(present)
     out["judged_rows"] = sum(
-        1 for r in rows
-        if is_blank(r.get("error")) and all(as_number(r.get(f"{m}_score")) is not None for m in MODES)
+        1 for r in rows if is_blank(r.get("error")) and all(as_number(r.get(f"{m}_score")) is not None for m in MODES)
     )
     return out

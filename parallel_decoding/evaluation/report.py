@@ -27,12 +27,29 @@ REPORT_FILES = ("report.csv", "report.md", "report.png")
 # name (see docs/eval.md); fields added by later versions (step_ratio, uncapped_speedup, capped_rows) are empty for
 # older summaries.
 REPORT_COLUMNS = (
-    "model", "dataset", "task", "rows",
-    "normal_time", "parallel_time", "normal_length", "parallel_length", "normal_speed", "parallel_speed",
-    "speedup", "uncapped_speedup", "step_ratio",
-    "normal_accuracy", "parallel_accuracy", "normal_f1", "parallel_f1", "normal_score", "parallel_score",
+    "model",
+    "dataset",
+    "task",
+    "rows",
+    "normal_time",
+    "parallel_time",
+    "normal_length",
+    "parallel_length",
+    "normal_speed",
+    "parallel_speed",
+    "speedup",
+    "uncapped_speedup",
+    "step_ratio",
+    "normal_accuracy",
+    "parallel_accuracy",
+    "normal_f1",
+    "parallel_f1",
+    "normal_score",
+    "parallel_score",
     "format_adherence",
-    "fallback_rows", "error_rows", "capped_rows",
+    "fallback_rows",
+    "error_rows",
+    "capped_rows",
     "path",
 )
 LOCATION_COLUMNS = ("model", "dataset", "path")
@@ -90,8 +107,9 @@ def find_summaries(folder) -> list:
         raise ReportError(f"--report {folder}: no such folder")
     paths = sorted(p for p in folder.rglob(f"*{SUMMARY_SUFFIX}") if p.is_file())
     if not paths:
-        raise ReportError(f"--report {folder}: no *{SUMMARY_SUFFIX} under it; run eval.py --df_path on a results "
-                          f"file first")
+        raise ReportError(
+            f"--report {folder}: no *{SUMMARY_SUFFIX} under it; run eval.py --df_path on a results file first"
+        )
     return paths
 
 
@@ -129,8 +147,9 @@ def report_row(summary: dict, path, folder) -> dict:
     """The report's row of one summary: model = its folder (:func:`model_name`), dataset = its file stem, missing
     fields None."""
     path, folder = Path(path), Path(folder)
-    row = {column: summary.get(column) for column in REPORT_COLUMNS + THROUGHPUT_COLUMNS
-           if column not in LOCATION_COLUMNS}
+    row = {
+        column: summary.get(column) for column in REPORT_COLUMNS + THROUGHPUT_COLUMNS if column not in LOCATION_COLUMNS
+    }
     for column, value in row.items():  # a field of an unexpected type is an empty cell, not a crash
         if column != "task" and _number(value) is None:
             row[column] = None
@@ -250,8 +269,14 @@ def plot(rows: list):
         right.barh([y], [points], color="tab:green" if points >= 0 else "tab:red")
         unit = "points" if label == "judge" else "pp"
         text = f"{label} {points:+.2f} {unit}"
-        right.text(points, y, f" {text}" if points >= 0 else f"{text} ", va="center", fontsize=8,
-                   ha="left" if points >= 0 else "right")
+        right.text(
+            points,
+            y,
+            f" {text}" if points >= 0 else f"{text} ",
+            va="center",
+            fontsize=8,
+            ha="left" if points >= 0 else "right",
+        )
     right.axvline(0.0, color="black", linewidth=0.8)
     widest = max([1.0, *(abs(c[1]) for c in changes if c is not None)])
     right.set_xlim(-1.8 * widest, 1.8 * widest)  # symmetric, with room for the labels

@@ -43,9 +43,7 @@ def validate_rows(rows, line_numbers, path, task):
     for row, line_number in zip(rows, line_numbers):
         missing = [c for c in (question_col, reference_col) if c not in row]
         if missing:
-            raise InputError(
-                f"{path}:{line_number}: missing column(s) {', '.join(missing)} needed by --task {task}"
-            )
+            raise InputError(f"{path}:{line_number}: missing column(s) {', '.join(missing)} needed by --task {task}")
     columns = set().union(*rows)
     complete_modes = []
     for mode in MODES:

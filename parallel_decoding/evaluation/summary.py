@@ -39,11 +39,23 @@ def summary_table(summary):
         ("time (s, mean)", cell(summary.get("normal_time")), cell(summary.get("parallel_time"))),
         ("generated tokens (mean)", cell(summary.get("normal_length"), 1), cell(summary.get("parallel_length"), 1)),
         ("speed (tokens/s, mean)", cell(summary.get("normal_speed"), 2), cell(summary.get("parallel_speed"), 2)),
-        *([("throughput (tokens/s, batches)", cell(summary.get("normal_throughput"), 2),
-            cell(summary.get("parallel_throughput"), 2))] if "throughput_ratio" in summary else []),
+        *(
+            [
+                (
+                    "throughput (tokens/s, batches)",
+                    cell(summary.get("normal_throughput"), 2),
+                    cell(summary.get("parallel_throughput"), 2),
+                )
+            ]
+            if "throughput_ratio" in summary
+            else []
+        ),
         ("forward passes (mean)", cell(summary.get("normal_steps"), 1), cell(summary.get("parallel_steps"), 1)),
-        ("tokens per forward pass (mean)", cell(summary.get("normal_tokens_per_step"), 3),
-         cell(summary.get("parallel_tokens_per_step"), 3)),
+        (
+            "tokens per forward pass (mean)",
+            cell(summary.get("normal_tokens_per_step"), 3),
+            cell(summary.get("parallel_tokens_per_step"), 3),
+        ),
         ("answers capped (rows)", cell(summary.get("normal_capped")), cell(summary.get("parallel_capped"))),
     ]
     if "normal_accuracy" in summary:
@@ -77,22 +89,28 @@ def summary_notes(summary):
     ]
     if "throughput_ratio" in summary:
         size = summary.get("batch_size")
-        notes.append(f"throughput ratio (parallel / normal generated tokens per second of batch-pass wall time, over "
-                     f"{summary['batches']} batches{'' if size is None else f' of up to {size} rows'}): "
-                     f"{_ratio(summary['throughput_ratio'])}")
+        notes.append(
+            f"throughput ratio (parallel / normal generated tokens per second of batch-pass wall time, over "
+            f"{summary['batches']} batches{'' if size is None else f' of up to {size} rows'}): "
+            f"{_ratio(summary['throughput_ratio'])}"
+        )
     if summary.get("uncapped_rows") is None:
         notes.append("caps: not recorded in this file (an earlier version or the reference); no uncapped speedup")
     else:
         uncapped = summary["uncapped_speedup"]
-        notes.append(f"rows capped in either mode: {summary['capped_rows']}; speedup over the "
-                     f"{summary['uncapped_rows']} rows neither mode capped: "
-                     f"{'-' if uncapped is None else f'{uncapped:.2f}x'}")
+        notes.append(
+            f"rows capped in either mode: {summary['capped_rows']}; speedup over the "
+            f"{summary['uncapped_rows']} rows neither mode capped: "
+            f"{'-' if uncapped is None else f'{uncapped:.2f}x'}"
+        )
     if summary.get("fallback_reasons"):
         kinds = ", ".join(f"{kind} {count}" for kind, count in summary["fallback_reasons"].items())
         notes.append(f"fallback reasons: {kinds}")
     if "judged_rows" in summary:
-        notes.append(f"rows with both answers judged: {summary['judged_rows']}"
-                     + (f" (judge: {summary['judge_model']})" if summary.get("judge_model") else ""))
+        notes.append(
+            f"rows with both answers judged: {summary['judged_rows']}"
+            + (f" (judge: {summary['judge_model']})" if summary.get("judge_model") else "")
+        )
     return notes
 
 
@@ -130,8 +148,14 @@ def _speed_panel(ax, rows, summary):
         points = [(i, metrics.row_speed(r, mode)) for i, r in enumerate(rows) if is_blank(r.get("error"))]
         points = [(i, s) for i, s in points if s is not None]
         if points:
-            ax.plot(*zip(*points), marker=marker, linestyle="-", linewidth=0.8, markersize=4,
-                    label=f"{mode} (mean {cell(summary.get(f'{mode}_speed'), 1)})")
+            ax.plot(
+                *zip(*points),
+                marker=marker,
+                linestyle="-",
+                linewidth=0.8,
+                markersize=4,
+                label=f"{mode} (mean {cell(summary.get(f'{mode}_speed'), 1)})",
+            )
     speedup = summary.get("speedup")
     title = "decoding speed per row" + ("" if speedup is None else f", speedup {cell(speedup, 2)}x")
     _per_row_axis(ax, "tokens/s", title)
@@ -161,8 +185,12 @@ def _score_panel(ax, rows, summary):
     for k, mode in enumerate(MODES):
         scores = [metrics.as_number(r.get(f"{mode}_score")) for r in rows if is_blank(r.get("error"))]
         counts = [sum(1 for s in scores if s is not None and round(s) == g) for g in grid]
-        ax.bar([g + (k - 0.5) * width for g in grid], counts, width=width,
-               label=f"{mode} (mean {cell(summary.get(f'{mode}_score'), 2)})")
+        ax.bar(
+            [g + (k - 0.5) * width for g in grid],
+            counts,
+            width=width,
+            label=f"{mode} (mean {cell(summary.get(f'{mode}_score'), 2)})",
+        )
     ax.set_xticks(grid)
     ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("judge score")
@@ -186,8 +214,11 @@ def output_paths(df_path):
     """<stem>.summary.json, <stem>.summary.md and <stem>.png beside the results file."""
     df_path = pathlib.Path(df_path)
     stem = df_path.with_suffix("") if df_path.suffix else df_path
-    return (stem.with_name(stem.name + ".summary.json"), stem.with_name(stem.name + ".summary.md"),
-            stem.with_name(stem.name + ".png"))
+    return (
+        stem.with_name(stem.name + ".summary.json"),
+        stem.with_name(stem.name + ".summary.md"),
+        stem.with_name(stem.name + ".png"),
+    )
 
 
 def write_outputs(rows, summary, df_path, title):

@@ -22,14 +22,20 @@ def text_table(header, lines, align, indent=""):
     ``indent`` before each line, trailing blanks dropped."""
     widths = [max(len(text) for text in column) for column in zip(header, *lines)]
     return [
-        (indent + "  ".join(text.ljust(width) if side == "<" else text.rjust(width)
-                            for text, width, side in zip(cells, widths, align))).rstrip()
+        (
+            indent
+            + "  ".join(
+                text.ljust(width) if side == "<" else text.rjust(width)
+                for text, width, side in zip(cells, widths, align)
+            )
+        ).rstrip()
         for cells in (header, *lines)
     ]
 
 
 def markdown_table(header, lines, align):
     """The table as Markdown lines (header, separator, one line per row); a ``|`` inside a cell is escaped."""
+
     def row(cells):
         return "| " + " | ".join(text.replace("|", "\\|") for text in cells) + " |"
 

@@ -32,6 +32,31 @@ class DistributedError(Exception):
     """A distributed setup that cannot work (missing launcher, bad combination, head counts): one line."""
 
 
+class ControlGroup:
+    """The gloo group the ranks agree on and wait over, held so that :func:`stop` can free it.
+
+    A gloo group's worker threads drop the tensors of a finished collective on their own, which takes the GIL.
+    If the process exits first (a rank that only reports an error returns right after its last collective), a
+    worker that reaches the GIL while the interpreter is finalizing is stopped inside C++ and the rank dies with
+    SIGABRT. Destroying the group joins its workers, so :meth:`close` frees it while the interpreter still runs.
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self._group: dist.ProcessGroup | None = group
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        if self._group is None:
+            raise RuntimeError("the control group was closed (distributed.stop)")
+        return self._group
+
+    def close(self) -> None:
+        """Tear the group down; dropping the last reference destroys it, joining its worker threads."""
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+
 @dataclass(frozen=True)
 class Ranks:
     """Where this process stands: its rank among ``world_size`` processes launched together, and the run's mode."""
@@ -41,12 +66,19 @@ class Ranks:
     local_rank: int = 0
     world_size: int = 1
     # A gloo group over all ranks for small Python objects and long waits, whatever backend the model uses.
-    control: object = field(default=None, compare=False, repr=False)
+    control: ControlGroup | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
         """The process that writes the results file and the log (tensor parallel) and merges shards (data parallel)."""
         return self.rank == 0
+
+    @property
+    def control_group(self) -> dist.ProcessGroup:
+        """The gloo group of a multi-process run (a plain run has none: it never exchanges anything)."""
+        if self.control is None:
+            raise RuntimeError("a single-process run has no control group")
+        return self.control.group
 
     def share(self, items: list) -> list:
         """This rank's part of ``items``: all of them unless data parallel, else every ``world_size``-th one."""
@@ -82,8 +114,10 @@ def start(mode: str) -> Ranks:
     """
     if mode == SINGLE or not launched_by_torchrun():
         if mode == TENSOR_PARALLEL:
-            raise DistributedError("--tp shards the model over the processes torchrun starts: "
-                                   "run `torchrun --nproc_per_node N generate.py --tp ...`")
+            raise DistributedError(
+                "--tp shards the model over the processes torchrun starts: "
+                "run `torchrun --nproc_per_node N generate.py --tp ...`"
+            )
         return Ranks()
     rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if not dist.is_initialized():
@@ -95,7 +129,7 @@ def start(mode: str) -> Ranks:
             device_id=torch.device("cuda", local_rank) if use_cuda else None,
             timeout=GROUP_TIMEOUT,
         )
-    control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)  # every rank creates it, at the same point
+    control = ControlGroup(dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT))  # every rank, at the same point
     ranks = Ranks(mode, rank, local_rank, world_size, control)
     if not ranks.is_main:  # one log per run: rank 0's (transformers' warnings and progress bars included)
         import warnings
@@ -113,6 +147,9 @@ def start(mode: str) -> Ranks:
 
 
 def stop(ranks: Ranks) -> None:
+    """Free every process group before the interpreter exits (:class:`ControlGroup` says why)."""
+    if ranks.control is not None:
+        ranks.control.close()
     if ranks.mode != SINGLE and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -122,7 +159,7 @@ def from_main(ranks: Ranks, value=None):
     if ranks.world_size == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=ranks.control)
+    dist.broadcast_object_list(box, src=0, group=ranks.control_group)
     return box[0]
 
 
@@ -132,7 +169,7 @@ def first_error(ranks: Ranks, error: str | None) -> str | None:
     if ranks.world_size == 1:
         return error
     errors = [None] * ranks.world_size
-    dist.all_gather_object(errors, error, group=ranks.control)
+    dist.all_gather_object(errors, error, group=ranks.control_group)
     for rank, message in enumerate(errors):
         if message is not None:
             return message if rank == 0 else f"rank {rank}: {message}"
@@ -141,10 +178,11 @@ def first_error(ranks: Ranks, error: str | None) -> str | None:
 
 def wait_for_all(ranks: Ranks) -> None:
     if ranks.world_size > 1:
-        dist.barrier(group=ranks.control)
+        dist.barrier(group=ranks.control_group)
 
 
 # --- tensor parallel --------------------------------------------------------------------------------------------
+
 
 def check_heads_divide(config, world_size: int, model_path: str) -> None:
     """Tensor parallel gives every rank an equal share of the query and key/value heads."""
@@ -153,8 +191,10 @@ def check_heads_divide(config, world_size: int, model_path: str) -> None:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     for name, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
         if count is not None and count % world_size:
-            raise DistributedError(f"--tp over {world_size} processes: {model_path} has {name}={count}, which "
-                                   f"{world_size} does not divide; use a --nproc_per_node that divides {count}")
+            raise DistributedError(
+                f"--tp over {world_size} processes: {model_path} has {name}={count}, which "
+                f"{world_size} does not divide; use a --nproc_per_node that divides {count}"
+            )
 
 
 def tensor_parallel_kwargs(world_size: int) -> dict:
@@ -167,6 +207,7 @@ def tensor_parallel_kwargs(world_size: int) -> dict:
 
 
 # --- device map -------------------------------------------------------------------------------------------------
+
 
 def device_map_kwargs(device_map, offload_folder: str | None) -> dict:
     """``from_pretrained`` arguments that spread the model over devices with accelerate (``"auto"`` or an explicit

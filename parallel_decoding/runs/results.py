@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 SETTINGS_COLUMN = "settings"
@@ -41,6 +42,7 @@ class SettingsMismatch(ResultsError):
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w"):
@@ -77,6 +79,7 @@ def write_rows_atomic(path, rows: list) -> None:
 
 
 # --- reading and matching ---------------------------------------------------------------------------------------
+
 
 def read_numbered_rows(path, required_column: str | None = None, tolerate_torn_tail: bool = True) -> list:
     """(line number, row) for each JSON object of a jsonl file ([] if it does not exist), blank lines skipped.
@@ -143,6 +146,7 @@ def match_existing(rows: list, existing: list, result_columns) -> tuple:
 
 # --- settings ---------------------------------------------------------------------------------------------------
 
+
 def _show(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -183,6 +187,7 @@ class RowShard:
 
 # --- the results file -------------------------------------------------------------------------------------------
 
+
 class ResultsFile:
     """One results file (jsonl) and its lock file ``<file>.lock``.
 
@@ -219,7 +224,7 @@ class ResultsFile:
     def shard_paths(self) -> list:
         prefix = self.path.name + SHARD_INFIX
         found = self.path.parent.glob(glob.escape(prefix) + "*")
-        return sorted((p for p in found if p.name[len(prefix):].isdigit()), key=lambda p: int(p.name[len(prefix):]))
+        return sorted((p for p in found if p.name[len(prefix) :].isdigit()), key=lambda p: int(p.name[len(prefix) :]))
 
     def read_shards(self) -> list:
         """(dataset row index, result row) of every shard entry; ResultsError naming file:line for a bad entry."""
@@ -227,10 +232,16 @@ class ResultsFile:
         for path in self.shard_paths():
             for lineno, entry in read_numbered_rows(path):
                 index, row = entry.get("index"), entry.get("row")
-                if (not isinstance(index, int) or isinstance(index, bool) or index < 0 or not isinstance(row, dict)
-                        or (self.required_column is not None and self.required_column not in row)):
-                    raise ResultsError(f"{path}:{lineno}: not a shard entry {{\"index\": <row index>, \"row\": "
-                                       f"<result row>}}")
+                if (
+                    not isinstance(index, int)
+                    or isinstance(index, bool)
+                    or index < 0
+                    or not isinstance(row, dict)
+                    or (self.required_column is not None and self.required_column not in row)
+                ):
+                    raise ResultsError(
+                        f'{path}:{lineno}: not a shard entry {{"index": <row index>, "row": <result row>}}'
+                    )
                 entries.append((index, row))
         return entries
 
@@ -264,8 +275,16 @@ class ResultsFile:
         for path in self.shard_paths():
             path.unlink(missing_ok=True)
 
-    def check_settings(self, existing: list, current: dict, implied: dict | None = None) -> int:
-        """SettingsMismatch naming every differing setting (old -> new) of the first row made with other settings;
+    def check_settings(
+        self,
+        existing: list,
+        current: dict,
+        upgrade: Callable[[dict], dict] | None = None,
+        implied: dict | None = None,
+    ) -> int:
+        """SettingsMismatch naming every differing setting (old -> new) of the first row made with other settings
+        (each row's recorded settings first go through ``upgrade``, which puts an older version's in today's terms; a
+        key absent on either side reads as its ``implied`` value);
         returns how many rows record no settings (written by an earlier version or the reference implementation:
         accepted, since nothing tells what they were made with; the caller says so)."""
         unrecorded = 0
@@ -276,11 +295,12 @@ class ResultsFile:
                 continue
             if not isinstance(recorded, dict):
                 raise ResultsError(f"{self.path}: a row's {SETTINGS_COLUMN!r} column is not an object")
-            differences = settings_difference(recorded, current, implied)
+            differences = settings_difference(upgrade(recorded) if upgrade else recorded, current, implied)
             if differences:
                 raise SettingsMismatch(
                     f"{self.path} holds rows made with other settings ({'; '.join(differences)}); pass --overwrite "
-                    f"to replace them, or another --output_dir to keep both")
+                    f"to replace them, or another --output_dir to keep both"
+                )
         return unrecorded
 
     @contextlib.contextmanager

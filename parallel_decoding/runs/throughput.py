@@ -10,6 +10,7 @@ Python: generate.py's log and eval.py's summary compute it alike.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 BATCH_COLUMN = "batch"
 
@@ -29,7 +30,7 @@ def batch_passes(rows, mode: str) -> dict:
     """``{batch id: (wall time, generated tokens)}`` of ``mode``'s passes, one per distinct batch the rows record
     (rows without a batch, or without that mode's pass, are left out)."""
     time_column, tokens_column = batch_columns(mode)
-    passes = {}
+    passes: dict[Any, tuple[float, int]] = {}
     for row in rows:
         batch = row.get(BATCH_COLUMN)
         if isinstance(batch, bool) or not isinstance(batch, (int, str)):

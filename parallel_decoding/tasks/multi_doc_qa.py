@@ -24,35 +24,151 @@ import sys
 from .retrieval import write_jsonl
 
 COUNTRIES = {  # fictional country -> nationality adjective
-    "Dorvania": "Dorvanian", "Kelstria": "Kelstrian", "Amerith": "Amerithian", "Tavrosia": "Tavrosian",
-    "Quellan": "Quellanese", "Brisovia": "Brisovian", "Halvoria": "Halvorian", "Ysmera": "Ysmeran",
+    "Dorvania": "Dorvanian",
+    "Kelstria": "Kelstrian",
+    "Amerith": "Amerithian",
+    "Tavrosia": "Tavrosian",
+    "Quellan": "Quellanese",
+    "Brisovia": "Brisovian",
+    "Halvoria": "Halvorian",
+    "Ysmera": "Ysmeran",
 }
 CITIES = {  # fictional city -> its country
-    "Maravel": "Dorvania", "Kestrow": "Dorvania", "Lunmoor": "Kelstria", "Thessby": "Kelstria",
-    "Orvane": "Amerith", "Caldreth": "Amerith", "Pellion": "Tavrosia", "Varnholt": "Tavrosia",
-    "Sirenne": "Quellan", "Ebbridge": "Quellan", "Morrask": "Brisovia", "Tolvik": "Brisovia",
-    "Ashwyn": "Halvoria", "Drelmouth": "Halvoria", "Qarsel": "Ysmera", "Ulmfeld": "Ysmera",
+    "Maravel": "Dorvania",
+    "Kestrow": "Dorvania",
+    "Lunmoor": "Kelstria",
+    "Thessby": "Kelstria",
+    "Orvane": "Amerith",
+    "Caldreth": "Amerith",
+    "Pellion": "Tavrosia",
+    "Varnholt": "Tavrosia",
+    "Sirenne": "Quellan",
+    "Ebbridge": "Quellan",
+    "Morrask": "Brisovia",
+    "Tolvik": "Brisovia",
+    "Ashwyn": "Halvoria",
+    "Drelmouth": "Halvoria",
+    "Qarsel": "Ysmera",
+    "Ulmfeld": "Ysmera",
 }
 FIRST_NAMES = (
-    "Orlan", "Veska", "Tamsin", "Idrel", "Corvin", "Maelis", "Jorund", "Saffi", "Edric", "Lioba", "Brannoc",
-    "Ysolde", "Kasimir", "Renna", "Aldous", "Fenna", "Ilario", "Mirela", "Osric", "Talia", "Bertil", "Celandine",
-    "Dagny", "Evander", "Gisla", "Halvard", "Ione", "Lorcan", "Nerys", "Perrin",
+    "Orlan",
+    "Veska",
+    "Tamsin",
+    "Idrel",
+    "Corvin",
+    "Maelis",
+    "Jorund",
+    "Saffi",
+    "Edric",
+    "Lioba",
+    "Brannoc",
+    "Ysolde",
+    "Kasimir",
+    "Renna",
+    "Aldous",
+    "Fenna",
+    "Ilario",
+    "Mirela",
+    "Osric",
+    "Talia",
+    "Bertil",
+    "Celandine",
+    "Dagny",
+    "Evander",
+    "Gisla",
+    "Halvard",
+    "Ione",
+    "Lorcan",
+    "Nerys",
+    "Perrin",
 )
 LAST_NAMES = (
-    "Vesterby", "Draymoor", "Quillon", "Harthwell", "Ostrander", "Pemberlow", "Kallisen", "Thistlewood", "Barrowe",
-    "Calloran", "Dunmere", "Everholt", "Fairbrook", "Greyling", "Holloway", "Ivensworth", "Jarrow", "Kettleby",
-    "Lindmark", "Marwick", "Norrend", "Oakhurst", "Pryce", "Ravensdale", "Selwyn", "Tregaron",
+    "Vesterby",
+    "Draymoor",
+    "Quillon",
+    "Harthwell",
+    "Ostrander",
+    "Pemberlow",
+    "Kallisen",
+    "Thistlewood",
+    "Barrowe",
+    "Calloran",
+    "Dunmere",
+    "Everholt",
+    "Fairbrook",
+    "Greyling",
+    "Holloway",
+    "Ivensworth",
+    "Jarrow",
+    "Kettleby",
+    "Lindmark",
+    "Marwick",
+    "Norrend",
+    "Oakhurst",
+    "Pryce",
+    "Ravensdale",
+    "Selwyn",
+    "Tregaron",
 )
 TITLE_ADJECTIVES = (
-    "Glass", "Silent", "Crimson", "Hollow", "Northern", "Last", "Paper", "Iron", "Golden", "Distant", "Broken",
-    "Winter", "Quiet", "Salt", "Burning", "Forgotten", "Seventh", "Velvet", "Sunken", "Amber",
+    "Glass",
+    "Silent",
+    "Crimson",
+    "Hollow",
+    "Northern",
+    "Last",
+    "Paper",
+    "Iron",
+    "Golden",
+    "Distant",
+    "Broken",
+    "Winter",
+    "Quiet",
+    "Salt",
+    "Burning",
+    "Forgotten",
+    "Seventh",
+    "Velvet",
+    "Sunken",
+    "Amber",
 )
 TITLE_NOUNS = (
-    "Harbour", "Orchard", "Lantern", "Meridian", "Garden", "Tide", "Engine", "Choir", "Archive", "Bridge",
-    "Festival", "Compass", "Winter", "Lighthouse", "Carousel", "Frontier", "Mirror", "Verdict", "Voyage", "Cellar",
+    "Harbour",
+    "Orchard",
+    "Lantern",
+    "Meridian",
+    "Garden",
+    "Tide",
+    "Engine",
+    "Choir",
+    "Archive",
+    "Bridge",
+    "Festival",
+    "Compass",
+    "Winter",
+    "Lighthouse",
+    "Carousel",
+    "Frontier",
+    "Mirror",
+    "Verdict",
+    "Voyage",
+    "Cellar",
 )
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 FILM_GENRES = ("drama", "comedy", "thriller", "war", "musical", "mystery", "romance", "adventure")
 NOVEL_GENRES = ("historical", "crime", "science fiction", "coming-of-age", "satirical", "gothic")
 PROFESSIONS = {"film": "film director", "novel": "novelist"}
@@ -80,10 +196,6 @@ PASSAGES_PER_ROW = (6, 8)  # min, max passages in a row's context, evidence incl
 QUESTION_TYPES = ("comparison", "people_comparison", "compositional", "bridge_comparison")
 
 
-def _date(rng: random.Random, first_year: int, last_year: int) -> tuple:
-    return rng.randint(first_year, last_year), rng.randint(1, 12), rng.randint(1, 28)
-
-
 def _date_text(date: tuple) -> str:
     year, month, day = date
     return f"{day} {MONTHS[month - 1]} {year}"
@@ -91,20 +203,32 @@ def _date_text(date: tuple) -> str:
 
 def _world(rng: random.Random, num_people: int) -> tuple:
     """Fictional people, each with one or two works; all names, titles and birth dates distinct within the row."""
-    names = rng.sample([f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES], num_people)
+    names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], num_people)
     titles = rng.sample([f"The {a} {n}" for a in TITLE_ADJECTIVES for n in TITLE_NOUNS if a != n], 2 * num_people)
     birth_years = rng.sample(range(1890, 1960), num_people)
     people, works = [], []
     for name, birth_year in zip(names, birth_years):
         kind = rng.choice(("film", "novel"))
         city = rng.choice(list(CITIES))
-        person = {"name": name, "kind": kind, "city": city, "country": CITIES[city],
-                  "born": (birth_year, rng.randint(1, 12), rng.randint(1, 28)), "works": []}
+        person = {
+            "name": name,
+            "kind": kind,
+            "city": city,
+            "country": CITIES[city],
+            "born": (birth_year, rng.randint(1, 12), rng.randint(1, 28)),
+            "works": [],
+        }
         for _ in range(rng.choice((1, 1, 2))):
             year = birth_year + rng.randint(25, 55)
             genre = rng.choice(FILM_GENRES if kind == "film" else NOVEL_GENRES)
-            work = {"title": titles.pop(), "kind": kind, "year": year, "genre": genre, "creator": name,
-                    "city": rng.choice(list(CITIES))}
+            work = {
+                "title": titles.pop(),
+                "kind": kind,
+                "year": year,
+                "genre": genre,
+                "creator": name,
+                "city": rng.choice(list(CITIES)),
+            }
             person["works"].append(work["title"])
             works.append(work)
         people.append(person)
@@ -116,20 +240,26 @@ def _person_passage(rng: random.Random, person: dict) -> str:
     nationality = COUNTRIES[person["country"]]
     listed = ", ".join(person["works"])
     known_for = "films include" if person["kind"] == "film" else "novels include"
-    return (f"{person['name']} (born {_date_text(person['born'])} in {person['city']}, {person['country']}) was a "
-            f"{nationality} {PROFESSIONS[person['kind']]}. "
-            f"{rng.choice(CAREER_LINES).format(surname=surname)} {surname}'s {known_for} {listed}.")
+    return (
+        f"{person['name']} (born {_date_text(person['born'])} in {person['city']}, {person['country']}) was a "
+        f"{nationality} {PROFESSIONS[person['kind']]}. "
+        f"{rng.choice(CAREER_LINES).format(surname=surname)} {surname}'s {known_for} {listed}."
+    )
 
 
 def _work_passage(rng: random.Random, work: dict, people_by_name: dict) -> str:
     creator = people_by_name[work["creator"]]
     nationality = COUNTRIES[creator["country"]]
     if work["kind"] == "film":
-        head = (f"{work['title']} is a {work['year']} {nationality} {work['genre']} film directed by "
-                f"{work['creator']}. It was shot in {work['city']}.")
+        head = (
+            f"{work['title']} is a {work['year']} {nationality} {work['genre']} film directed by "
+            f"{work['creator']}. It was shot in {work['city']}."
+        )
     else:
-        head = (f"{work['title']} is a {work['genre']} novel by the {nationality} writer {work['creator']}, "
-                f"first published in {work['year']}. It is set in {work['city']}.")
+        head = (
+            f"{work['title']} is a {work['genre']} novel by the {nationality} writer {work['creator']}, "
+            f"first published in {work['year']}. It is set in {work['city']}."
+        )
     return f"{head} {rng.choice(WORK_LINES)}"
 
 
@@ -144,8 +274,7 @@ def _pick_question(rng: random.Random, qtype: str, people: list, works: list, pe
         first, later = rng.choice(pairs)
         a, b = rng.sample((first, later), 2)
         verb = "came out" if kind == "film" else "was published"
-        return (f"Which {kind} {verb} first, {a['title']} or {b['title']}?", first["title"],
-                [a["title"], b["title"]])
+        return (f"Which {kind} {verb} first, {a['title']} or {b['title']}?", first["title"], [a["title"], b["title"]])
     if qtype == "people_comparison":
         p, q = rng.sample(people, 2)
         if rng.random() < 0.5:
@@ -171,8 +300,11 @@ def _pick_question(rng: random.Random, qtype: str, people: list, works: list, pe
         return None
     a, b = rng.choice(pairs)
     later = max((a, b), key=lambda w: people_by_name[w["creator"]]["born"])
-    return (f"Which film has the director born later, {a['title']} or {b['title']}?", later["title"],
-            [a["title"], b["title"], a["creator"], b["creator"]])
+    return (
+        f"Which film has the director born later, {a['title']} or {b['title']}?",
+        later["title"],
+        [a["title"], b["title"], a["creator"], b["creator"]],
+    )
 
 
 def make_multi_doc_qa_row(seed: int, index: int) -> dict:

@@ -19,13 +19,15 @@ MIN_DIMENSIONS = 3
 def _rows(tasks: list, language: str) -> list:
     rows = []
     for task_id, task, dimensions, answer in tasks:
-        rows.append({
-            "task": task,
-            "answer": answer,
-            "language": language,
-            "dimensions": dimensions,
-            "_id": f"planning-{language}-{task_id}",
-        })
+        rows.append(
+            {
+                "task": task,
+                "answer": answer,
+                "language": language,
+                "dimensions": dimensions,
+                "_id": f"planning-{language}-{task_id}",
+            }
+        )
     return rows
 
 
