@@ -11,6 +11,7 @@ from reference import decode_branches_one_by_one
 
 from parallel_decoding.bench import branch_stage as bench
 from parallel_decoding.bench.configs import MODEL_CONFIGS, qwen2_config
+from parallel_decoding.decoding import flex
 
 TINY = [
     "--config",
@@ -452,3 +453,28 @@ def test_same_answers_counts_equal_rows_and_fails_on_any_difference(tmp_path, ca
     candidate.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
     assert same_answers.main([str(reference), str(candidate)]) == 2
     assert "the files hold 2 and 1 rows" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not flex.supported(), reason="this torch cannot build the arena's BlockMask")
+def test_flex_rows_holds_each_kernel_to_the_dense_reference(capsys):
+    """scripts/gpu_check.sh's kernel step, on the CPU's one template: a tree pass of one and of four rows, the
+    embedded model's head shape, against sdpa under the dense mask; bad shapes get one line."""
+    from parallel_decoding.bench import flex_rows
+
+    assert flex_rows.main(["--device", "cpu", "--shapes", "4,2,48", "--rows", "1", "4", "--capacity", "256"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| 4 | 2 | 48 |")]
+    assert [r[3] for r in rows] == ["1", "4"]
+    assert all(float(r[4]) < 1e-5 and float(r[5]) < 1e-5 and r[7] == "yes |" for r in rows)
+    with pytest.raises(SystemExit) as exit_info:
+        flex_rows.main(["--device", "cpu", "--shapes", "4,3,48"])
+    assert exit_info.value.code == 2
+    assert "H_q a multiple of H_kv" in capsys.readouterr().err
+
+
+def test_flex_kernel_options_force_the_main_kernel_for_several_rows_on_cuda():
+    """The arena's kernel choice: torch's own for one row or off CUDA, the main kernel for a CUDA pass of more rows."""
+    from parallel_decoding.decoding.flex import kernel_options
+
+    assert kernel_options("cuda", 1) is None and kernel_options("cpu", 16) is None
+    assert kernel_options("cuda", 4) == {"FORCE_USE_FLEX_ATTENTION": True}

@@ -28,7 +28,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -39,6 +39,9 @@ from .attention import FLEX_BASES, flex_name
 from .backend import KVBlocks, TreeRows
 from .dense import PADDING as PADDING  # the branch id of padding rows, re-exported
 from .visibility import sees
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import FlexKernelOptions
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -83,8 +86,27 @@ def _flex(module, query, key, value, block_mask, kwargs) -> tuple[torch.Tensor, 
     for name in ("sliding_window", "softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"arena flex attention: {name} layers are not supported")
-    out = flex_attention(query, key, value, block_mask=block_mask, scale=kwargs.get("scaling"), enable_gqa=True)
+    options = kernel_options(query.device.type, query.shape[2])
+    out = flex_attention(
+        query, key, value, block_mask=block_mask, scale=kwargs.get("scaling"), enable_gqa=True, kernel_options=options
+    )
     return out.transpose(1, 2).contiguous(), None  # (1, H_q, W, D) -> (1, W, H_q, D)
+
+
+def kernel_options(device_type: str, rows: int) -> FlexKernelOptions | None:
+    """FlexAttention's kernel options for a pass of ``rows`` query rows on ``device_type``.
+
+    On CUDA, inductor picks its split-KV decoding kernel for a short query (under 128 rows) whose grouped-query
+    ratio is a power of two, and the main kernel otherwise. A pass of more than one row takes the main kernel
+    here: on the first H200 run the compiled passes of several rows gave wrong answers on the embedded model
+    (ratio 2, the decoding kernel) while one-row passes were right (docs/bench.md), and
+    ``python -m parallel_decoding.bench.flex_rows`` holds both kernels to a dense reference, row count by row
+    count, so the next GPU run tells which is right. A one-row pass keeps torch's choice, the kernel shown
+    right there. The CPU has one template and no choice to make.
+    """
+    if device_type == "cuda" and rows > 1:
+        return {"FORCE_USE_FLEX_ATTENTION": True}
+    return None
 
 
 @dataclass
