@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from test_engine import ScriptedAnswer, _encode
 
 from parallel_decoding.completions.factory import make_client, model_stop_token_ids
 from parallel_decoding.completions.interface import CompletionRequest, Sampling, stage_seed
@@ -323,3 +324,76 @@ def test_scripted_answers_equal_the_engine(scripted_model, script, settings):
     got = asyncio.run(parallel_generate(client, tokenizer, ids, settings, on_tokens=streamed.extend, **limits))
     _same(got, expected)
     assert tokenizer.decode(streamed, skip_special_tokens=True) == got["response"]
+
+
+class PreferredAnswer(ScriptedAnswer):
+    """``ScriptedAnswer`` that raises its token's score instead of forcing it, so a mask before it (the skeleton
+    processor's) still wins: a random-weight model that wants to break the skeleton's first-token rules."""
+
+    def __call__(self, input_ids, scores):
+        forced = super().__call__(input_ids, scores)
+        if forced is scores:
+            return scores
+        return scores + torch.where(forced == 0, 1e4, 0.0)  # -inf (masked) stays -inf
+
+
+def _preferred(tokenizer, prompt, *scripts):
+    closing = _encode(tokenizer, "####%%%%")
+    return [PreferredAnswer(len(chat_prompt_ids(tokenizer, prompt)), list(scripts), closing)]
+
+
+@pytest.mark.parametrize("rule", ["marker first", "hash after a marker"])
+def test_a_model_that_breaks_the_first_token_rules_gets_the_engines_answer(scripted_model, rule):
+    """The skeleton processor's two masks, which a request cannot carry: the method asks again for that one token
+    with the ids banned, and its answer is parallel_decode's, streamed in order."""
+    model, tokenizer = scripted_model
+    markers = marker_vocab(tokenizer)
+    branch, hash_token = _encode(tokenizer, "####"), _encode(tokenizer, "#")
+    assert len(branch) == len(hash_token) == 1 and hash_token[0] in markers.hash_start_ids
+    prompt = "Check every option."
+    if rule == "marker first":
+        script = branch + _encode(tokenizer, "A:......\n####%%%%")
+    else:
+        script = _encode(tokenizer, "Let me check.\n") + branch + hash_token + _encode(tokenizer, "A:......\n####%%%%")
+    settings = {"max_new_tokens": 24}
+    expected = parallel_decode(
+        model, tokenizer, prompt, logits_processor=_preferred(tokenizer, prompt, script), **settings
+    )
+    client = ScriptedClient(model, tokenizer, _preferred(tokenizer, prompt, script))
+    streamed: list[int] = []
+    ids = chat_prompt_ids(tokenizer, prompt)
+    got = asyncio.run(parallel_generate(client, tokenizer, ids, dict(settings), on_tokens=streamed.extend))
+    _same(got, expected)
+    assert tokenizer.decode(streamed, skip_special_tokens=True) == got["response"]
+    answer = tokenizer.encode(got["response"], add_special_tokens=False)
+    assert answer[: len(script)] != script  # the model's wish was refused, as the engine refuses it
+
+
+def test_banned_ids_reach_each_client_as_the_engine_takes_them(embedded):
+    """The transformers client masks banned ids; the HTTP client sends them as a logit bias of -100 (what vLLM's
+    SamplingParams take too)."""
+    from parallel_decoding.completions.interface import BAN_BIAS
+    from parallel_decoding.completions.vllm_client import sampling_params
+
+    model, tokenizer, prompts, client = embedded
+    ids = chat_prompt_ids(tokenizer, prompts[0])
+    free = asyncio.run(client.complete(CompletionRequest(ids, 1, frozenset(), Sampling())))
+    first = free.token_ids[0]
+    banned = asyncio.run(client.complete(CompletionRequest(ids, 1, frozenset(), Sampling(), frozenset({first}))))
+    assert banned.token_ids[0] != first
+    logits = model(torch.tensor([ids])).logits[0, -1]
+    logits[first] = float("-inf")
+    assert banned.token_ids[0] == int(logits.argmax())
+    good = {"choices": [{"token_ids": [5], "finish_reason": "length"}]}
+    with FakeServer([(200, good), (200, good)]) as server:
+        http = OpenAIClient(server.url, None, frozenset({2}))
+        asyncio.run(http.complete(CompletionRequest([1], 1, frozenset(), Sampling(), frozenset({7, 3}))))
+        asyncio.run(http.complete(CompletionRequest([1], 1, frozenset(), Sampling())))
+    assert server.requests[0]["logit_bias"] == {"3": BAN_BIAS, "7": BAN_BIAS} and BAN_BIAS == -100.0
+    assert "logit_bias" not in server.requests[1]
+    try:
+        import_vllm()
+    except ImportError:
+        return
+    params = sampling_params(CompletionRequest([1], 1, frozenset(), Sampling(), frozenset({7})), stream=False)
+    assert params.logit_bias == {7: BAN_BIAS}

@@ -148,6 +148,30 @@ def _check_answers(loop, client, references, streamed: bool = False) -> None:
         assert {k: got[k] for k in NORMAL_KEYS} == {k: expected_normal[k] for k in NORMAL_KEYS}
 
 
+@pytest.fixture(scope="module")
+def banned_first(references):
+    """The first row's greedy first token and, with that token banned, the transformers client's first token."""
+    from transformers import AutoModelForCausalLM
+
+    from parallel_decoding.completions.interface import CompletionRequest, Sampling
+    from parallel_decoding.completions.transformers_client import TransformersClient
+
+    tokenizer, rows = references
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
+    client, prompt_ids = TransformersClient(model, tokenizer), rows[0][0]
+    first = asyncio.run(client.complete(CompletionRequest(prompt_ids, 1, frozenset(), Sampling()))).token_ids[0]
+    banned = CompletionRequest(prompt_ids, 1, frozenset(), Sampling(), frozenset({first}))
+    return banned, asyncio.run(client.complete(banned)).token_ids
+
+
+def _check_banned_first_token(loop, client, banned_first) -> None:
+    """A banned id (the skeleton's first-token masks, as the method asks for them) is never written, and the token
+    written instead is the transformers client's."""
+    request, expected = banned_first
+    assert loop.run_until_complete(client.complete(request)).token_ids == expected
+    assert not request.banned_token_ids & set(expected)
+
+
 def _check_sampled_run_reproduces(loop, client, references) -> None:
     tokenizer, rows = references
     settings = {"max_new_tokens": 120, "do_sample": True, "temperature": 1.5, "top_k": 20, "seed": 7}
@@ -155,8 +179,9 @@ def _check_sampled_run_reproduces(loop, client, references) -> None:
     assert {k: runs[0][k] for k in ANSWER_KEYS} == {k: runs[1][k] for k in ANSWER_KEYS}
 
 
-def test_in_process_answers_equal_the_transformers_engine(loop, in_process, references):
+def test_in_process_answers_equal_the_transformers_engine(loop, in_process, references, banned_first):
     assert in_process.name == "vllm" and in_process.context_length == 2048
+    _check_banned_first_token(loop, in_process, banned_first)
     _check_answers(loop, in_process, references, streamed=True)
     loop.run_until_complete(in_process.reset_prefix_cache())
     _check_answers(loop, in_process, references)
@@ -166,9 +191,10 @@ def test_in_process_seeded_sampled_run_reproduces(loop, in_process, references):
     _check_sampled_run_reproduces(loop, in_process, references)
 
 
-def test_http_answers_equal_the_transformers_engine(loop, server, references):
+def test_http_answers_equal_the_transformers_engine(loop, server, references, banned_first):
     client = make_client("openai", MODEL_DIR, base_url=server)
     assert client.name == "openai" and client.context_length == 2048
+    _check_banned_first_token(loop, client, banned_first)
     _check_answers(loop, client, references)
     loop.run_until_complete(client.reset_prefix_cache())
     _check_answers(loop, client, references, streamed=True)
@@ -176,10 +202,11 @@ def test_http_answers_equal_the_transformers_engine(loop, server, references):
     loop.run_until_complete(client.aclose())
 
 
-def test_offline_backend_answers_equal_the_transformers_engine(references, small_kv_cache):
+def test_offline_backend_answers_equal_the_transformers_engine(references, small_kv_cache, banned_first):
     loop = asyncio.new_event_loop()
     client = make_client("vllm", MODEL_DIR, ENGINE_ARGS, vllm_backend="offline")
     try:
+        _check_banned_first_token(loop, client, banned_first)
         _check_answers(loop, client, references)
         loop.run_until_complete(client.reset_prefix_cache())
     finally:

@@ -31,10 +31,19 @@ class Sampling:
 
 @dataclass(frozen=True)
 class CompletionRequest:
+    """``banned_token_ids``: ids the completion may not write (the skeleton processor's masks, which the method
+    asks for on a one-token request). A client that cannot mask sends them as a logit bias of ``BAN_BIAS``."""
+
     prompt_ids: list[int]
     max_tokens: int
     stop_token_ids: frozenset[int]
     sampling: Sampling
+    banned_token_ids: frozenset[int] = frozenset()
+
+
+# The lowest logit bias OpenAI's API admits (vLLM clamps its SamplingParams to it as well): no two logits of a model
+# lie 100 apart, so under it a banned token is never the argmax.
+BAN_BIAS = -100.0
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ its continuous batching decodes the branches together. A parallel answer loops o
 The block rules (markers, titles, caps, the budget split, the parsing of a closed block) are the engine's own
 (``engine.skeleton``, ``engine.decode``); the branch stage's shared budget is applied by replaying the branches'
 tokens through ``engine.branches.decode_branches_cached``. The skeleton's grammar is followed with the engine's
-``SkeletonState``; what a request cannot do without a logits processor is the processor's two masks: no ``####``
-or ``%%%%`` as the answer's first token and no ``#`` right after a ``####``. A model that breaks them gets a
-different skeleton from the one ``parallel_decode`` would force (the embedded model never does).
+``SkeletonState``. Its two masks (no ``####`` or ``%%%%`` as the answer's first token, no ``#`` right after a
+``####``) only ever bear on a request's first token, since every request of a segment that may open a block stops
+at a marker: a request whose first token is one of them is made again for that one token with those ids banned
+(``CompletionRequest.banned_token_ids``), and the segment goes on from there. Requests whose first token is
+allowed, nearly all of them, cost nothing more.
 
 ``steps`` in the results is the number of engine requests the answer made (on this path a request, not a forward
 pass, is the unit of work).
@@ -141,19 +143,29 @@ class _Answer:
         return self.client.stop_token_ids
 
     async def complete(
-        self, prompt: list[int], max_tokens: int, stops: frozenset[int], sampling: Sampling, live: TokenCallback | None
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        stops: frozenset[int],
+        sampling: Sampling,
+        live: TokenCallback | None,
+        banned: frozenset[int] = frozenset(),
     ) -> list[int]:
         """One request; returns its tokens, the stop token (always the last) included when one ended it. Whether
         one did is read from the tokens, not from ``finish``: an engine may call a completion that wrote its stop
         token as its last allowed one either way."""
         self.requests += 1
-        completion = await self.client.complete(CompletionRequest(prompt, max_tokens, stops, sampling), live)
+        request = CompletionRequest(prompt, max_tokens, stops, sampling, banned)
+        completion = await self.client.complete(request, live)
         if not completion.token_ids:
             raise RuntimeError(f"{self.client.name}: a completion request returned no tokens")
         return completion.token_ids
 
-    async def sequential(self, max_tokens: int, stops: frozenset[int]) -> list[int]:
-        """A request that continues the answer (stage 1 or 3), its tokens streamed live as they come."""
+    async def sequential(
+        self, max_tokens: int, stops: frozenset[int], banned: frozenset[int] = frozenset()
+    ) -> list[int]:
+        """A request that continues the answer (stage 1 or 3), its tokens streamed live as they come; ``banned``:
+        ids it may not write."""
         sampling = self.gen.sampling(SEQUENTIAL_PLACE, self.sequential_requests)
         self.sequential_requests += 1
         live = None
@@ -164,7 +176,7 @@ class _Answer:
                 pending.extend(chunk)
                 stream.settle(before + _before_stop(pending, stops))
 
-        return await self.complete(self.prompt_ids + self.answer, max_tokens, stops, sampling, live)
+        return await self.complete(self.prompt_ids + self.answer, max_tokens, stops, sampling, live, banned)
 
     def settle(self) -> None:
         if self.stream is not None:
@@ -305,7 +317,7 @@ async def _sequential_segment(run: _ParallelAnswer, parallel: bool) -> str:
     (which closes the block right after a ``####``)."""
     markers = run.vocab
     while len(run.answer) < run.budget:
-        stops = run.stop_ids
+        stops, banned = run.stop_ids, frozenset[int]()
         if parallel:
             grammar = run.grammar()
             if _append_forced(run, grammar):  # a merged block can leave the grammar inside a title's forced end
@@ -313,7 +325,10 @@ async def _sequential_segment(run: _ParallelAnswer, parallel: bool) -> str:
                 continue
             title_end = markers.colon_ids if grammar.in_title else frozenset()
             stops = stops | markers.branch_ids | markers.block_end_ids | title_end
+            banned = grammar.banned_ids()
         tokens = await run.sequential(run.budget - len(run.answer), stops)
+        if tokens[0] in banned:  # the processor's mask: its first token again, from the tokens it allows
+            tokens = await run.sequential(1, stops, banned)
         if tokens[-1] in run.stop_ids:  # an EOS ends the answer and is not part of it
             run.answer += tokens[:-1]
             return "eos"

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx2
 
-from .interface import LENGTH, STOP, Completion, CompletionRequest, TokenCallback, check_request
+from .interface import BAN_BIAS, LENGTH, STOP, Completion, CompletionRequest, TokenCallback, check_request
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 NO_TOKEN_IDS = (
@@ -124,6 +124,8 @@ class OpenAIClient:
             "temperature": sampling.temperature if sampling.do_sample else 0.0,
             "stream": stream,
         }
+        if request.banned_token_ids:
+            body["logit_bias"] = {str(token): BAN_BIAS for token in sorted(request.banned_token_ids)}
         if sampling.do_sample:
             body["top_p"] = sampling.top_p
             if sampling.top_k > 0:

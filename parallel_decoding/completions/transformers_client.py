@@ -74,7 +74,7 @@ class TransformersClient:
         """The request's state machine: its prompt's prefill, then tokens until a stop token (kept, as a serving
         engine returns it: ``decode_sequential``'s ``block_end`` hook ends on it) or ``max_tokens``."""
         config = self._config(request.max_tokens, request.sampling)
-        processor = self.processor_for(request)
+        processor = self._processor(request)
         logits, next_token = yield from forward_next(slots, seq, request.prompt_ids[reused:], config, processor)
         on_step = None if on_tokens is None else _streamer(seq, on_tokens)
 
@@ -93,6 +93,13 @@ class TransformersClient:
                 on_step=on_step,
             )
         )
+
+    def _processor(self, request: CompletionRequest) -> ProcessorChain | None:
+        """The request's banned ids first, where the engine applies the skeleton processor, then ``processor_for``."""
+        chain = self.processor_for(request)
+        if not request.banned_token_ids:
+            return chain
+        return ProcessorChain(chain.processors if chain else [], BannedTokens(request.banned_token_ids))
 
     def processor_for(self, request: CompletionRequest) -> ProcessorChain | None:
         """The logits processors of ``request``'s decoding: none (a serving engine's request has none); a subclass
@@ -113,6 +120,21 @@ class TransformersClient:
 
     async def aclose(self) -> None:
         """Nothing to release: the model belongs to the caller."""
+
+
+class BannedTokens:
+    """Scores of -inf for ``ids`` at every step, as the skeleton processor masks them (the skeleton's place in a
+    ``ProcessorChain``)."""
+
+    def __init__(self, ids: frozenset[int]):
+        self.index = torch.tensor(sorted(ids), dtype=torch.long)  # (B,)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        index = self.index[self.index < scores.shape[-1]].to(scores.device)  # (B',) the ids within the vocab
+        return scores.index_fill(-1, index, float("-inf"))  # (1, V)
+
+    def leaves_scores_unchanged(self, input_ids: torch.Tensor) -> bool:
+        return False
 
 
 def _streamer(seq: Sequence, on_tokens: TokenCallback) -> Callable[[], None]:

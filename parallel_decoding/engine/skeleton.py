@@ -152,6 +152,16 @@ class SkeletonState:
     def at_start(self) -> bool:
         return self.seen == self.start
 
+    def banned_ids(self) -> frozenset[int]:
+        """The ids the skeleton processor forbids as the next token here (its NO_MARKER and NO_HASH masks); empty
+        where it forbids none or forces one."""
+        rule = self.rule()
+        if rule == NO_MARKER:
+            return self.markers.branch_ids | self.markers.block_end_ids
+        if rule == NO_HASH:
+            return self.markers.hash_start_ids
+        return frozenset()
+
     def rule(self) -> str | None:
         """The rule the processor applies to the next token's scores here, or None when it leaves them alone."""
         if self.forced_done is not None:
